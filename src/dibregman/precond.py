@@ -1,0 +1,44 @@
+"""EDM preconditioning as a wrapper: backbones never see noise conventions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """Broadcast a per-sample vector ``[B]`` against a batch of rank ``ndim``."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+class Precond(nn.Module):
+    """``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, cond)`` (Karras et al. 2022, table 1).
+
+    ``backbone(x, c_noise, cond)`` is any network mapping inputs of the data's shape to the same shape.
+    """
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.backbone = backbone
+        self.sigma_data = float(sigma_data)
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_in = 1 / (sigma**2 + sd2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        nd = x.ndim
+        out = self.backbone(append_dims(c_in, nd) * x, c_noise, cond)
+        return append_dims(c_skip, nd) * x + append_dims(c_out, nd) * out
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """EDM's lambda(sigma) = 1 / c_out^2, which makes the denoising loss unit-scaled."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2

@@ -1,0 +1,71 @@
+"""Pure samplers over a denoiser ``D(x, sigma, cond)``, with injected randomness.
+
+Noise comes from a ``torch.Generator`` or from per-sample seeds (``noise_from_seeds``), so a sample
+does not depend on the batch it was drawn in, nor on the number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .schedules import karras_sigmas
+
+Tensor = torch.Tensor
+Denoiser = Callable[..., Tensor]
+
+
+def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device: str | torch.device = "cpu") -> Tensor:
+    """One standard normal tensor of ``shape`` per seed, stacked: ``[len(seeds), *shape]``."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
+
+
+@torch.no_grad()
+def euler(denoise: Denoiser, noise: Tensor, sigmas: Tensor, cond: Tensor | None = None) -> Tensor:
+    """Probability-flow ODE, first order: one network call per step. ``noise`` is unit-variance."""
+    sigmas = sigmas.to(noise.dtype)
+    x = noise * sigmas[0]
+    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        d = (x - denoise(x, s_cur.expand(x.shape[0]), cond)) / s_cur
+        x = x + (s_next - s_cur) * d
+    return x
+
+
+@torch.no_grad()
+def heun(denoise: Denoiser, noise: Tensor, sigmas: Tensor, cond: Tensor | None = None) -> Tensor:
+    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, algorithm 1): ``2 n - 1`` calls for
+    ``n`` sigmas, so 18 sigmas give the reference 35 NFE."""
+    sigmas = sigmas.to(noise.dtype)
+    x = noise * sigmas[0]
+    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        d = (x - denoise(x, s_cur.expand(x.shape[0]), cond)) / s_cur
+        x_next = x + (s_next - s_cur) * d
+        if s_next > 0:
+            d_next = (x_next - denoise(x_next, s_next.expand(x.shape[0]), cond)) / s_next
+            x_next = x + (s_next - s_cur) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"heun": heun, "euler": euler}
+
+
+def nfe(method: str, num_steps: int) -> int:
+    return 2 * num_steps - 1 if method == "heun" else num_steps
+
+
+def sample(denoise: Denoiser, noise: Tensor, *, num_steps: int = 18, sigma_min: float = 0.002,
+           sigma_max: float = 80.0, rho: float = 7.0, method: str = "heun",
+           cond: Tensor | None = None) -> Tensor:
+    """Multi-step sampling on EDM's Karras grid. Defaults: Heun with 18 sigmas = 35 NFE."""
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; choose one of {sorted(SAMPLERS)}")
+    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho).to(noise.device)
+    return SAMPLERS[method](denoise, noise, sigmas, cond)
+
+
+@torch.no_grad()
+def one_step(generator: Callable[..., Tensor], z: Tensor, cond: Tensor | None = None) -> Tensor:
+    return generator(z, cond)

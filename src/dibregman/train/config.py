@@ -1,0 +1,205 @@
+"""Typed run configurations, presets, and their loading and checking.
+
+Precedence, lowest first: dataclass defaults < preset < config file (JSON or TOML) < explicit options.
+Every value is checked before any work starts; a bad one raises ``ConfigError`` naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration: the message says what to change."""
+
+
+@dataclass
+class DistillConfig:
+    # what to distill
+    teacher: str = "gmm:ring8_imbalanced"  # gmm:<builtin or .json/.toml>, net:<teacher folder>
+    divergence: str = "forward_kl"  # a registered member, e.g. reverse_kl, power:0.5
+    critic_loss: str = "logistic"  # the Bregman DRE loss of the critic (logistic = classifier)
+    critic_data: str = "teacher"  # teacher: the teacher's 35-NFE samples (data-free); data: real data
+    teacher_pool: int = 20000  # how many teacher samples stand for p when critic_data = teacher
+    # schedule
+    steps: int = 2000
+    batch_size: int = 256
+    fake_score_steps: int = 2  # K fake-score and critic updates per generator update
+    lr_generator: float = 2e-4
+    lr_fake_score: float = 4e-4
+    lr_critic: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.99
+    ema_decay: float = 0.99
+    grad_clip: float = 10.0  # max global grad norm per network; 0 disables
+    # generator update
+    sigma_g: float = 2.5
+    generator_t_min: float = 0.02  # generator loss: sigma from Karras-uniform t in [t_min, t_max]
+    generator_t_max: float = 0.98
+    weighting: str = "dmd"  # dmd | sigma2 | none
+    log_r_min: float = 0.1  # clip r = q/p to [log_r_min, log_r_max] (f-distill's [0.1, 20])
+    log_r_max: float = 20.0
+    omega_normalize: str = "batch"  # batch | bins | none
+    gan_weight: float = 0.0
+    generator_mode: str = "score"  # score | discriminator
+    # networks (MLPs for low-dimensional data)
+    hidden: int = 128
+    depth: int = 3
+    fit_steps: int = 1500  # analytic teacher only: steps to fit the network the students start from
+    # bookkeeping
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 25
+    eval_every: int = 500
+    eval_samples: int = 2000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    nonfinite: str = "strict"  # strict: stop at the last good checkpoint; skip: drop the step, count it
+    out: str = "runs/distill"
+
+
+@dataclass
+class TeacherConfig:
+    data: str = "moons"  # a toy set (moons, swiss_roll, checkerboard, spirals, grid25, ring8) or a .npy/.csv
+    num_points: int = 20000  # points drawn from a toy set (a file uses all its rows)
+    steps: int = 4000
+    batch_size: int = 512
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    hidden: int = 128
+    depth: int = 3
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    eval_samples: int = 2000
+    out: str = "runs/teacher"
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "distill": {
+        "toy": {},
+        "demo": {"steps": 1500, "eval_every": 250, "checkpoint_every": 500},
+        "tiny": {"steps": 6, "batch_size": 32, "teacher_pool": 256, "fit_steps": 20, "hidden": 32,
+                 "depth": 1, "log_every": 2, "eval_every": 3, "eval_samples": 128, "checkpoint_every": 3},
+        "dmd": {"divergence": "reverse_kl"},
+        "dmd2": {"divergence": "reverse_kl", "gan_weight": 0.01},
+    },
+    "teacher": {
+        "toy": {},
+        "tiny": {"steps": 20, "batch_size": 64, "num_points": 512, "hidden": 32, "depth": 1, "log_every": 5,
+                 "checkpoint_every": 10, "eval_samples": 128},
+    },
+}
+
+_CHOICES = {
+    "critic_data": ("teacher", "data"),
+    "weighting": ("dmd", "sigma2", "none"),
+    "omega_normalize": ("batch", "bins", "none"),
+    "generator_mode": ("score", "discriminator"),
+    "nonfinite": ("strict", "skip"),
+}
+_POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "teacher_pool", "hidden", "depth", "log_every",
+                 "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points")
+_POSITIVE = ("lr_generator", "lr_fake_score", "lr_critic", "lr", "sigma_g", "log_r_min", "log_r_max")
+_UNIT = ("beta1", "beta2", "ema_decay")
+
+
+def field_types(cls: type) -> dict[str, type]:
+    return {f.name: type(f.default) for f in fields(cls)}
+
+
+def coerce(cls: type, key: str, value: Any) -> Any:
+    """Convert ``value`` to the type of field ``key`` or raise a ConfigError that names both."""
+    types = field_types(cls)
+    if key not in types:
+        close = [k for k in types if key.replace("-", "_") in k or k in key]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown option {key!r} for {cls.__name__}{hint}; valid: {', '.join(types)}")
+    want = types[key]
+    try:
+        if want is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes")
+        if want is int and (isinstance(value, float) and not value.is_integer() or isinstance(value, bool)):
+            raise ValueError
+        if want is int and isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+            raise ValueError
+        out = want(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {key!r} must be a {want.__name__}; got {value!r}") from None
+    if isinstance(out, float) and not math.isfinite(out):
+        raise ConfigError(f"option {key!r} must be finite; got {value!r}")
+    return out
+
+
+def validate(cfg: DistillConfig | TeacherConfig) -> None:
+    d = asdict(cfg)
+    for key, value in d.items():
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"option {key!r} must be one of {', '.join(_CHOICES[key])}; got {value!r}")
+        if key in _POSITIVE_INT and value < 1:
+            raise ConfigError(f"option {key!r} must be a positive integer; got {value}")
+        if key in _POSITIVE and not value > 0:
+            raise ConfigError(f"option {key!r} must be > 0; got {value}")
+        if key in _UNIT and not 0 <= value < 1:
+            raise ConfigError(f"option {key!r} must be in [0, 1); got {value}")
+    if isinstance(cfg, DistillConfig):
+        if not 0 <= cfg.generator_t_min < cfg.generator_t_max <= 1:
+            raise ConfigError("need 0 <= generator_t_min < generator_t_max <= 1; got "
+                              f"{cfg.generator_t_min}, {cfg.generator_t_max}")
+        if not cfg.log_r_min < 1 < cfg.log_r_max:
+            raise ConfigError(f"the ratio clip [log_r_min, log_r_max] must contain 1; got "
+                              f"[{cfg.log_r_min}, {cfg.log_r_max}]")
+        if cfg.gan_weight < 0 or cfg.grad_clip < 0 or cfg.fit_steps < 0:
+            raise ConfigError("gan_weight, grad_clip and fit_steps must be >= 0")
+        from ..divergences import get_divergence
+
+        for key in ("divergence", "critic_loss"):
+            try:
+                get_divergence(getattr(cfg, key))
+            except ValueError as e:
+                raise ConfigError(f"option {key!r}: {e}") from None
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise ConfigError(f"cannot parse config file {str(p)!r}: {e}") from None
+
+
+def resolve(cls: type, preset: str | None = None, file: str | Path | None = None,
+            overrides: dict[str, Any] | None = None) -> Any:
+    """Build and check a config from the layers; unknown keys and bad values raise ConfigError."""
+    kind = "distill" if cls is DistillConfig else "teacher"
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS[kind]:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS[kind])}")
+        values.update(PRESETS[kind][preset])
+    if file is not None:
+        values.update(read_file(file))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg = cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
