@@ -150,8 +150,10 @@ class GeneratorLoss:
 
         if self.mode == "discriminator":
             # grad = -E[h''(r)/D^2 grad D(x_sigma)], D = sigmoid(l); h''(r) = omega / r, log r = -l.
+            # Divided by dims, the score form's mean-over-dims convention, so that both modes give the
+            # same gradient (the score form with weighting "sigma2") in any dimension.
             with torch.no_grad():
-                coef = omega_n * (-log_r - 2 * F.logsigmoid(-log_r)).exp()
+                coef = omega_n * (-log_r - 2 * F.logsigmoid(-log_r)).exp() / x[0].numel()
             loss = -coef * torch.sigmoid(critic(x_sigma, sigma, cond))
             weight = torch.ones_like(sigma)
         else:

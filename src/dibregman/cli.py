@@ -1,0 +1,169 @@
+"""``dibregman`` command line: demo, train-teacher, distill, sample, eval.
+
+Options of ``distill`` and ``train-teacher`` are generated from the config dataclasses, so the CLI, the
+config files and the Python API accept exactly the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .train.config import PRESETS, ConfigError, DistillConfig, TeacherConfig, resolve, to_dict
+
+DEMO_DIVERGENCES = ("reverse_kl", "forward_kl")  # the baseline and the default Di-Bregman member
+
+HELP = {
+    "teacher": "gmm:<built-in or spec.json/.toml> (analytic mixture) or net:<folder from train-teacher>",
+    "divergence": "generator divergence: reverse_kl (DMD), forward_kl, pearson, logistic, power:<alpha>, "
+                  "hellinger, jeffreys, softened_rkl",
+    "critic_loss": "Bregman density-ratio loss of the critic (logistic = the usual classifier)",
+    "critic_data": "what stands for the teacher law in the critic: teacher (its 35-NFE samples) or data",
+    "fake_score_steps": "K: fake-score and critic updates per generator update",
+    "weighting": "time weighting of the update: dmd (1/mean|x - D_T|), sigma2, none",
+    "log_r_min": "lower clip of the ratio r = q/p", "log_r_max": "upper clip of the ratio r = q/p",
+    "omega_normalize": "normalise omega by its batch mean, by per-noise-bin running means, or not",
+    "gan_weight": "weight of an added non-saturating GAN term (0: off)",
+    "generator_mode": "score: omega * (D_F - D_T); discriminator: the critic-only form of the same gradient",
+    "fit_steps": "analytic teacher only: steps fitting the MLP the students start from",
+    "nonfinite": "strict: stop at a NaN/inf loss or gradient; skip: drop such steps and count them",
+    "data": "toy set (moons, swiss_roll, checkerboard, spirals, grid25, ring8) or a .npy/.csv point cloud",
+    "out": "run folder (refused if it already holds a run, unless --resume)",
+    "device": "auto, cpu, cuda or cuda:N",
+}
+
+
+class UserError(Exception):
+    pass
+
+
+def _add_config_options(p: argparse.ArgumentParser, cls: type, kind: str) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS[kind]), help="start from a named preset")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of options (flags override it)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: only on a terminal)")
+    group = p.add_argument_group("options (also valid as keys of --config files)")
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(flag, dest=f.name, default=None, metavar=type(f.default).__name__.upper(),
+                           help=f"{HELP.get(f.name, '')} (default: {f.default})".strip())
+
+
+def _resolve(args: argparse.Namespace, cls: type, **fixed: Any) -> Any:
+    overrides = {f.name: getattr(args, f.name) for f in fields(cls)}
+    for k, v in fixed.items():
+        if overrides.get(k) is None:
+            overrides[k] = v
+    return resolve(cls, preset=args.preset, file=args.config, overrides=overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dibregman", description="Distill a diffusion teacher into a "
+                                     "one-step generator by Bregman density-ratio matching.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="reverse KL (DMD) vs the default Di-Bregman divergence on an imbalanced "
+                       "8-mode ring, equal budget; prints the table and writes a report")
+    p.add_argument("--divergences", default=",".join(DEMO_DIVERGENCES),
+                   help=f"comma-separated members to compare (default: {','.join(DEMO_DIVERGENCES)})")
+    _add_config_options(p, DistillConfig, "distill")
+
+    p = sub.add_parser("train-teacher", help="train an MLP diffusion teacher on a toy set or a point cloud")
+    _add_config_options(p, TeacherConfig, "teacher")
+
+    p = sub.add_parser("distill", help="distill a teacher into a one-step generator")
+    _add_config_options(p, DistillConfig, "distill")
+
+    p = sub.add_parser("sample", help="draw samples from a finished run's one-step generator")
+    p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.npz", help="output .npz (array 'x'); a .png gets a scatter plot")
+
+    p = sub.add_parser("eval", help="metrics of a finished run against its teacher, with the teacher's row")
+    p.add_argument("run", help="run folder written by distill")
+    p.add_argument("--num", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", default=None, help="evaluate against another teacher spec")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import api
+    from .report import format_table
+
+    if args.command in ("demo", "distill", "train-teacher"):
+        cls = TeacherConfig if args.command == "train-teacher" else DistillConfig
+        fixed = {"out": "runs/demo"} if args.command == "demo" else {}
+        if args.command == "demo" and args.preset is None:
+            args.preset = "demo"
+        cfg = _resolve(args, cls, **fixed)
+        if args.dry_run:
+            print(json.dumps(to_dict(cfg), indent=2))
+            return 0
+        if args.command == "train-teacher":
+            print(api.train_teacher(cfg, resume=args.resume, progress=args.progress))
+        elif args.command == "distill":
+            out = api.distill(cfg, resume=args.resume, progress=args.progress)
+            print(format_table([json.loads((out / "summary.json").read_text())["metrics"]], markdown=False))
+            print(f"run folder: {out} (report: {out / 'report.md'})")
+        else:
+            divs = [d.strip() for d in args.divergences.split(",") if d.strip()]
+            opts = {k: v for k, v in to_dict(cfg).items() if k not in ("divergence", "out")}
+            rows, _ = api.compare(divs, cfg.out, progress=args.progress, **opts)
+            print(format_table(rows, markdown=False))
+            print(f"report: {Path(cfg.out) / 'report.md'}")
+        return 0
+    if args.command == "sample":
+        x = api.sample(args.run, args.num, args.seed).numpy()
+        _write_samples(Path(args.out), x)
+        print(f"wrote {args.num} samples to {args.out}")
+        return 0
+    rows = [api.teacher_row(args.teacher or _run_teacher(args.run), args.num, args.seed),
+            api.evaluate_run(args.run, args.num, args.seed, args.teacher)]
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows, markdown=False))
+    return 0
+
+
+def _run_teacher(run_dir: str) -> str:
+    from .artifacts import load_generator
+
+    return load_generator(run_dir)[1]["teacher"]
+
+
+def _write_samples(path: Path, x: Any) -> None:
+    import numpy as np
+
+    if path.suffix == ".png":
+        from .report import scatter_png
+
+        scatter_png(path, x)
+    elif path.suffix == ".npz":
+        np.savez(path, x=x)
+    else:
+        raise UserError(f"--out must end in .npz or .png; got {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .train.checkpoint import CheckpointError
+    from .train.guard import NonFiniteError
+
+    try:
+        sys.exit(run(argv))
+    except (ConfigError, UserError, CheckpointError, NonFiniteError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("DIBREGMAN_TRACEBACK"):
+            raise
+        print(f"dibregman: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("dibregman: interrupted", file=sys.stderr)
+        sys.exit(130)

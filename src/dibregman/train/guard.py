@@ -1,0 +1,65 @@
+"""Guards of a run: a usable output folder, and finite losses and gradients."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import latest_checkpoint
+from .config import ConfigError
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient went NaN/inf under the strict policy; the message names step, network and the
+    last good checkpoint."""
+
+
+def prepare_run_dir(out: Path, resume: bool) -> Path:
+    """Create the run folder, refusing to write over a finished or started run unless resuming."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder; choose another --out")
+    started = out.is_dir() and any((out / f).exists() for f in ("config.json", "checkpoints"))
+    if started and not resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"output folder {out} is not writable; choose a writable --out")
+    return out
+
+
+class NonFiniteGuard:
+    """Backward, clip and step, unless the loss or the gradient is not finite: then either stop
+    (``strict``) or drop the update and count it (``skip``). Never zeroes NaNs in place."""
+
+    def __init__(self, policy: str):
+        self.policy, self.skipped = policy, 0
+
+    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, net: nn.Module, name: str, step: int,
+             max_norm: float, run_dir: Path) -> bool:
+        opt.zero_grad(set_to_none=True)
+        bad = None
+        if not torch.isfinite(loss):
+            bad = f"loss ({loss.item()})"
+        else:
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm if max_norm > 0 else math.inf)
+            if not torch.isfinite(norm):
+                bad = "gradient"
+        if bad is None:
+            opt.step()
+            return True
+        opt.zero_grad(set_to_none=True)
+        if self.policy == "skip":
+            self.skipped += 1
+            return False
+        last = latest_checkpoint(run_dir / "checkpoints")
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteError(f"non-finite {name} {bad} at step {step}; stopped ({where}). Lower the learning "
+                             "rate, or pass --nonfinite skip to drop such steps and count them")

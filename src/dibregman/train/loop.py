@@ -1,0 +1,164 @@
+"""The distillation loop: one function in commented phases (DESIGN.md)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..artifacts import build_mlp_precond, save_generator
+from ..io import write_json
+from ..losses import critic_loss, fake_score_loss
+from ..metrics.toy import evaluate
+from ..stats import Stats, append_jsonl, truncate_jsonl
+from ..teachers import load_teacher
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .components import build, fit_network, resolve_device, teacher_samples, true_samples
+from .config import ConfigError, DistillConfig, to_dict, validate
+from .guard import NonFiniteGuard, prepare_run_dir
+
+# Options that may change between a run and its resumption; any other difference is refused.
+RESUMABLE = {"steps", "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints",
+             "out", "device", "nonfinite"}
+
+
+def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None) -> Path:
+    """Distill ``cfg.teacher`` into a one-step generator; returns the run folder.
+
+    The folder gets ``config.json``, ``stats.jsonl``, ``metrics.jsonl``, ``checkpoints/``, and at the end
+    ``generator/``, ``samples.npz``, ``summary.json`` and ``report.md``. ``resume=True`` continues from
+    the newest valid checkpoint, bit-identically on CPU.
+    """
+    validate(cfg)
+    out = prepare_run_dir(Path(cfg.out), resume)
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher).to(device)
+    start = latest_checkpoint(out / "checkpoints") if resume else None
+    torch.manual_seed(cfg.seed)  # network initialisations
+    g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from g
+
+    # Phase 0: the network both students start from, then everything else built from the config.
+    if teacher.network is not None:
+        base = teacher.network
+    elif start is None:
+        base = fit_network(teacher, cfg.hidden, cfg.depth, cfg.fit_steps, cfg.batch_size,
+                           torch.Generator().manual_seed(cfg.seed + 3), device)
+    else:  # its fitted weights are in the checkpoint; only the shape is needed
+        base = build_mlp_precond({"dim": teacher.shape[0], "hidden": cfg.hidden, "depth": cfg.depth},
+                                 teacher.sigma_data)
+    c = build(cfg, teacher, base, device)
+    shape, bsz = teacher.shape, cfg.batch_size
+    reference = true_samples(teacher, cfg.eval_samples, cfg.seed + 2)
+    if reference is None:
+        reference = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 2, device).cpu()
+    pool = None
+    if c.critic is not None:
+        pool = (teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1, device) if cfg.critic_data == "teacher"
+                else true_samples(teacher, cfg.teacher_pool, cfg.seed + 1))
+        if pool is None:
+            raise ConfigError("critic_data = 'data' needs a teacher that knows its data; use critic_data = teacher")
+        pool = pool.to(device)
+    eval_z = torch.randn((cfg.eval_samples, *shape), generator=torch.Generator().manual_seed(cfg.seed + 4))
+    gmm = teacher if hasattr(teacher, "log_prob") else None
+
+    step, guard = 0, NonFiniteGuard(cfg.nonfinite)
+    if start is not None:
+        state, meta = load_checkpoint(start, c.modules())
+        changed = sorted(k for k, v in meta["config"].items() if k not in RESUMABLE and to_dict(cfg).get(k) != v)
+        if changed:
+            raise ConfigError(f"cannot resume {start}: it was made with other values of {', '.join(changed)}")
+        for name, opt in c.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        g.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step, guard.skipped = meta["step"], meta.get("nonfinite_skipped", 0)
+        c.ema.num_updates = meta["ema_updates"]
+        for log in ("stats.jsonl", "metrics.jsonl"):
+            truncate_jsonl(out / log, step)
+        print(f"resuming from {start} (step {step})", file=sys.stderr)
+    write_json(out / "config.json", to_dict(cfg))
+
+    def draw() -> torch.Tensor:
+        return torch.randn((bsz, *shape), generator=g).to(device)
+
+    def checkpoint() -> None:
+        state = {"optimizers": c.optimizer_state(), "rng": g.get_state(), "torch_rng": torch.get_rng_state()}
+        meta = {"config": to_dict(cfg), "nonfinite_skipped": guard.skipped, "ema_updates": c.ema.num_updates}
+        save_checkpoint(out / "checkpoints", step, c.modules(), state, meta, cfg.keep_checkpoints)
+
+    @torch.no_grad()
+    def sample_ema() -> torch.Tensor:
+        return c.ema.module(eval_z.to(device)).cpu()
+
+    stats, step_times = Stats(out / "stats.jsonl"), []
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=f"distill {c.generator_loss.divergence.name}")
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        # Phase 1: K updates of the fake score (denoising student samples) and of the critic.
+        for _ in range(cfg.fake_score_steps):
+            with torch.no_grad():
+                x = c.generator(draw())
+            sigma = c.fake_score_sigmas(bsz, g).to(device)
+            loss = fake_score_loss(c.fake_score, x, sigma, draw()).mean()
+            guard.step(c.optimizers["fake_score"], loss, c.fake_score, "fake_score", step, cfg.grad_clip, out)
+            stats.add({"loss/fake_score": loss.item()})
+            if c.critic is not None:
+                idx = torch.randint(len(pool), (bsz,), generator=g).to(device)
+                sigma = c.generator_sigmas(bsz, g).to(device)
+                loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre).mean()
+                guard.step(c.optimizers["critic"], loss, c.critic, "critic", step, cfg.grad_clip, out)
+                stats.add({"loss/critic": loss.item()})
+
+        # Phase 2: one generator update along omega(r) * (D_F - D_T).
+        x = c.generator(draw())
+        sigma = c.generator_sigmas(bsz, g).to(device)
+        res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, bins=c.bins)
+        loss = res.loss.mean()
+        guard.step(c.optimizers["generator"], loss, c.generator, "generator", step, cfg.grad_clip, out)
+
+        # Phase 3: EMA of the generator.
+        c.ema.update(c.generator)
+        step += 1
+        step_times.append(time.perf_counter() - t0)
+
+        # Phase 4: maintenance: stats, evaluation, checkpoints.
+        stats.add({"loss/generator": loss.item(), "ratio/omega_mean": res.omega.mean().item(),
+                   "ratio/omega_min": res.omega.min().item(), "ratio/omega_max": res.omega.max().item(),
+                   "ratio/weight_mean": res.weight.mean().item(), "time/step_s": step_times[-1]})
+        if res.log_r is not None:
+            stats.add({"ratio/log_r_mean": res.log_r.mean().item(), "ratio/log_r_min": res.log_r.min().item(),
+                       "ratio/log_r_max": res.log_r.max().item()})
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            stats.add({"nonfinite/skipped": guard.skipped})
+            stats.flush(step)
+        if step % cfg.eval_every == 0 and step < cfg.steps:  # the last one is in Finish
+            metrics = evaluate(sample_ema(), reference, gmm)
+            append_jsonl(out / "metrics.jsonl", {"step": step, **metrics})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("mode_tv", "w1", "energy")})
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+        bar.update(1)
+    bar.close()
+
+    # Finish: the EMA generator, its samples beside the teacher's, a summary and the report.
+    info = {"teacher": cfg.teacher, "divergence": c.generator_loss.divergence.name, "shape": list(shape),
+            "steps": step}
+    save_generator(out / "generator", c.ema.module, info)
+    student = sample_ema()
+    final = evaluate(student, reference, gmm)
+    append_jsonl(out / "metrics.jsonl", {"step": step, **final})
+    ref_teacher = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 5, device).cpu()
+    np.savez(out / "samples.npz", student=student.numpy(), teacher=ref_teacher.numpy(), data=reference.numpy())
+    write_json(out / "summary.json", {
+        "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": 1,
+        "step_time_s": statistics.median(step_times) if step_times else None, "nonfinite_skipped": guard.skipped})
+    from ..report import write_run_report
+
+    write_run_report(out)
+    return out
