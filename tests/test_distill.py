@@ -95,9 +95,9 @@ def test_cli_dry_run_prints_resolved_config(capsys):
     (["--divergence", "kl"], "unknown divergence"),
     (["--steps", "-3"], "positive integer"),
     (["--steps", "1.5"], "must be a int"),
-    (["--log-r-min", "2"], "must contain 1"),
+    (["--r-clip-min", "2"], "must contain 1"),
     (["--teacher", "gmm:nope"], "nope"),
-    (["--config", "/nonexistent.json"], "does not exist"),
+    (["--config", "/nonexistent.json"], "config file not found"),
 ])
 def test_cli_bad_input_gives_one_clear_line(tmp_path, capsys, argv, message):
     assert run_cli("distill", "--preset", "tiny", "--out", str(tmp_path / "r"), *argv) == 2

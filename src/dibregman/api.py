@@ -34,13 +34,13 @@ def distill(config: DistillConfig | None = None, *, preset: str | None = None, r
 
 
 def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = None, resume: bool = False,
-                  progress: bool | None = None, **options: Any) -> Path:
+                  progress: bool | None = None, command: str | None = None, **options: Any) -> Path:
     """Train a network teacher on a toy set or a point cloud; returns the folder usable as ``net:<folder>``."""
     from .train.teacher import train_teacher as _train
 
     base = dataclasses.asdict(config) if config is not None else {}
     cfg = resolve(TeacherConfig, preset=preset, overrides={**base, **options})
-    return _train(cfg, resume=resume, progress=progress)
+    return _train(cfg, resume=resume, progress=progress, command=command)
 
 
 def sample(run: str | Path, num: int, seed: int = 0) -> Tensor:
@@ -67,7 +67,7 @@ def teacher_row(teacher_spec: str, num: int, seed: int = 0) -> dict[str, Any]:
 
 def evaluate_run(run: str | Path, num: int = 2000, seed: int = 0, teacher: str | None = None) -> dict[str, Any]:
     """Metrics of a finished run's generator against the law its teacher models."""
-    gen, info = load_generator(run)
+    info = load_generator(run)[1]
     spec = teacher or info["teacher"]
     t = load_teacher(spec)
     reference = true_samples(t, num, seed + 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -26,7 +27,7 @@ HELP = {
     "critic_data": "what stands for the teacher law in the critic: teacher (its 35-NFE samples) or data",
     "fake_score_steps": "K: fake-score and critic updates per generator update",
     "weighting": "time weighting of the update: dmd (1/mean|x - D_T|), sigma2, none",
-    "log_r_min": "lower clip of the ratio r = q/p", "log_r_max": "upper clip of the ratio r = q/p",
+    "r_clip_min": "lower clip of the ratio r = q/p", "r_clip_max": "upper clip of the ratio r = q/p",
     "omega_normalize": "normalise omega by its batch mean, by per-noise-bin running means, or not",
     "gan_weight": "weight of an added non-saturating GAN term (0: off)",
     "generator_mode": "score: omega * (D_F - D_T); discriminator: the critic-only form of the same gradient",
@@ -111,7 +112,8 @@ def run(argv: list[str] | None = None) -> int:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
         if args.command == "train-teacher":
-            print(api.train_teacher(cfg, resume=args.resume, progress=args.progress))
+            command = shlex.join(["dibregman", *(sys.argv[1:] if argv is None else argv)])
+            print(api.train_teacher(cfg, resume=args.resume, progress=args.progress, command=command))
         elif args.command == "distill":
             out = api.distill(cfg, resume=args.resume, progress=args.progress)
             print(format_table([json.loads((out / "summary.json").read_text())["metrics"]], markdown=False))

@@ -143,7 +143,10 @@ def from_h(h: Fn, name: str = "custom", h_prime: Fn | None = None, h_second: Fn 
     def grad_of(fn: Fn) -> Fn:
         def d(r: Tensor) -> Tensor:
             with torch.enable_grad():
-                x = r.detach().requires_grad_(True)
+                # Differentiate through ``r`` itself when it carries a graph (h'' = d h'/dr, and a
+                # critic trained on a custom h needs the gradient of h'(r_hat)); detaching it there
+                # would cut that graph.
+                x = r if r.requires_grad else r.detach().requires_grad_(True)
                 (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=r.requires_grad)
             return g
 

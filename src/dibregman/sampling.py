@@ -7,6 +7,7 @@ does not depend on the batch it was drawn in, nor on the number of processes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 import torch
 
@@ -27,7 +28,7 @@ def euler(denoise: Denoiser, noise: Tensor, sigmas: Tensor, cond: Tensor | None 
     """Probability-flow ODE, first order: one network call per step. ``noise`` is unit-variance."""
     sigmas = sigmas.to(noise.dtype)
     x = noise * sigmas[0]
-    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+    for s_cur, s_next in pairwise(sigmas):
         d = (x - denoise(x, s_cur.expand(x.shape[0]), cond)) / s_cur
         x = x + (s_next - s_cur) * d
     return x
@@ -39,7 +40,7 @@ def heun(denoise: Denoiser, noise: Tensor, sigmas: Tensor, cond: Tensor | None =
     ``n`` sigmas, so 18 sigmas give the reference 35 NFE."""
     sigmas = sigmas.to(noise.dtype)
     x = noise * sigmas[0]
-    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+    for s_cur, s_next in pairwise(sigmas):
         d = (x - denoise(x, s_cur.expand(x.shape[0]), cond)) / s_cur
         x_next = x + (s_next - s_cur) * d
         if s_next > 0:

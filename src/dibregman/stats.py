@@ -7,6 +7,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from .io import atomic_write_text
+
 
 class Stats:
     """Accumulates ``{name: float}`` between flushes; min/max keys keep their extremes, others the mean."""
@@ -65,4 +67,4 @@ def truncate_jsonl(path: str | Path, after_step: int) -> None:
     p = Path(path)
     if p.exists():
         rows = [r for r in read_jsonl(p) if r.get("step", 0) <= after_step]
-        p.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        atomic_write_text(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

@@ -32,7 +32,7 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, out_dim: int | None = None,
                  num_classes: int = 0, emb_dim: int = 32):
         super().__init__()
-        self.dim, self.hidden, self.depth, self.num_classes = dim, hidden, depth, num_classes
+        self.dim, self.hidden, self.depth, self.num_classes, self.emb_dim = dim, hidden, depth, num_classes, emb_dim
         self.out_dim = dim if out_dim is None else out_dim
         self.embed = SinusoidalEmbedding(emb_dim)
         self.emb_proj = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -47,7 +47,7 @@ class MLP(nn.Module):
     def arch(self) -> dict:
         """Constructor arguments, saved beside the weights so a checkpoint can be rebuilt."""
         return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "out_dim": self.out_dim,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "emb_dim": self.emb_dim}
 
     def features(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
         emb = self.emb_proj(self.embed(c_noise))

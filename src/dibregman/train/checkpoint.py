@@ -109,6 +109,6 @@ def load_checkpoint(path: str | Path, modules: dict[str, nn.Module]) -> tuple[di
         load_module(module, path / f"{name}.safetensors")
     try:
         state = torch.load(path / "state.pt", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+    except Exception as e:
         raise CheckpointError(f"{path / 'state.pt'} is corrupt or truncated ({e})") from None
     return state, meta

@@ -26,14 +26,6 @@ from .ema import EMA
 Tensor = torch.Tensor
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
 def fit_network(teacher: Teacher, hidden: int, depth: int, steps: int, batch_size: int,
                 generator: torch.Generator, device: torch.device) -> Precond:
     """An analytic teacher has no weights to copy, so the students start from an MLP regressed onto its
@@ -109,12 +101,13 @@ class Components:
 
 def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.device) -> Components:
     """Generator and fake score start as copies of ``base`` (the teacher's network, or its fit)."""
-    generator = OneStepGenerator.from_teacher(base, cfg.sigma_g).to(device)
-    fake_score = copy.deepcopy(base).to(device)
+    # copies of a teacher's network: trainable whatever the teacher's own flags were
+    generator = OneStepGenerator.from_teacher(base, cfg.sigma_g).to(device).requires_grad_(True).train()
+    fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
     gsig = KarrasUniform(teacher.sigma_min, teacher.sigma_max, cfg.generator_t_min, cfg.generator_t_max)
     gen_loss = GeneratorLoss(
         get_divergence(cfg.divergence), weighting=cfg.weighting,
-        log_r_clip=(math.log(cfg.log_r_min), math.log(cfg.log_r_max)), normalize=cfg.omega_normalize,
+        log_r_clip=(math.log(cfg.r_clip_min), math.log(cfg.r_clip_max)), normalize=cfg.omega_normalize,
         gan_weight=cfg.gan_weight, mode=cfg.generator_mode)
     critic = None
     if gen_loss.needs_critic:

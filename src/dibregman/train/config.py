@@ -7,7 +7,6 @@ Every value is checked before any work starts; a bad one raises ``ConfigError`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,8 +41,8 @@ class DistillConfig:
     generator_t_min: float = 0.02  # generator loss: sigma from Karras-uniform t in [t_min, t_max]
     generator_t_max: float = 0.98
     weighting: str = "dmd"  # dmd | sigma2 | none
-    log_r_min: float = 0.1  # clip r = q/p to [log_r_min, log_r_max] (f-distill's [0.1, 20])
-    log_r_max: float = 20.0
+    r_clip_min: float = 0.1  # clip the ratio r = q/p to [r_clip_min, r_clip_max] (f-distill's [0.1, 20])
+    r_clip_max: float = 20.0
     omega_normalize: str = "batch"  # batch | bins | none
     gan_weight: float = 0.0
     generator_mode: str = "score"  # score | discriminator
@@ -107,7 +106,7 @@ _CHOICES = {
 }
 _POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "teacher_pool", "hidden", "depth", "log_every",
                  "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points")
-_POSITIVE = ("lr_generator", "lr_fake_score", "lr_critic", "lr", "sigma_g", "log_r_min", "log_r_max")
+_POSITIVE = ("lr_generator", "lr_fake_score", "lr_critic", "lr", "sigma_g", "r_clip_min", "r_clip_max")
 _UNIT = ("beta1", "beta2", "ema_decay")
 
 
@@ -128,7 +127,7 @@ def coerce(cls: type, key: str, value: Any) -> Any:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return value.lower() in ("true", "1", "yes")
-        if want is int and (isinstance(value, float) and not value.is_integer() or isinstance(value, bool)):
+        if want is int and ((isinstance(value, float) and not value.is_integer()) or isinstance(value, bool)):
             raise ValueError
         if want is int and isinstance(value, str) and not value.strip().lstrip("-").isdigit():
             raise ValueError
@@ -155,9 +154,9 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
         if not 0 <= cfg.generator_t_min < cfg.generator_t_max <= 1:
             raise ConfigError("need 0 <= generator_t_min < generator_t_max <= 1; got "
                               f"{cfg.generator_t_min}, {cfg.generator_t_max}")
-        if not cfg.log_r_min < 1 < cfg.log_r_max:
-            raise ConfigError(f"the ratio clip [log_r_min, log_r_max] must contain 1; got "
-                              f"[{cfg.log_r_min}, {cfg.log_r_max}]")
+        if not cfg.r_clip_min < 1 < cfg.r_clip_max:
+            raise ConfigError(f"the ratio clip [r_clip_min, r_clip_max] must contain 1; got "
+                              f"[{cfg.r_clip_min}, {cfg.r_clip_max}]")
         if cfg.gan_weight < 0 or cfg.grad_clip < 0 or cfg.fit_steps < 0:
             raise ConfigError("gan_weight, grad_clip and fit_steps must be >= 0")
         from ..divergences import get_divergence
@@ -170,18 +169,15 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix == ".toml":
-            import tomllib
+    from ..io import read_json_or_toml
 
-            return tomllib.loads(text)
-        return json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
-        raise ConfigError(f"cannot parse config file {str(p)!r}: {e}") from None
+    try:
+        values = read_json_or_toml(path, "config file")
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table of options; got {type(values).__name__}")
+    return values
 
 
 def resolve(cls: type, preset: str | None = None, file: str | Path | None = None,
@@ -199,6 +195,20 @@ def resolve(cls: type, preset: str | None = None, file: str | Path | None = None
     cfg = cls(**{k: coerce(cls, k, v) for k, v in values.items()})
     validate(cfg)
     return cfg
+
+
+# Options that may change between a run and its resumption without changing what is computed.
+RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints",
+                       "out", "device", "nonfinite"})
+
+
+def check_resumable(saved: dict[str, Any], cfg: Any, where: str) -> None:
+    """Refuse to resume a run under a config that would compute something else; name the differences."""
+    diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in RESUMABLE and k in saved and saved[k] != v}
+    if diff:
+        changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"cannot resume {where} with a different config ({changes}); only "
+                          f"{', '.join(sorted(RESUMABLE))} may change. Use another --out for a new run.")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

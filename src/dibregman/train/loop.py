@@ -12,19 +12,16 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import build_mlp_precond, save_generator
+from ..dist import resolve_device
 from ..io import write_json
 from ..losses import critic_loss, fake_score_loss
 from ..metrics.toy import evaluate
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .components import build, fit_network, resolve_device, teacher_samples, true_samples
-from .config import ConfigError, DistillConfig, to_dict, validate
+from .components import build, fit_network, teacher_samples, true_samples
+from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
 from .guard import NonFiniteGuard, prepare_run_dir
-
-# Options that may change between a run and its resumption; any other difference is refused.
-RESUMABLE = {"steps", "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints",
-             "out", "device", "nonfinite"}
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None) -> Path:
@@ -69,9 +66,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     step, guard = 0, NonFiniteGuard(cfg.nonfinite)
     if start is not None:
         state, meta = load_checkpoint(start, c.modules())
-        changed = sorted(k for k, v in meta["config"].items() if k not in RESUMABLE and to_dict(cfg).get(k) != v)
-        if changed:
-            raise ConfigError(f"cannot resume {start}: it was made with other values of {', '.join(changed)}")
+        check_resumable(meta["config"], cfg, str(start))
         for name, opt in c.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         g.set_state(state["rng"])

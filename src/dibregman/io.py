@@ -1,0 +1,145 @@
+"""Atomic file and folder writes: a reader (or a crash) never sees a half-written file.
+
+Each writer fills a temporary file in the destination's folder (same file system, so the rename is
+atomic), flushes and fsyncs it, ``os.replace``-s it over the destination, then fsyncs the folder so the
+rename itself survives a power cut. On any error the temporary is removed and the old file is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+PathLike = str | os.PathLike
+
+# mkstemp/mkdtemp create private (0600/0700) entries; give results the modes open()/mkdir() would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def fsync_dir(folder: PathLike) -> None:
+    """Persist a folder's entries (renames, new files). A no-op where folders cannot be opened."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """``with atomic_open(p) as f: f.write(...)``: ``p`` appears complete at the end of the block, or
+    is left as it was if the block raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(text.encode("utf-8"))
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    """Atomic JSON with sorted keys, two-space indent and a final newline."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_safetensors(path: PathLike, tensors: dict[str, torch.Tensor],
+                            metadata: dict[str, str] | None = None) -> None:
+    """Tensors are copied to contiguous CPU memory first (safetensors refuses views and shared storage)."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(flat, metadata=metadata))
+
+
+def atomic_torch_save(path: PathLike, obj: Any) -> None:
+    """``torch.save`` made atomic. Prefer safetensors + JSON for anything a user may load: reading this
+    back needs ``torch.load(..., weights_only=True)`` to stay pickle-safe."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike) -> Iterator[Path]:
+    """``with atomic_dir(p) as tmp: <write files into tmp>``: the folder appears at ``p`` whole at the
+    end of the block (replacing any folder already there), or not at all if the block raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    old = None
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # files written with plain open() need their data persisted too
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if path.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():  # put the previous folder back
+            os.replace(old / path.name, path)
+            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_or_toml(path: PathLike, what: str = "file") -> Any:
+    """Parse a ``.json`` or ``.toml`` file; errors name the file and what is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".toml"):
+        raise ValueError(f"{what} must end in .json or .toml; got {p}")
+    text = p.read_text()
+    try:
+        if suffix == ".json":
+            return json.loads(text)
+        try:
+            import tomllib  # Python >= 3.11
+        except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+            try:
+                import tomli as tomllib
+            except ModuleNotFoundError:
+                raise ValueError("reading TOML on Python 3.10 needs the 'tomli' package (or use JSON)") from None
+        return tomllib.loads(text)
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are both ValueErrors
+        raise ValueError(f"could not parse {p} as {suffix[1:].upper()}: {e}") from None

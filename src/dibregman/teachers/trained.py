@@ -1,0 +1,176 @@
+"""Teachers we trained ourselves: an EDM-preconditioned MLP saved as a folder.
+
+Folder format (version 1)::
+
+    model.safetensors   the Precond's state dict (EMA weights), float32; keys "backbone.<...>"
+    teacher.json        {"format": "dibregman-teacher", "version": 1,
+                         "arch": {"kind": "mlp", <MLP constructor arguments>},
+                         "sigma_data": float, "shape": [d], "data": str,
+                         "command": str (optional), "metrics": {...} (optional),
+                         "sigma_min", "sigma_max": float (optional, default 0.002 and 80)}
+
+Weights are read only through safetensors (never pickle); every mismatch raises a message that names
+the file and what to do.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..io import atomic_save_safetensors, write_json
+from ..nets.mlp import MLP
+from ..precond import Precond
+
+Tensor = torch.Tensor
+
+FORMAT = "dibregman-teacher"
+VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "teacher.json"
+
+
+class NetworkTeacher(nn.Module):
+    """A frozen denoiser ``D(x, sigma, cond)`` (the Teacher protocol) around a trained ``Precond``.
+
+    Calls run without autograd unless ``no_grad=False`` (for losses that differentiate through the
+    teacher with respect to its input), and the network stays in eval mode (``.train()`` is a no-op).
+    The parameters keep ``requires_grad``: students are started from ``copy.deepcopy(teacher.network)``
+    and a frozen flag would be copied with them, silently freezing the generator and fake score.
+    """
+
+    def __init__(self, net: Precond, shape: Sequence[int], sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 meta: dict[str, Any] | None = None, no_grad: bool = True):
+        super().__init__()
+        self.net = net.eval()
+        self.shape: tuple[int, ...] = tuple(int(s) for s in shape)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.sigma_data = float(net.sigma_data)
+        self.num_classes = int(getattr(net.backbone, "num_classes", 0))
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.data_spec: str | None = self.meta.get("data")  # where its training points came from
+        self.no_grad = no_grad
+
+    @property
+    def network(self) -> Precond:
+        return self.net
+
+    def train(self, mode: bool = True) -> NetworkTeacher:
+        return super().train(False)  # a teacher is frozen; keep eval-mode behaviour whatever the caller does
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.no_grad):
+            return self.net(x, sigma, cond)
+
+
+def save_teacher(folder: str | Path, net: Precond, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``net`` (a Precond around an MLP) and ``meta`` (``data``, ``shape``, ``command``,
+    ``metrics``, any other JSON-able keys) as a teacher folder; returns the folder.
+
+    Each file is written atomically, weights first, so ``teacher.json`` only ever describes complete
+    weights of the run that wrote it."""
+    if not isinstance(net.backbone, MLP):
+        raise TypeError(f"save_teacher stores MLP backbones; got {type(net.backbone).__name__}")
+    folder = Path(folder)
+    meta = dict(meta or {})
+    reserved = {"format", "version", "arch", "sigma_data"} & meta.keys()
+    if reserved:
+        raise ValueError(f"meta must not set {sorted(reserved)}: save_teacher derives them from the network")
+    doc = {"shape": [net.backbone.dim], **meta, "format": FORMAT, "version": VERSION,
+           "arch": {"kind": "mlp", **net.backbone.arch()}, "sigma_data": float(net.sigma_data)}
+    json.dumps(doc)  # fail on non-JSON meta before touching the folder
+    atomic_save_safetensors(folder / WEIGHTS_FILE, net.state_dict(), metadata={"format": FORMAT})
+    write_json(folder / META_FILE, doc)
+    return folder
+
+
+def load_teacher(folder: str | Path) -> NetworkTeacher:
+    """Read a folder written by ``save_teacher`` (or ``dibregman train-teacher``) onto the CPU."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"teacher folder {str(folder)!r} does not exist; train one with "
+                                "`dibregman train-teacher` or check the path")
+    meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"teacher folder {str(folder)!r} has no {p.name}; a teacher folder "
+                                    f"needs {META_FILE} and {WEIGHTS_FILE} (re-create it with save_teacher)")
+    doc = _read_meta(meta_path)
+    net = Precond(_build_mlp(doc["arch"], meta_path), doc["sigma_data"])
+    _load_weights(net, weights_path, meta_path)
+    return NetworkTeacher(net, doc["shape"], float(doc.get("sigma_min", 0.002)),
+                          float(doc.get("sigma_max", 80.0)), meta=doc)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); re-create the teacher folder") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{str(path)!r} is not a dibregman teacher (format {found!r}, expected {FORMAT!r})")
+    if doc.get("version") != VERSION:
+        raise ValueError(f"{str(path)!r} has teacher format version {doc.get('version')!r}; this dibregman "
+                         f"reads version {VERSION}: upgrade dibregman or re-create the teacher")
+    sd = doc.get("sigma_data")
+    if isinstance(sd, bool) or not isinstance(sd, int | float) or not math.isfinite(sd) or sd <= 0:
+        raise ValueError(f"{str(path)!r}: sigma_data must be a positive number; got {sd!r}")
+    arch = doc.get("arch")
+    if not isinstance(arch, dict) or arch.get("kind") != "mlp":
+        kind = arch.get("kind") if isinstance(arch, dict) else arch
+        raise ValueError(f"{str(path)!r}: unknown arch kind {kind!r}; this version knows 'mlp'")
+    shape = doc.get("shape", [arch.get("dim")])
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise ValueError(f"{str(path)!r}: shape must be a list of positive integers; got {shape!r}")
+    if math.prod(shape) != arch.get("dim"):
+        raise ValueError(f"{str(path)!r}: shape {shape} has {math.prod(shape)} values but arch dim is "
+                         f"{arch.get('dim')!r}")
+    return {**doc, "shape": shape}
+
+
+def _build_mlp(arch: dict[str, Any], path: Path) -> MLP:
+    args = {k: v for k, v in arch.items() if k != "kind"}
+    valid = set(inspect.signature(MLP).parameters)
+    unknown = sorted(args.keys() - valid)
+    if unknown:
+        raise ValueError(f"{str(path)!r}: arch has unknown MLP arguments {unknown}; valid: {sorted(valid)}")
+    try:
+        return MLP(**args)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{str(path)!r}: cannot build the MLP from arch {arch} ({e})") from None
+
+
+def _load_weights(net: Precond, weights_path: Path, meta_path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(weights_path, device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{str(weights_path)!r}: file is corrupt or truncated; re-create it ({e})") from None
+    expected = net.state_dict()
+    problems = [f"tensor {k!r} is missing from {WEIGHTS_FILE}" for k in expected if k not in state]
+    problems += [f"tensor {k!r} in {WEIGHTS_FILE} is not part of the arch"
+                 for k in state if k not in expected]
+    problems += [f"tensor {k!r} has shape {list(state[k].shape)} in {WEIGHTS_FILE} but the arch in "
+                 f"{META_FILE} expects {list(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"the weights in {str(weights_path.parent)!r} do not match {str(meta_path)!r}: "
+                         + "; ".join(problems[:5]) + more
+                         + ". Were the files copied from different teachers? Re-create the folder.")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{str(weights_path)!r}: tensors {bad} hold NaN or inf; the teacher diverged or "
+                         "the file is damaged; re-train it")
+    net.load_state_dict(state)
