@@ -166,6 +166,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"dibregman: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("dibregman: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Interrupted (a checkpoint was saved) carries the signal's number
+        print(f"dibregman: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(128 + getattr(e, "signum", 2))

@@ -34,8 +34,9 @@ def save_checkpoint(folder: str | Path, step: int, modules: dict[str, nn.Module]
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    for stale in root.glob(".tmp-step-*"):  # left by a process killed mid-save (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in modules.items():
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

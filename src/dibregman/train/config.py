@@ -29,9 +29,9 @@ class DistillConfig:
     steps: int = 2000
     batch_size: int = 256
     fake_score_steps: int = 2  # K fake-score and critic updates per generator update
-    lr_generator: float = 2e-4
-    lr_fake_score: float = 4e-4
-    lr_critic: float = 4e-4
+    lr_generator: float = 1e-3  # toy-sized MLPs; image presets use DMD2's 2e-5 range
+    lr_fake_score: float = 1e-3
+    lr_critic: float = 1e-3
     beta1: float = 0.0
     beta2: float = 0.99
     ema_decay: float = 0.99
@@ -84,7 +84,7 @@ class TeacherConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "distill": {
         "toy": {},
-        "demo": {"steps": 1500, "eval_every": 250, "checkpoint_every": 500},
+        "demo": {"steps": 2000, "eval_every": 250, "checkpoint_every": 500},
         "tiny": {"steps": 6, "batch_size": 32, "teacher_pool": 256, "fit_steps": 20, "hidden": 32,
                  "depth": 1, "log_every": 2, "eval_every": 3, "eval_samples": 128, "checkpoint_every": 3},
         "dmd": {"divergence": "reverse_kl"},

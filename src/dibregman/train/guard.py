@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +20,35 @@ from .config import ConfigError
 class NonFiniteError(FloatingPointError):
     """A loss or gradient went NaN/inf under the strict policy; the message names step, network and the
     last good checkpoint."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; a checkpoint of the current step was written before stopping."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[dict[str, int | None]]:
+    """Turn SIGINT/SIGTERM into a flag the loop polls between steps, so that it stops at a step
+    boundary with a fresh checkpoint instead of dying mid-update. Outside the main thread (where
+    handlers cannot be installed) it does nothing."""
+    flag: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        flag["signum"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def prepare_run_dir(out: Path, resume: bool) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ from ..teachers import load_teacher
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import build, fit_network, teacher_samples, true_samples
 from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
-from .guard import NonFiniteGuard, prepare_run_dir
+from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None) -> Path:
@@ -93,52 +94,60 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     stats, step_times = Stats(out / "stats.jsonl"), []
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=f"distill {c.generator_loss.divergence.name}")
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        # Phase 1: K updates of the fake score (denoising student samples) and of the critic.
-        for _ in range(cfg.fake_score_steps):
-            with torch.no_grad():
-                x = c.generator(draw())
-            sigma = c.fake_score_sigmas(bsz, g).to(device)
-            loss = fake_score_loss(c.fake_score, x, sigma, draw()).mean()
-            guard.step(c.optimizers["fake_score"], loss, c.fake_score, "fake_score", step, cfg.grad_clip, out)
-            stats.add({"loss/fake_score": loss.item()})
-            if c.critic is not None:
-                idx = torch.randint(len(pool), (bsz,), generator=g).to(device)
-                sigma = c.generator_sigmas(bsz, g).to(device)
-                loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre).mean()
-                guard.step(c.optimizers["critic"], loss, c.critic, "critic", step, cfg.grad_clip, out)
-                stats.add({"loss/critic": loss.item()})
+    with deferred_signals() as interrupt:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            # Phase 1: K updates of the fake score (denoising student samples) and of the critic.
+            for _ in range(cfg.fake_score_steps):
+                with torch.no_grad():
+                    x = c.generator(draw())
+                sigma = c.fake_score_sigmas(bsz, g).to(device)
+                loss = fake_score_loss(c.fake_score, x, sigma, draw()).mean()
+                guard.step(c.optimizers["fake_score"], loss, c.fake_score, "fake_score", step, cfg.grad_clip, out)
+                stats.add({"loss/fake_score": loss.item()})
+                if c.critic is not None:
+                    idx = torch.randint(len(pool), (bsz,), generator=g).to(device)
+                    sigma = c.generator_sigmas(bsz, g).to(device)
+                    loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre).mean()
+                    guard.step(c.optimizers["critic"], loss, c.critic, "critic", step, cfg.grad_clip, out)
+                    stats.add({"loss/critic": loss.item()})
 
-        # Phase 2: one generator update along omega(r) * (D_F - D_T).
-        x = c.generator(draw())
-        sigma = c.generator_sigmas(bsz, g).to(device)
-        res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, bins=c.bins)
-        loss = res.loss.mean()
-        guard.step(c.optimizers["generator"], loss, c.generator, "generator", step, cfg.grad_clip, out)
+            # Phase 2: one generator update along omega(r) * (D_F - D_T).
+            x = c.generator(draw())
+            sigma = c.generator_sigmas(bsz, g).to(device)
+            res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, bins=c.bins)
+            loss = res.loss.mean()
+            guard.step(c.optimizers["generator"], loss, c.generator, "generator", step, cfg.grad_clip, out)
 
-        # Phase 3: EMA of the generator.
-        c.ema.update(c.generator)
-        step += 1
-        step_times.append(time.perf_counter() - t0)
+            # Phase 3: EMA of the generator.
+            c.ema.update(c.generator)
+            step += 1
+            step_times.append(time.perf_counter() - t0)
 
-        # Phase 4: maintenance: stats, evaluation, checkpoints.
-        stats.add({"loss/generator": loss.item(), "ratio/omega_mean": res.omega.mean().item(),
-                   "ratio/omega_min": res.omega.min().item(), "ratio/omega_max": res.omega.max().item(),
-                   "ratio/weight_mean": res.weight.mean().item(), "time/step_s": step_times[-1]})
-        if res.log_r is not None:
-            stats.add({"ratio/log_r_mean": res.log_r.mean().item(), "ratio/log_r_min": res.log_r.min().item(),
-                       "ratio/log_r_max": res.log_r.max().item()})
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            stats.add({"nonfinite/skipped": guard.skipped})
-            stats.flush(step)
-        if step % cfg.eval_every == 0 and step < cfg.steps:  # the last one is in Finish
-            metrics = evaluate(sample_ema(), reference, gmm)
-            append_jsonl(out / "metrics.jsonl", {"step": step, **metrics})
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("mode_tv", "w1", "energy")})
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint()
-        bar.update(1)
+            # Phase 4: maintenance: stats, evaluation, checkpoints.
+            stats.add({"loss/generator": loss.item(), "ratio/omega_mean": res.omega.mean().item(),
+                       "ratio/omega_min": res.omega.min().item(), "ratio/omega_max": res.omega.max().item(),
+                       "ratio/weight_mean": res.weight.mean().item(), "time/step_s": step_times[-1]})
+            if res.log_r is not None:
+                stats.add({"ratio/log_r_mean": res.log_r.mean().item(), "ratio/log_r_min": res.log_r.min().item(),
+                           "ratio/log_r_max": res.log_r.max().item()})
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                stats.add({"nonfinite/skipped": guard.skipped})
+                stats.flush(step)
+            if step % cfg.eval_every == 0 and step < cfg.steps:  # the last one is in Finish
+                metrics = evaluate(sample_ema(), reference, gmm)
+                append_jsonl(out / "metrics.jsonl", {"step": step, **metrics})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("mode_tv", "w1", "energy")})
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint()
+            bar.update(1)
+            if interrupt["signum"] is not None:  # SIGINT/SIGTERM: stop at this step boundary, saved
+                if step % cfg.checkpoint_every != 0 and step != cfg.steps:
+                    checkpoint()
+                bar.close()
+                name = signal.Signals(interrupt["signum"]).name
+                raise Interrupted(f"{name} at step {step}: checkpoint saved in {out / 'checkpoints'}; "
+                                  "continue with --resume", interrupt["signum"])
     bar.close()
 
     # Finish: the EMA generator, its samples beside the teacher's, a summary and the report.

@@ -11,6 +11,7 @@ an uninterrupted one on the same device.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -33,7 +34,7 @@ from ..teachers.trained import save_teacher
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TeacherConfig, check_resumable, validate
 from .ema import EMA
-from .guard import NonFiniteGuard, prepare_run_dir
+from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
 
 
 def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: bool = False,
@@ -73,28 +74,37 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         print(f"resuming from {start} (step {step})", file=sys.stderr)
     write_json(out / "config.json", asdict(cfg))
 
+    def save(at: int) -> None:
+        save_checkpoint(out / "checkpoints", at, {"teacher": net, "ema": ema.module},
+                        {"optimizer": opt.state_dict(), "rng": gen.get_state()},
+                        {"config": asdict(cfg), "ema_updates": ema.num_updates}, cfg.keep_checkpoints)
+
     stats = Stats(out / "stats.jsonl")
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc="teacher", dynamic_ncols=True)
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        idx = torch.randint(num, (cfg.batch_size,), generator=gen)
-        sigma = sigma_sampler(cfg.batch_size, gen)
-        n = torch.randn(cfg.batch_size, dim, generator=gen)
-        loss = denoising_loss(net, points[idx.to(device)], sigma.to(device), n.to(device)).mean()
-        guard.step(opt, loss, net, "teacher", step + 1, 0.0, out)
-        ema.update(net)
-        step += 1
+    with deferred_signals() as interrupt:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            idx = torch.randint(num, (cfg.batch_size,), generator=gen)
+            sigma = sigma_sampler(cfg.batch_size, gen)
+            n = torch.randn(cfg.batch_size, dim, generator=gen)
+            loss = denoising_loss(net, points[idx.to(device)], sigma.to(device), n.to(device)).mean()
+            guard.step(opt, loss, net, "teacher", step + 1, 0.0, out)
+            ema.update(net)
+            step += 1
 
-        # Maintenance: stats, checkpoints.
-        stats.add({"loss/teacher": loss.item(), "time/step_s": time.perf_counter() - t0})
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            bar.set_postfix(loss=f"{stats.flush(step)['loss/teacher']:.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(out / "checkpoints", step, {"teacher": net, "ema": ema.module},
-                            {"optimizer": opt.state_dict(), "rng": gen.get_state()},
-                            {"config": asdict(cfg), "ema_updates": ema.num_updates}, cfg.keep_checkpoints)
+            # Maintenance: stats, checkpoints.
+            stats.add({"loss/teacher": loss.item(), "time/step_s": time.perf_counter() - t0})
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                bar.set_postfix(loss=f"{stats.flush(step)['loss/teacher']:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save(step)
+            if interrupt["signum"] is not None:  # SIGINT/SIGTERM: stop at this step boundary, saved
+                save(step)
+                bar.close()
+                raise Interrupted(f"{signal.Signals(interrupt['signum']).name} at step {step}: checkpoint saved in "
+                                  f"{out / 'checkpoints'}; continue with --resume", interrupt["signum"])
     bar.close()
 
     # Evaluation and the teacher folder (after the last checkpoint, so resume does not see its draws).

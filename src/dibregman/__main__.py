@@ -1,0 +1,5 @@
+"""``python -m dibregman`` is the ``dibregman`` command."""
+
+from .cli import main
+
+main()
