@@ -103,3 +103,32 @@ def test_cli_bad_input_gives_one_clear_line(tmp_path, capsys, argv, message):
     assert run_cli("distill", "--preset", "tiny", "--out", str(tmp_path / "r"), *argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_train_teacher_then_distill_it(tmp_path):
+    teacher = tmp_path / "teacher"
+    assert run_cli("train-teacher", "--preset", "tiny", "--data", "moons", "--out", str(teacher)) == 0
+    info = json.loads((teacher / "teacher" / "teacher.json").read_text())
+    assert info["command"].startswith("dibregman train-teacher") and info["data"] == "moons"
+    run = tmp_path / "run"
+    assert run_cli("distill", "--preset", "tiny", "--teacher", f"net:{teacher / 'teacher'}", "--out", str(run)) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["metrics"]) == {"energy", "mmd", "w1"}  # no exact density for a network teacher
+    assert np.load(run / "samples.npz")["student"].shape == (128, 2)
+
+
+def test_students_start_as_trainable_copies_of_the_teacher_network():
+    from dibregman.artifacts import build_mlp_precond
+    from dibregman.teachers import load_teacher
+    from dibregman.train.components import build
+    from dibregman.train.config import DistillConfig
+
+    teacher = load_teacher("gmm:ring8")
+    base = build_mlp_precond({"dim": 2, "hidden": 16, "depth": 1}, teacher.sigma_data).requires_grad_(False).eval()
+    c = build(DistillConfig(divergence="logistic", hidden=16, depth=1), teacher, base, torch.device("cpu"))
+    want = base.state_dict()
+    for net in (c.generator.denoiser, c.fake_score):
+        assert all(torch.equal(v, want[k]) for k, v in net.state_dict().items())
+        assert net.training and all(p.requires_grad for p in net.parameters())
+        assert all(p.data_ptr() != q.data_ptr() for p, q in zip(net.parameters(), base.parameters(), strict=True))
+    assert c.critic is not None and c.generator_loss.needs_critic

@@ -113,7 +113,8 @@ def run(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train-teacher":
             command = shlex.join(["dibregman", *(sys.argv[1:] if argv is None else argv)])
-            print(api.train_teacher(cfg, resume=args.resume, progress=args.progress, command=command))
+            folder = api.train_teacher(cfg, resume=args.resume, progress=args.progress, command=command)
+            print(f"teacher folder: {folder} (distill it with --teacher net:{folder})")
         elif args.command == "distill":
             out = api.distill(cfg, resume=args.resume, progress=args.progress)
             print(format_table([json.loads((out / "summary.json").read_text())["metrics"]], markdown=False))
