@@ -132,3 +132,16 @@ def test_students_start_as_trainable_copies_of_the_teacher_network():
         assert net.training and all(p.requires_grad for p in net.parameters())
         assert all(p.data_ptr() != q.data_ptr() for p, q in zip(net.parameters(), base.parameters(), strict=True))
     assert c.critic is not None and c.generator_loss.needs_critic
+
+
+def test_cli_demo_compares_at_equal_budget(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--preset", "tiny", "--out", str(out), "--divergences", "reverse_kl,jeffreys") == 0
+    printed = capsys.readouterr().out
+    assert "teacher (Heun, 35 NFE)" in printed and "student jeffreys (1 NFE)" in printed
+    report = (out / "report.md").read_text()
+    assert "student reverse_kl (1 NFE)" in report and "Metrics of 128 samples" in report
+    cfgs = [json.loads((out / d / "config.json").read_text()) for d in ("reverse_kl", "jeffreys")]
+    assert {k: v for k, v in cfgs[0].items() if k not in ("divergence", "out")} == \
+        {k: v for k, v in cfgs[1].items() if k not in ("divergence", "out")}
+    assert (out / "comparison_samples.png").is_file()

@@ -96,9 +96,21 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
         runs[name] = distill(preset=preset, progress=progress, divergence=name, out=str(folder), **options)
     cfg = json.loads((runs[divergences[0]] / "config.json").read_text())
     rows = [teacher_row(cfg["teacher"], cfg["eval_samples"], cfg["seed"])]
+    z = torch.randn(cfg["eval_samples"], *load_generator(runs[divergences[0]])[1]["shape"])
     for name, folder in runs.items():
         summary = json.loads((folder / "summary.json").read_text())
-        rows.append({"method": f"student {name} (1 NFE)", "nfe": 1, **summary["metrics"],
+        gen = load_generator(folder)[0]
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            gen(z)
+            seconds = time.perf_counter() - t0
+        rows.append({"method": f"student {name} (1 NFE)", "nfe": 1, **summary["metrics"], "sample_s": seconds,
                      "step_time_s": summary["step_time_s"]})
-    write_comparison_report(out, rows, runs, title=f"Di-Bregman vs reverse KL on {cfg['teacher']}")
+    protocol = (f"Metrics of {cfg['eval_samples']} samples against {cfg['eval_samples']} samples of the law the "
+                f"teacher models (exact mixture samples for an analytic teacher, its data for a trained one); "
+                f"students: EMA generator after {cfg['steps']} steps, same seed ({cfg['seed']}), batch "
+                f"({cfg['batch_size']}), K ({cfg['fake_score_steps']}) and starting network. `sample_s`: seconds "
+                f"to draw all samples on the CPU; `step_time_s`: median seconds per training iteration.")
+    write_comparison_report(out, rows, runs, title=f"Di-Bregman vs reverse KL on {cfg['teacher']}",
+                            protocol=protocol)
     return rows, runs

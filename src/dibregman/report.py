@@ -315,11 +315,13 @@ def write_comparison_report(
     rows: list[dict[str, Any]],
     run_dirs: dict[str, Path],
     title: str = "Di-Bregman vs reverse-KL at equal budget",
+    protocol: str | None = None,
 ) -> Path:
     """Comparison ``report.md`` + ``comparison_{samples,metrics,ratio}.png`` for runs keyed by label.
 
     ``rows`` are table rows ("method", "nfe", metric keys, "step_time_s"), typically the teacher's
     multi-step sampler first as the reference. Each run's own report is linked (and written if missing).
+    ``protocol`` (how the numbers were measured) is printed under the table.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +354,8 @@ def write_comparison_report(
     other = [k for r in rows for k in r if k not in ("method", "nfe", "step_time_s", *metric_cols)]
     cols = ["method", "nfe", *metric_cols, *dict.fromkeys(other), "step_time_s"]
     cols = [c for c in cols if any(c in r for r in rows)]
-    lines = [f"# {title}", "", format_table(rows, cols), "", *_doc_lines(metric_cols), ""]
+    lines = [f"# {title}", "", format_table(rows, cols), "", *([protocol, ""] if protocol else []),
+             *_doc_lines(metric_cols), ""]
     if runs:
         lines += ["## Runs", ""]
         for label, d in runs.items():

@@ -27,9 +27,9 @@ W1_MAX_POINTS = 2000
 _MEDIAN_MAX_POINTS = 2000
 
 METRIC_DOC: dict[str, str] = {
-    "energy": "energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| to teacher samples (unbiased; 0 = same law)",
-    "mmd": "unbiased MMD^2 to teacher samples, Gaussian kernels at 0.5/1/2 x the median distance",
-    "w1": f"exact Wasserstein-1 to teacher samples (POT; at most {W1_MAX_POINTS} points per set)",
+    "energy": "energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| to the reference set (unbiased; 0 = same law)",
+    "mmd": "unbiased MMD^2 to the reference set, Gaussian kernels at 0.5/1/2 x the median distance",
+    "w1": f"exact Wasserstein-1 to the reference set (POT; at most {W1_MAX_POINTS} points per set)",
     "mode_tv": "total variation between per-mode sample frequencies and the mixture weights",
     "off_mode": "fraction of samples outside the 99.9% Mahalanobis ellipsoid of their nearest mode",
     "nll": "mean negative log-likelihood of the samples under the teacher mixture (nats)",
@@ -146,7 +146,7 @@ def mean_nll(samples: Any, gmm: GaussianMixture) -> float:
 
 
 def evaluate(samples: Any, reference: Any, gmm: GaussianMixture | None = None) -> dict[str, float]:
-    """All metrics of ``samples`` against teacher ``reference`` samples (see ``METRIC_DOC``); the
+    """All metrics of ``samples`` against ``reference`` samples of the target law (see ``METRIC_DOC``); the
     mixture-exact ones too when ``gmm`` is given. ``w1`` uses at most ``W1_MAX_POINTS`` points per set."""
     x, ref = _as_2d(samples), _as_2d(reference, "reference")
     out = {"energy": energy_distance(x, ref), "mmd": mmd2_unbiased(x, ref),
