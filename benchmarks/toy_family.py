@@ -137,7 +137,7 @@ def main() -> None:
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
     teacher = teacher_rows(mixtures, args.eval_samples, seeds)
     cmd = "python benchmarks/toy_family.py " + " ".join(sys.argv[1:])
-    text = [f"## Divergence family on analytic mixtures (`benchmarks/toy_family.py`)\n",
+    text = ["## Divergence family on analytic mixtures (`benchmarks/toy_family.py`)\n",
             f"Command: `{cmd.strip()}`. Machine: {os.cpu_count()} CPU cores ({platform.machine()}), "
             f"{args.jobs} runs in parallel, one thread each. Date: {started:%Y-%m-%d}. Wall time: {minutes:.0f} min.",
             f"Budget per run: {args.steps} generator steps (K = 2 fake-score/critic updates each), batch 256, "
