@@ -94,7 +94,7 @@ def test_cli_dry_run_prints_resolved_config(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--divergence", "kl"], "unknown divergence"),
     (["--steps", "-3"], "positive integer"),
-    (["--steps", "1.5"], "must be a int"),
+    (["--steps", "1.5"], "must be an integer"),
     (["--r-clip-min", "2"], "must contain 1"),
     (["--teacher", "gmm:nope"], "nope"),
     (["--config", "/nonexistent.json"], "config file not found"),

@@ -80,11 +80,11 @@ def evaluate_run(run: str | Path, num: int = 2000, seed: int = 0, teacher: str |
             **evaluate(x, reference, t if hasattr(t, "log_prob") else None), "sample_s": seconds}
 
 
-def compare(divergences: list[str], out: str | Path, *, preset: str | None = None,
+def compare(divergences: list[str], out: str | Path, *, preset: str | None = None, resume: bool = False,
             progress: bool | None = None, **options: Any) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Distill the same teacher with several divergences at equal budget (same seed, steps, batch and
     starting network); returns the comparison rows (teacher reference first) and the run folders, and
-    writes ``out/report.md``."""
+    writes ``out/report.md``. ``resume=True`` continues (or just re-reports) each member's run."""
     import json
 
     from .report import write_comparison_report
@@ -93,7 +93,8 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
     runs: dict[str, Path] = {}
     for name in divergences:
         folder = out / name.replace(":", "_")
-        runs[name] = distill(preset=preset, progress=progress, divergence=name, out=str(folder), **options)
+        runs[name] = distill(preset=preset, resume=resume, progress=progress, divergence=name, out=str(folder),
+                             **options)
     cfg = json.loads((runs[divergences[0]] / "config.json").read_text())
     rows = [teacher_row(cfg["teacher"], cfg["eval_samples"], cfg["seed"])]
     z = torch.randn(cfg["eval_samples"], *load_generator(runs[divergences[0]])[1]["shape"])

@@ -15,6 +15,7 @@ from .precond import Precond
 from .train.checkpoint import CheckpointError, load_module
 
 FORMAT = "dibregman-generator"
+_REMAKE = "re-create it with `dibregman distill --resume` on its run folder (it rewrites generator/)"
 
 
 def build_mlp_precond(arch: dict[str, Any], sigma_data: float) -> Precond:
@@ -50,10 +51,18 @@ def load_generator(folder: str | Path) -> tuple[OneStepGenerator, dict[str, Any]
                                 "`dibregman distill` or its generator/ subfolder")
     try:
         info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{info_path} is not valid JSON ({e})") from None
-    if info.get("format") != FORMAT:
-        raise CheckpointError(f"{info_path} is not a dibregman generator (format {info.get('format')!r})")
-    gen = OneStepGenerator(build_mlp_precond(info["arch"], info["sigma_data"]), info["sigma_g"])
-    load_module(gen, folder / "model.safetensors")
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise CheckpointError(f"{info_path} is not a dibregman generator (format {found!r})")
+    try:  # a hand-edited or damaged file: name it rather than fail with a KeyError deep inside
+        gen = OneStepGenerator(build_mlp_precond(info["arch"], info["sigma_data"]), info["sigma_g"])
+        info["shape"] = [int(s) for s in info["shape"]]
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{info_path} is damaged (bad or missing entry {e}); {_REMAKE}") from None
+    try:
+        load_module(gen, folder / "model.safetensors")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {_REMAKE}") from None
     return gen.eval().requires_grad_(False), info

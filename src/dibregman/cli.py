@@ -7,13 +7,14 @@ config files and the Python API accept exactly the same names.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .train.config import PRESETS, ConfigError, DistillConfig, TeacherConfig, resolve, to_dict
 
@@ -43,6 +44,15 @@ class UserError(Exception):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other user error (see ``main``)."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.endswith("expected one argument"):  # argparse takes "-1e-3" for a flag
+            message += "; write a value that starts with '-' as --option=VALUE"
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def _add_config_options(p: argparse.ArgumentParser, cls: type, kind: str) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS[kind]), help="start from a named preset")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of options (flags override it)")
@@ -57,17 +67,14 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type, kind: str) -> Non
                            help=f"{HELP.get(f.name, '')} (default: {f.default})".strip())
 
 
-def _resolve(args: argparse.Namespace, cls: type, **fixed: Any) -> Any:
+def _resolve(args: argparse.Namespace, cls: type) -> Any:
     overrides = {f.name: getattr(args, f.name) for f in fields(cls)}
-    for k, v in fixed.items():
-        if overrides.get(k) is None:
-            overrides[k] = v
     return resolve(cls, preset=args.preset, file=args.config, overrides=overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dibregman", description="Distill a diffusion teacher into a "
-                                     "one-step generator by Bregman density-ratio matching.")
+    parser = _Parser(prog="dibregman", description="Distill a diffusion teacher into a "
+                     "one-step generator by Bregman density-ratio matching.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="reverse KL (DMD) vs the default Di-Bregman divergence on an imbalanced "
@@ -104,10 +111,9 @@ def run(argv: list[str] | None = None) -> int:
 
     if args.command in ("demo", "distill", "train-teacher"):
         cls = TeacherConfig if args.command == "train-teacher" else DistillConfig
-        fixed = {"out": "runs/demo"} if args.command == "demo" else {}
         if args.command == "demo" and args.preset is None:
             args.preset = "demo"
-        cfg = _resolve(args, cls, **fixed)
+        cfg = _resolve(args, cls)
         if args.dry_run:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
@@ -122,7 +128,7 @@ def run(argv: list[str] | None = None) -> int:
         else:
             divs = [d.strip() for d in args.divergences.split(",") if d.strip()]
             opts = {k: v for k, v in to_dict(cfg).items() if k not in ("divergence", "out")}
-            rows, _ = api.compare(divs, cfg.out, progress=args.progress, **opts)
+            rows, _ = api.compare(divs, cfg.out, resume=args.resume, progress=args.progress, **opts)
             print(format_table(rows, markdown=False))
             print(f"report: {Path(cfg.out) / 'report.md'}")
         return 0
@@ -140,7 +146,10 @@ def run(argv: list[str] | None = None) -> int:
 def _run_teacher(run_dir: str) -> str:
     from .artifacts import load_generator
 
-    return load_generator(run_dir)[1]["teacher"]
+    teacher = load_generator(run_dir)[1].get("teacher")
+    if not isinstance(teacher, str):
+        raise UserError(f"{run_dir} does not record its teacher; pass --teacher")
+    return teacher
 
 
 def _write_samples(path: Path, x: Any) -> None:
@@ -157,16 +166,33 @@ def _write_samples(path: Path, x: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console entry point: a user error (bad option, file or folder; full disk; a non-finite run)
+    prints one ``dibregman: error: ...`` line and exits with 2; ``DIBREGMAN_TRACEBACK=1`` re-raises."""
     from .train.checkpoint import CheckpointError
     from .train.guard import NonFiniteError
 
     try:
         sys.exit(run(argv))
-    except (ConfigError, UserError, CheckpointError, NonFiniteError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, UserError, CheckpointError, NonFiniteError, ValueError, OSError) as e:
         if os.environ.get("DIBREGMAN_TRACEBACK"):
             raise
-        print(f"dibregman: error: {e}", file=sys.stderr)
+        message = " ".join((_os_message(e) if isinstance(e, OSError) else str(e)).splitlines())
+        # undecodable argv bytes arrive as lone surrogates: escape them rather than fail while reporting
+        line = f"dibregman: error: {message or type(e).__name__}".encode("utf-8", "backslashreplace").decode()
+        print(line, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # Interrupted (a checkpoint was saved) carries the signal's number
         print(f"dibregman: {e or 'interrupted'}", file=sys.stderr)
         sys.exit(128 + getattr(e, "signum", 2))
+
+
+def _os_message(e: OSError) -> str:
+    """Our own OSErrors (RunIOError, FileNotFoundError with a message) read well as they are; a raw
+    one from a library (``[Errno 28] No space left on device: 'x'``) gets its file and a fix."""
+    from .io import RunIOError, describe_write_error
+
+    if isinstance(e, RunIOError) or e.errno is None or e.filename is None:
+        return str(e)
+    if e.errno == errno.ENOENT:
+        return f"{e.filename} does not exist; check the path"
+    return describe_write_error(e, e.filename, doing="accessing")

@@ -2,12 +2,15 @@
 
 Each writer fills a temporary file in the destination's folder (same file system, so the rename is
 atomic), flushes and fsyncs it, ``os.replace``-s it over the destination, then fsyncs the folder so the
-rename itself survives a power cut. On any error the temporary is removed and the old file is kept.
+rename itself survives a power cut. On any error the temporary is removed and the old file is kept,
+and an ``OSError`` (disk full, read-only, no permission) becomes a ``RunIOError`` that names the file
+and the fix, so the CLI can print one line instead of a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -26,6 +29,44 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class RunIOError(OSError):
+    """Writing a run file failed for a reason outside the program (disk full, read-only file system, no
+    permission): the message names the file, the cause and the fix. ``errno`` is the original one."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno N]"
+        return self.message
+
+
+_HINTS = {
+    errno.ENOSPC: ("no space left on device", "free some space or choose another --out"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or choose another --out"),
+    errno.EROFS: ("read-only file system", "choose a writable --out"),
+    errno.EACCES: ("permission denied", "choose a writable --out"),
+    errno.EPERM: ("operation not permitted", "choose a writable --out"),
+}
+
+
+def describe_write_error(e: OSError, path: PathLike, doing: str = "writing") -> str:
+    """``"<cause> while writing <path>; <fix>"`` for an OSError raised while writing ``path``."""
+    cause, fix = _HINTS.get(e.errno, (e.strerror or str(e), "check the output folder (--out) and free space"))
+    return f"{cause} while {doing} {path}; {fix}"
+
+
+@contextlib.contextmanager
+def writing(path: PathLike, note: str = "") -> Iterator[None]:
+    """Turn an OSError raised in the block into a ``RunIOError`` about ``path`` (``note`` is appended)."""
+    try:
+        yield
+    except RunIOError:
+        raise
+    except OSError as e:
+        raise RunIOError(describe_write_error(e, path) + note, e.errno) from e
+
+
 def fsync_dir(folder: PathLike) -> None:
     """Persist a folder's entries (renames, new files). A no-op where folders cannot be opened."""
     if os.name != "posix":
@@ -42,20 +83,21 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """``with atomic_open(p) as f: f.write(...)``: ``p`` appears complete at the end of the block, or
     is left as it was if the block raises."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -95,9 +137,10 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     """``with atomic_dir(p) as tmp: <write files into tmp>``: the folder appears at ``p`` whole at the
     end of the block (replacing any folder already there), or not at all if the block raises."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        os.chmod(tmp, 0o777 & ~_UMASK)
     old = None
     try:
         yield tmp
@@ -110,15 +153,31 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, old / path.name)
         os.replace(tmp, path)
+    except OSError as e:
+        _restore(path, old, tmp)
+        if isinstance(e, RunIOError):
+            raise
+        raise RunIOError(describe_write_error(e, path), e.errno) from e
     except BaseException:
-        if old is not None and not path.exists():  # put the previous folder back
-            os.replace(old / path.name, path)
-            shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _restore(path, old, tmp)
         raise
     fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(path: Path, old: Path | None, tmp: Path) -> None:
+    if old is not None and not path.exists():  # put the previous folder back
+        os.replace(old / path.name, path)
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def append_line(path: PathLike, line: str) -> None:
+    """Append one line to a log (JSONL). Not atomic: a crash mid-append leaves a torn last line, which
+    ``stats.read_jsonl`` ignores and a resume removes."""
+    with writing(path), open(path, "a") as f:
+        f.write(line + "\n")
 
 
 def read_json_or_toml(path: PathLike, what: str = "file") -> Any:

@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .io import atomic_write_text
+from .io import append_line, atomic_write_text
 
 
 class Stats:
@@ -42,8 +42,7 @@ class Stats:
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    append_line(path, json.dumps(row, sort_keys=True))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

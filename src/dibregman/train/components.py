@@ -69,7 +69,8 @@ def true_samples(teacher: Teacher, n: int, seed: int) -> Tensor | None:
     if data:
         from ..data.toy2d import load_points
 
-        return load_points(data, n, g)[:n].float()
+        points = load_points(data, n, g)  # a file gives all its rows, maybe sorted: draw a random subset
+        return points[torch.randperm(len(points), generator=g)[:n]].float()
     return None
 
 

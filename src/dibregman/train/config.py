@@ -7,7 +7,9 @@ Every value is checked before any work starts; a bad one raises ``ConfigError`` 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ class DistillConfig:
     steps: int = 2000
     batch_size: int = 256
     fake_score_steps: int = 2  # K fake-score and critic updates per generator update
-    lr_generator: float = 1e-3  # toy-sized MLPs; image presets use DMD2's 2e-5 range
+    lr_generator: float = 1e-3  # for toy-sized MLPs; large image networks want far smaller rates
     lr_fake_score: float = 1e-3
     lr_critic: float = 1e-3
     beta1: float = 0.0
@@ -84,7 +86,7 @@ class TeacherConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "distill": {
         "toy": {},
-        "demo": {"steps": 2000, "eval_every": 250, "checkpoint_every": 500},
+        "demo": {"steps": 2000, "eval_every": 250, "checkpoint_every": 500, "out": "runs/demo"},
         "tiny": {"steps": 6, "batch_size": 32, "teacher_pool": 256, "fit_steps": 20, "hidden": 32,
                  "depth": 1, "log_every": 2, "eval_every": 3, "eval_samples": 128, "checkpoint_every": 3},
         "dmd": {"divergence": "reverse_kl"},
@@ -108,6 +110,7 @@ _POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "teacher_pool", "hid
                  "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points")
 _POSITIVE = ("lr_generator", "lr_fake_score", "lr_critic", "lr", "sigma_g", "r_clip_min", "r_clip_max")
 _UNIT = ("beta1", "beta2", "ema_decay")
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def field_types(cls: type) -> dict[str, type]:
@@ -118,11 +121,17 @@ def coerce(cls: type, key: str, value: Any) -> Any:
     """Convert ``value`` to the type of field ``key`` or raise a ConfigError that names both."""
     types = field_types(cls)
     if key not in types:
-        close = [k for k in types if key.replace("-", "_") in k or k in key]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        name = str(key).replace("-", "_")
+        close = difflib.get_close_matches(name, types, n=3, cutoff=0.6)  # typos: lr_generater
+        close += [k for k in types if k not in close and name and (name in k or k in name)]  # lr -> lr_*
+        hint = f" (did you mean {', '.join(close[:4])}?)" if close else ""
         raise ConfigError(f"unknown option {key!r} for {cls.__name__}{hint}; valid: {', '.join(types)}")
     want = types[key]
     try:
+        if want is str and not isinstance(value, str | os.PathLike):  # str() of a list or table is no path
+            raise TypeError
+        if want is float and isinstance(value, bool):
+            raise TypeError
         if want is bool and isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
@@ -131,9 +140,10 @@ def coerce(cls: type, key: str, value: Any) -> Any:
             raise ValueError
         if want is int and isinstance(value, str) and not value.strip().lstrip("-").isdigit():
             raise ValueError
-        out = want(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"option {key!r} must be a {want.__name__}; got {value!r}") from None
+        out = os.fspath(value) if want is str else want(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
+        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[want]
+        raise ConfigError(f"option {key!r} must be {kind}; got {value!r}") from None
     if isinstance(out, float) and not math.isfinite(out):
         raise ConfigError(f"option {key!r} must be finite; got {value!r}")
     return out
@@ -148,6 +158,8 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
             raise ConfigError(f"option {key!r} must be a positive integer; got {value}")
         if key in _POSITIVE and not value > 0:
             raise ConfigError(f"option {key!r} must be > 0; got {value}")
+        if key in _POSITIVE and value > _FLOAT32_MAX:  # torch fails mid-step converting it to float32
+            raise ConfigError(f"option {key!r} must be below {_FLOAT32_MAX:.3g} (float32); got {value}")
         if key in _UNIT and not 0 <= value < 1:
             raise ConfigError(f"option {key!r} must be in [0, 1); got {value}")
     if isinstance(cfg, DistillConfig):

@@ -69,13 +69,20 @@ def prepare_run_dir(out: Path, resume: bool) -> Path:
 
 class NonFiniteGuard:
     """Backward, clip and step, unless the loss or the gradient is not finite: then either stop
-    (``strict``) or drop the update and count it (``skip``). Never zeroes NaNs in place."""
+    (``strict``) or drop the update and count it (``skip``). Never zeroes NaNs in place.
 
-    def __init__(self, policy: str):
-        self.policy, self.skipped = policy, 0
+    The weights are checked after each step too: a finite gradient times a huge step size can overflow
+    them to inf. An applied update cannot be undone, so that stops the run under either policy (naming
+    the network, instead of a NaN loss one step later in whichever network reads them first).
+    ``resume_hint`` is how the user continues in skip mode (``None`` where the command has no such flag).
+    """
+
+    def __init__(self, policy: str, resume_hint: str | None = "--resume --nonfinite skip"):
+        self.policy, self.skipped, self.resume_hint = policy, 0, resume_hint
 
     def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, net: nn.Module, name: str, step: int,
              max_norm: float, run_dir: Path) -> bool:
+        """One update of ``net``; ``step`` is the 1-based number of the update, as in checkpoint names."""
         opt.zero_grad(set_to_none=True)
         bad = None
         if not torch.isfinite(loss):
@@ -87,12 +94,27 @@ class NonFiniteGuard:
                 bad = "gradient"
         if bad is None:
             opt.step()
+            if not _finite(net):
+                raise NonFiniteError(f"non-finite {name} weights after the update at step {step} (finite loss "
+                                     "and gradient: the step overflowed); stopped, the update cannot be undone "
+                                     f"({self._last_good(run_dir)}). Start a new run (another --out) with a "
+                                     "lower learning rate or a gradient clip")
             return True
         opt.zero_grad(set_to_none=True)
         if self.policy == "skip":
             self.skipped += 1
             return False
+        hint = f", or continue with {self.resume_hint} to drop such steps and count them" if self.resume_hint else ""
+        raise NonFiniteError(f"non-finite {name} {bad} at step {step}; stopped ({self._last_good(run_dir)}). "
+                             f"Start a new run (another --out) with a lower learning rate{hint}")
+
+    @staticmethod
+    def _last_good(run_dir: Path) -> str:
         last = latest_checkpoint(run_dir / "checkpoints")
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise NonFiniteError(f"non-finite {name} {bad} at step {step}; stopped ({where}). Lower the learning "
-                             "rate, or pass --nonfinite skip to drop such steps and count them")
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+
+
+def _finite(net: nn.Module) -> bool:
+    # one host sync for all tensors; isfinite rather than a norm, which overflows for large finite weights
+    checks = [torch.isfinite(p).all() for p in net.parameters()]
+    return bool(torch.stack(checks).all()) if checks else True

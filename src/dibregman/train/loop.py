@@ -19,7 +19,7 @@ from ..losses import critic_loss, fake_score_loss
 from ..metrics.toy import evaluate
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_latest, save_checkpoint
 from .components import build, fit_network, teacher_samples, true_samples
 from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
@@ -33,17 +33,17 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     the newest valid checkpoint, bit-identically on CPU.
     """
     validate(cfg)
-    out = prepare_run_dir(Path(cfg.out), resume)
     device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher).to(device)
-    start = latest_checkpoint(out / "checkpoints") if resume else None
+    teacher = load_teacher(cfg.teacher).to(device)  # a bad teacher fails before the run folder is made
+    out = prepare_run_dir(Path(cfg.out), resume)
+    resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
     torch.manual_seed(cfg.seed)  # network initialisations
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from g
 
     # Phase 0: the network both students start from, then everything else built from the config.
     if teacher.network is not None:
         base = teacher.network
-    elif start is None:
+    elif not resuming:
         base = fit_network(teacher, cfg.hidden, cfg.depth, cfg.fit_steps, cfg.batch_size,
                            torch.Generator().manual_seed(cfg.seed + 3), device)
     else:  # its fitted weights are in the checkpoint; only the shape is needed
@@ -65,9 +65,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     gmm = teacher if hasattr(teacher, "log_prob") else None
 
     step, guard = 0, NonFiniteGuard(cfg.nonfinite)
-    if start is not None:
-        state, meta = load_checkpoint(start, c.modules())
-        check_resumable(meta["config"], cfg, str(start))
+    loaded = load_latest(out / "checkpoints", c.modules(),
+                         lambda meta: check_resumable(meta.get("config", {}), cfg, str(out))) if resuming else None
+    if loaded is not None:
+        start, state, meta = loaded
         for name, opt in c.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         g.set_state(state["rng"])
@@ -77,6 +78,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         for log in ("stats.jsonl", "metrics.jsonl"):
             truncate_jsonl(out / log, step)
         print(f"resuming from {start} (step {step})", file=sys.stderr)
+    elif resume:  # killed before its first checkpoint: start over, without the old attempt's log rows
+        for log in ("stats.jsonl", "metrics.jsonl"):
+            truncate_jsonl(out / log, 0)
     write_json(out / "config.json", to_dict(cfg))
 
     def draw() -> torch.Tensor:
@@ -101,15 +105,17 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             for _ in range(cfg.fake_score_steps):
                 with torch.no_grad():
                     x = c.generator(draw())
-                sigma = c.fake_score_sigmas(bsz, g).to(device)
-                loss = fake_score_loss(c.fake_score, x, sigma, draw()).mean()
-                guard.step(c.optimizers["fake_score"], loss, c.fake_score, "fake_score", step, cfg.grad_clip, out)
-                stats.add({"loss/fake_score": loss.item()})
+                if c.generator_loss.mode == "score":  # the discriminator form never asks the fake score
+                    sigma = c.fake_score_sigmas(bsz, g).to(device)
+                    loss = fake_score_loss(c.fake_score, x, sigma, draw()).mean()
+                    guard.step(c.optimizers["fake_score"], loss, c.fake_score, "fake_score", step + 1,
+                               cfg.grad_clip, out)
+                    stats.add({"loss/fake_score": loss.item()})
                 if c.critic is not None:
                     idx = torch.randint(len(pool), (bsz,), generator=g).to(device)
                     sigma = c.generator_sigmas(bsz, g).to(device)
                     loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre).mean()
-                    guard.step(c.optimizers["critic"], loss, c.critic, "critic", step, cfg.grad_clip, out)
+                    guard.step(c.optimizers["critic"], loss, c.critic, "critic", step + 1, cfg.grad_clip, out)
                     stats.add({"loss/critic": loss.item()})
 
             # Phase 2: one generator update along omega(r) * (D_F - D_T).
@@ -117,7 +123,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             sigma = c.generator_sigmas(bsz, g).to(device)
             res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, bins=c.bins)
             loss = res.loss.mean()
-            guard.step(c.optimizers["generator"], loss, c.generator, "generator", step, cfg.grad_clip, out)
+            guard.step(c.optimizers["generator"], loss, c.generator, "generator", step + 1, cfg.grad_clip, out)
 
             # Phase 3: EMA of the generator.
             c.ema.update(c.generator)

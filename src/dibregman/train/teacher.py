@@ -31,7 +31,7 @@ from ..sampling import nfe, sample
 from ..schedules import LogNormal
 from ..stats import Stats, truncate_jsonl
 from ..teachers.trained import save_teacher
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_latest, save_checkpoint
 from .config import TeacherConfig, check_resumable, validate
 from .ema import EMA
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
@@ -44,12 +44,12 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     ``resume=True`` continues from the newest checkpoint in ``cfg.out`` (``cfg.steps`` may be raised).
     ``command`` (the CLI line) is recorded in ``teacher.json``."""
     validate(cfg)
-    out = prepare_run_dir(Path(cfg.out), resume)
     device = resolve_device(cfg.device)
 
     # Setup: everything below is drawn from `gen`, in this order, on every (re)start.
     gen = torch.Generator().manual_seed(cfg.seed)
-    points = load_points(cfg.data, cfg.num_points, gen)
+    points = load_points(cfg.data, cfg.num_points, gen)  # bad data fails before the run folder is made
+    out = prepare_run_dir(Path(cfg.out), resume)
     num, dim = points.shape
     sigma_data = float(points.std())
     with torch.random.fork_rng(devices=[]):  # nn.Linear initialises from the global RNG: seed it from ours
@@ -60,18 +60,20 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     points = points.to(device)
     sigma_sampler = LogNormal()
-    guard = NonFiniteGuard("strict")
+    guard = NonFiniteGuard("strict", resume_hint=None)  # no skip mode for teachers
 
     step = 0
-    start = latest_checkpoint(out / "checkpoints") if resume else None
-    if start is not None:
-        state, meta = load_checkpoint(start, {"teacher": net, "ema": ema.module})
-        check_resumable(meta["config"], cfg, str(start))
+    loaded = load_latest(out / "checkpoints", {"teacher": net, "ema": ema.module},
+                         lambda meta: check_resumable(meta.get("config", {}), cfg, str(out))) if resume else None
+    if loaded is not None:
+        start, state, meta = loaded
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
         step, ema.num_updates = meta["step"], meta["ema_updates"]
         truncate_jsonl(out / "stats.jsonl", step)
         print(f"resuming from {start} (step {step})", file=sys.stderr)
+    elif resume:  # killed before its first checkpoint: start over, without the old attempt's log rows
+        truncate_jsonl(out / "stats.jsonl", 0)
     write_json(out / "config.json", asdict(cfg))
 
     def save(at: int) -> None:
@@ -109,7 +111,9 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
 
     # Evaluation and the teacher folder (after the last checkpoint, so resume does not see its draws).
     metrics = _evaluate(ema.module, points, gen, cfg.eval_samples)
-    meta = {"data": cfg.data, "shape": [dim], "metrics": metrics, "train_config": asdict(cfg)}
+    # a data file is recorded by absolute path: the teacher is distilled from other working directories
+    data = str(Path(cfg.data).resolve()) if Path(cfg.data).suffix in (".npy", ".csv") else cfg.data
+    meta = {"data": data, "shape": [dim], "metrics": metrics, "train_config": asdict(cfg)}
     if command is not None:
         meta["command"] = command
     return save_teacher(out / "teacher", ema.module, meta)
