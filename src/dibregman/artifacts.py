@@ -19,9 +19,7 @@ _REMAKE = "re-create it with `dibregman distill --resume` on its run folder (it 
 
 
 def build_mlp_precond(arch: dict[str, Any], sigma_data: float) -> Precond:
-    if arch.get("kind", "mlp") != "mlp":
-        raise ValueError(f"unknown network kind {arch.get('kind')!r}; this version builds 'mlp'")
-    return Precond(MLP(**{k: v for k, v in arch.items() if k != "kind"}), sigma_data)
+    return Precond(MLP.from_arch(arch), sigma_data)
 
 
 def arch_of(net: nn.Module) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -43,6 +44,21 @@ class MLP(nn.Module):
             for _ in range(depth)
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, self.out_dim))
+
+    @classmethod
+    def from_arch(cls, arch: dict) -> MLP:
+        """Rebuild from ``arch()`` (as saved beside weights); bad entries raise a ValueError naming them."""
+        args = {k: v for k, v in arch.items() if k != "kind"}
+        if arch.get("kind", "mlp") != "mlp":
+            raise ValueError(f"unknown network kind {arch.get('kind')!r}; this version builds 'mlp'")
+        valid = set(inspect.signature(cls).parameters)
+        unknown = sorted(args.keys() - valid)
+        if unknown:
+            raise ValueError(f"arch has unknown MLP arguments {unknown}; valid: {sorted(valid)}")
+        try:
+            return cls(**args)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"cannot build an MLP from arch {arch} ({e})") from None
 
     def arch(self) -> dict:
         """Constructor arguments, saved beside the weights so a checkpoint can be rebuilt."""

@@ -15,7 +15,6 @@ the file and what to do.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -103,7 +102,10 @@ def load_teacher(folder: str | Path) -> NetworkTeacher:
             raise FileNotFoundError(f"teacher folder {str(folder)!r} has no {p.name}; a teacher folder "
                                     f"needs {META_FILE} and {WEIGHTS_FILE} (re-create it with save_teacher)")
     doc = _read_meta(meta_path)
-    net = Precond(_build_mlp(doc["arch"], meta_path), doc["sigma_data"])
+    try:
+        net = Precond(MLP.from_arch(doc["arch"]), doc["sigma_data"])
+    except ValueError as e:
+        raise ValueError(f"{str(meta_path)!r}: {e}") from None
     _load_weights(net, weights_path, meta_path)
     return NetworkTeacher(net, doc["shape"], float(doc.get("sigma_min", 0.002)),
                           float(doc.get("sigma_max", 80.0)), meta=doc)
@@ -135,18 +137,6 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise ValueError(f"{str(path)!r}: shape {shape} has {math.prod(shape)} values but arch dim is "
                          f"{arch.get('dim')!r}")
     return {**doc, "shape": shape}
-
-
-def _build_mlp(arch: dict[str, Any], path: Path) -> MLP:
-    args = {k: v for k, v in arch.items() if k != "kind"}
-    valid = set(inspect.signature(MLP).parameters)
-    unknown = sorted(args.keys() - valid)
-    if unknown:
-        raise ValueError(f"{str(path)!r}: arch has unknown MLP arguments {unknown}; valid: {sorted(valid)}")
-    try:
-        return MLP(**args)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{str(path)!r}: cannot build the MLP from arch {arch} ({e})") from None
 
 
 def _load_weights(net: Precond, weights_path: Path, meta_path: Path) -> None:
