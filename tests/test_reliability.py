@@ -583,7 +583,7 @@ def test_an_existing_run_is_never_overwritten_or_resumed_differently(finished, t
 @pytest.mark.parametrize("command, damage, needles", [
     ("sample", None, ["holds no generator.json", "dibregman distill"]),
     ("eval", "{not json", ["generator.json is not valid JSON"]),
-    ("eval", "[1, 2]", ["not a dibregman generator"]),
+    ("eval", "[1, 2]", ["not a dibregman-generator file"]),
     ("sample", '{"format": "dibregman-generator", "version": 1}', ["generator.json is damaged", "'arch'"]),
     ("sample", "weights", ["model.safetensors is corrupt or truncated"]),
 ])

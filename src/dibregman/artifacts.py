@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .generator import OneStepGenerator
-from .io import atomic_save_safetensors, write_json
+from .io import atomic_save_safetensors, read_tagged_json, write_json
 from .nets.mlp import MLP
 from .precond import Precond
 from .train.checkpoint import CheckpointError, load_module
@@ -47,13 +46,7 @@ def load_generator(folder: str | Path) -> tuple[OneStepGenerator, dict[str, Any]
     if not info_path.is_file():
         raise FileNotFoundError(f"{folder} holds no generator.json: pass a run folder written by "
                                 "`dibregman distill` or its generator/ subfolder")
-    try:
-        info = json.loads(info_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{info_path} is not valid JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        found = info.get("format") if isinstance(info, dict) else type(info).__name__
-        raise CheckpointError(f"{info_path} is not a dibregman generator (format {found!r})")
+    info = read_tagged_json(info_path, FORMAT, _REMAKE)
     try:  # a hand-edited or damaged file: name it rather than fail with a KeyError deep inside
         gen = OneStepGenerator(build_mlp_precond(info["arch"], info["sigma_data"]), info["sigma_g"])
         info["shape"] = [int(s) for s in info["shape"]]

@@ -202,3 +202,17 @@ def read_json_or_toml(path: PathLike, what: str = "file") -> Any:
         return tomllib.loads(text)
     except ValueError as e:  # JSONDecodeError and TOMLDecodeError are both ValueErrors
         raise ValueError(f"could not parse {p} as {suffix[1:].upper()}: {e}") from None
+
+
+def read_tagged_json(path: PathLike, fmt: str, fix: str) -> dict[str, Any]:
+    """A JSON object whose ``format`` entry is ``fmt`` (the metadata beside saved weights); anything
+    else raises a ValueError naming the file and ending with ``fix``."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{p} is not a {fmt} file (format {found!r}); {fix}")
+    return doc

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import atomic_save_safetensors, write_json
+from ..io import atomic_save_safetensors, read_tagged_json, write_json
 from ..nets.mlp import MLP
 from ..precond import Precond
 
@@ -112,13 +112,7 @@ def load_teacher(folder: str | Path) -> NetworkTeacher:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); re-create the teacher folder") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"{str(path)!r} is not a dibregman teacher (format {found!r}, expected {FORMAT!r})")
+    doc = read_tagged_json(path, FORMAT, "re-create the teacher folder")
     if doc.get("version") != VERSION:
         raise ValueError(f"{str(path)!r} has teacher format version {doc.get('version')!r}; this dibregman "
                          f"reads version {VERSION}: upgrade dibregman or re-create the teacher")
