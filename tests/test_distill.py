@@ -34,6 +34,8 @@ def test_distill_writes_a_complete_run(tmp_path):
     assert "ratio/log_r_mean" in stats[-1] and "loss/critic" in stats[-1]
     summary = json.loads((out / "summary.json").read_text())
     assert {"mode_tv", "off_mode", "nll", "energy", "mmd", "w1"} <= set(summary["metrics"])
+    assert set(summary["teacher_metrics"]) == set(summary["metrics"])  # the reference row, same metrics
+    assert "teacher (Heun, 35 NFE)" in (out / "report.md").read_text()
     x = db.sample(out, 64, seed=1)
     assert x.shape == (64, 2) and torch.isfinite(x).all()
     # a sample depends on its seed and index only, not on how many are drawn

@@ -123,7 +123,10 @@ def run(argv: list[str] | None = None) -> int:
             print(f"teacher folder: {folder} (distill it with --teacher net:{folder})")
         elif args.command == "distill":
             out = api.distill(cfg, resume=args.resume, progress=args.progress)
-            print(format_table([json.loads((out / "summary.json").read_text())["metrics"]], markdown=False))
+            summary = json.loads((out / "summary.json").read_text())
+            rows = [{"method": "teacher (Heun, 35 NFE)", **summary["teacher_metrics"]},
+                    {"method": f"student {summary['divergence']} (1 NFE)", **summary["metrics"]}]
+            print(format_table(rows, markdown=False))
             print(f"run folder: {out} (report: {out / 'report.md'})")
         else:
             divs = [d.strip() for d in args.divergences.split(",") if d.strip()]

@@ -302,7 +302,10 @@ def write_run_report(run_dir: str | Path) -> Path:
         cfg = [{"key": k, "value": v} for k, v in _flatten(config).items()]
         lines += ["## Config", "", format_table(cfg, ["key", "value"], floatfmt=".4g"), ""]
     if final:
-        lines += ["## Final metrics", "", format_table([final]), "", *_doc_lines(list(final)), ""]
+        rows = [{"method": "student (1 NFE)", **final}]
+        if summary.get("teacher_metrics"):  # the reference row: the teacher's own 35-NFE sampler
+            rows.insert(0, {"method": "teacher (Heun, 35 NFE)", **summary["teacher_metrics"]})
+        lines += ["## Final metrics", "", format_table(rows), "", *_doc_lines(list(final)), ""]
     if any(figs.values()):
         lines += ["## Figures", "", *_figure_md(figs)]
     path = run_dir / "report.md"

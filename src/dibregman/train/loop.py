@@ -167,6 +167,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     np.savez(out / "samples.npz", student=student.numpy(), teacher=ref_teacher.numpy(), data=reference.numpy())
     write_json(out / "summary.json", {
         "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": 1,
+        "teacher_metrics": evaluate(ref_teacher, reference, gmm),
         "step_time_s": statistics.median(step_times) if step_times else None, "nonfinite_skipped": guard.skipped})
     from ..report import write_run_report
 
