@@ -147,3 +147,18 @@ def test_cli_demo_compares_at_equal_budget(tmp_path, capsys):
     assert {k: v for k, v in cfgs[0].items() if k not in ("divergence", "out")} == \
         {k: v for k, v in cfgs[1].items() if k not in ("divergence", "out")}
     assert (out / "comparison_samples.png").is_file()
+
+
+def test_a_users_own_convex_h_runs_from_a_spec_string(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_family.py").write_text(
+        "def chi_plus_kl(r):\n    return (r - 1) ** 2 / 2 + r * r.log()\n\n"
+        "def concave(r):\n    return -(r ** 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = db.distill(out="run", divergence="py:my_family:chi_plus_kl", **TINY)
+    stats = read_jsonl(out / "stats.jsonl")
+    # omega = h''(r) r = r + 1 before normalisation: between the clip's 1.1 and 21
+    assert all(1.1 - 1e-5 <= r["ratio/omega_min"] <= r["ratio/omega_max"] <= 21 + 1e-4 for r in stats)
+    assert json.loads((out / "summary.json").read_text())["divergence"] == "py:my_family:chi_plus_kl"
+    assert run_cli("distill", "--preset", "tiny", "--out", "r2", "--divergence", "py:my_family:concave") == 2
+    assert run_cli("distill", "--preset", "tiny", "--out", "r3", "--divergence", "py:no_such_module:h") == 2

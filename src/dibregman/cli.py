@@ -23,7 +23,7 @@ DEMO_DIVERGENCES = ("reverse_kl", "forward_kl")  # the baseline and the default 
 HELP = {
     "teacher": "gmm:<built-in or spec.json/.toml> (analytic mixture) or net:<folder from train-teacher>",
     "divergence": "generator divergence: reverse_kl (DMD), forward_kl, pearson, logistic, power:<alpha>, "
-                  "hellinger, jeffreys, softened_rkl",
+                  "hellinger, jeffreys, softened_rkl, or your own convex h as py:<module>:<function>",
     "critic_loss": "Bregman density-ratio loss of the critic (logistic = the usual classifier)",
     "critic_data": "what stands for the teacher law in the critic: teacher (its 35-NFE samples) or data",
     "fake_score_steps": "K: fake-score and critic updates per generator update",

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import sampling
 from ..artifacts import build_mlp_precond
-from ..divergences import Divergence, get_divergence
+from ..divergences import Divergence
 from ..generator import OneStepGenerator
 from ..losses import GeneratorLoss, OmegaBinNormalizer, denoising_loss
 from ..nets.mlp import MLP
@@ -20,7 +20,7 @@ from ..precond import Precond
 from ..ratio import Critic
 from ..schedules import KarrasUniform, LogNormal
 from ..teachers import Teacher
-from .config import DistillConfig
+from .config import DistillConfig, divergence_from_spec
 from .ema import EMA
 
 Tensor = torch.Tensor
@@ -107,7 +107,7 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
     gsig = KarrasUniform(teacher.sigma_min, teacher.sigma_max, cfg.generator_t_min, cfg.generator_t_max)
     gen_loss = GeneratorLoss(
-        get_divergence(cfg.divergence), weighting=cfg.weighting,
+        divergence_from_spec(cfg.divergence), weighting=cfg.weighting,
         log_r_clip=(math.log(cfg.r_clip_min), math.log(cfg.r_clip_max)), normalize=cfg.omega_normalize,
         gan_weight=cfg.gan_weight, mode=cfg.generator_mode)
     critic = None
@@ -123,4 +123,4 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     if cfg.omega_normalize == "bins":
         bins = OmegaBinNormalizer(teacher.sigma_min, teacher.sigma_max).to(device)
     return Components(generator, fake_score, critic, EMA(generator, cfg.ema_decay), opts, gen_loss,
-                      get_divergence(cfg.critic_loss), bins, gsig, LogNormal())
+                      divergence_from_spec(cfg.critic_loss), bins, gsig, LogNormal())

@@ -12,7 +12,12 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ..divergences import Divergence
 
 
 class ConfigError(ValueError):
@@ -171,13 +176,38 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
                               f"[{cfg.r_clip_min}, {cfg.r_clip_max}]")
         if cfg.gan_weight < 0 or cfg.grad_clip < 0 or cfg.fit_steps < 0:
             raise ConfigError("gan_weight, grad_clip and fit_steps must be >= 0")
-        from ..divergences import get_divergence
-
         for key in ("divergence", "critic_loss"):
             try:
-                get_divergence(getattr(cfg, key))
+                divergence_from_spec(getattr(cfg, key))
             except ValueError as e:
                 raise ConfigError(f"option {key!r}: {e}") from None
+
+
+def divergence_from_spec(spec: str) -> Divergence:
+    """A registered member (``forward_kl``, ``power:0.5``) or, for the user's own convex ``h``,
+    ``py:<module>:<function>``: the function is imported (from the working directory too) and its
+    ``h''`` taken by autograd. The spec string is what a config file and a resumed run store."""
+    from ..divergences import from_h, get_divergence
+
+    if not spec.startswith("py:"):
+        return get_divergence(spec)
+    module, _, name = spec[3:].rpartition(":")
+    if not module or not name:
+        raise ValueError(f"a custom divergence is 'py:<module>:<function>'; got {spec!r}")
+    import importlib
+    import sys
+
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # `python -m`-like: a module in the working directory is found
+    try:
+        h = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import the convex h {spec!r}: {e}") from None
+    if not callable(h):
+        raise ValueError(f"{spec!r} is not callable; it must be a function h(r) on tensors")
+    div = from_h(h, name=spec)
+    div.omega(torch.linspace(-3, 3, 7, dtype=torch.float64))  # fails now, not hours later, if h is not convex
+    return div
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
