@@ -162,3 +162,11 @@ def test_a_users_own_convex_h_runs_from_a_spec_string(tmp_path, monkeypatch):
     assert json.loads((out / "summary.json").read_text())["divergence"] == "py:my_family:chi_plus_kl"
     assert run_cli("distill", "--preset", "tiny", "--out", "r2", "--divergence", "py:my_family:concave") == 2
     assert run_cli("distill", "--preset", "tiny", "--out", "r3", "--divergence", "py:no_such_module:h") == 2
+
+
+def test_discriminator_form_and_gan_term_run_end_to_end(tmp_path):
+    out = db.distill(out=str(tmp_path / "disc"), divergence="hellinger", generator_mode="discriminator", **TINY)
+    stats = read_jsonl(out / "stats.jsonl")
+    assert all("loss/fake_score" not in r and "loss/critic" in r for r in stats)  # the critic alone drives it
+    out = db.distill(out=str(tmp_path / "gan"), divergence="reverse_kl", gan_weight=0.1, **TINY)
+    assert all("loss/critic" in r for r in read_jsonl(out / "stats.jsonl"))  # a GAN term needs a critic
