@@ -64,7 +64,7 @@ def fmt(values: list[float]) -> str:
 
 
 def table(mixture: str, results: list[dict], teacher: dict) -> str:
-    head = "| method | " + " | ".join(METRICS) + " | s/iter vs reverse_kl |"
+    head = "| method | " + " | ".join(METRICS) + " | s/iter vs reverse_kl (parallel runs: rough) |"
     lines = [head, "|" + "---|" * (len(METRICS) + 2)]
     lines.append("| teacher (Heun, 35 NFE) | " + " | ".join(fmt(teacher[k]) for k in METRICS) + " | - |")
     rows = [r for r in results if r["teacher"] == f"gmm:{mixture}"]

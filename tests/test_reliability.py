@@ -575,7 +575,7 @@ def test_an_existing_run_is_never_overwritten_or_resumed_differently(finished, t
     assert_one_line_error(code, err, "already holds a run", "--resume", "another --out")
     code, _, err = run_cli(capsys, "distill", *FLAGS, "--out", run, "--resume", "--divergence", "reverse_kl",
                            "--lr-critic", "0.01")
-    assert_one_line_error(code, err, "cannot resume", "divergence: 'forward_kl' -> 'reverse_kl'",
+    assert_one_line_error(code, err, "cannot resume", "divergence: 'hellinger' -> 'reverse_kl'",
                           "lr_critic: 0.001 -> 0.01", "another --out")
     assert snapshot(run) == before
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .train.config import PRESETS, ConfigError, DistillConfig, TeacherConfig, resolve, to_dict
 
-DEMO_DIVERGENCES = ("reverse_kl", "forward_kl")  # the baseline and the default Di-Bregman member
+DEMO_DIVERGENCES = ("reverse_kl", "hellinger")  # the baseline and the default Di-Bregman member
 
 HELP = {
     "teacher": "gmm:<built-in or spec.json/.toml> (analytic mixture) or net:<folder from train-teacher>",

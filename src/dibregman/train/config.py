@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class DistillConfig:
     # what to distill
     teacher: str = "gmm:ring8_imbalanced"  # gmm:<builtin or .json/.toml>, net:<teacher folder>
-    divergence: str = "forward_kl"  # a registered member, e.g. reverse_kl, power:0.5
+    divergence: str = "hellinger"  # a registered member (default chosen in docs/benchmarks.md), or py:<mod>:<fn>
     critic_loss: str = "logistic"  # the Bregman DRE loss of the critic (logistic = classifier)
     critic_data: str = "teacher"  # teacher: the teacher's 35-NFE samples (data-free); data: real data
     teacher_pool: int = 20000  # how many teacher samples stand for p when critic_data = teacher
