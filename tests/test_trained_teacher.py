@@ -15,10 +15,8 @@ from safetensors.torch import load_file
 import dibregman.io as dio
 import dibregman.train.teacher as teacher_mod
 from dibregman.io import (
-    atomic_dir,
     atomic_open,
     atomic_save_safetensors,
-    atomic_torch_save,
     atomic_write_bytes,
     atomic_write_text,
     write_json,
@@ -47,8 +45,6 @@ def test_atomic_writers_write(tmp_path):
     assert (tmp_path / "j.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
     atomic_save_safetensors(tmp_path / "w.safetensors", {"x": torch.arange(6.0).reshape(2, 3).t()})
     assert torch.equal(load_file(tmp_path / "w.safetensors")["x"], torch.arange(6.0).reshape(2, 3).t())
-    atomic_torch_save(tmp_path / "o.pt", {"k": torch.ones(2)})
-    assert torch.equal(torch.load(tmp_path / "o.pt", weights_only=True)["k"], torch.ones(2))
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "t.txt").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
@@ -59,7 +55,6 @@ def test_atomic_writers_write(tmp_path):
     lambda p: atomic_write_text(p, "new"),
     lambda p: write_json(p, {"new": 1}),
     lambda p: atomic_save_safetensors(p, {"x": torch.zeros(3)}),
-    lambda p: atomic_torch_save(p, [1, 2]),
 ])
 def test_failed_replace_keeps_old_file_and_no_temps(tmp_path, monkeypatch, write):
     target = tmp_path / "f"
@@ -79,20 +74,6 @@ def test_crash_mid_write_keeps_old_file(tmp_path):
         raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f"]
-
-
-def test_atomic_dir(tmp_path):
-    target = tmp_path / "ckpt"
-    with atomic_dir(target) as tmp:
-        (tmp / "a").write_text("1")
-    assert (target / "a").read_text() == "1"
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:  # a failure keeps the old folder
-        (tmp / "a").write_text("2")
-        raise RuntimeError("killed")
-    assert (target / "a").read_text() == "1" and os.listdir(tmp_path) == ["ckpt"]
-    with atomic_dir(target) as tmp:  # success replaces it whole
-        (tmp / "b").write_text("3")
-    assert os.listdir(target) == ["b"] and os.listdir(tmp_path) == ["ckpt"]
 
 
 # --- EMA -----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Atomic file and folder writes: a reader (or a crash) never sees a half-written file.
+"""Atomic file writes: a reader (or a crash) never sees a half-written file (checkpoint folders: train/checkpoint.py).
 
 Each writer fills a temporary file in the destination's folder (same file system, so the rename is
 atomic), flushes and fsyncs it, ``os.replace``-s it over the destination, then fsyncs the folder so the
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,55 +120,6 @@ def atomic_save_safetensors(path: PathLike, tensors: dict[str, torch.Tensor],
 
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write_bytes(path, save(flat, metadata=metadata))
-
-
-def atomic_torch_save(path: PathLike, obj: Any) -> None:
-    """``torch.save`` made atomic. Prefer safetensors + JSON for anything a user may load: reading this
-    back needs ``torch.load(..., weights_only=True)`` to stay pickle-safe."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-@contextlib.contextmanager
-def atomic_dir(path: PathLike) -> Iterator[Path]:
-    """``with atomic_dir(p) as tmp: <write files into tmp>``: the folder appears at ``p`` whole at the
-    end of the block (replacing any folder already there), or not at all if the block raises."""
-    path = Path(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-        os.chmod(tmp, 0o777 & ~_UMASK)
-    old = None
-    try:
-        yield tmp
-        for f in tmp.iterdir():  # files written with plain open() need their data persisted too
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if path.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-    except OSError as e:
-        _restore(path, old, tmp)
-        if isinstance(e, RunIOError):
-            raise
-        raise RunIOError(describe_write_error(e, path), e.errno) from e
-    except BaseException:
-        _restore(path, old, tmp)
-        raise
-    fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _restore(path: Path, old: Path | None, tmp: Path) -> None:
-    if old is not None and not path.exists():  # put the previous folder back
-        os.replace(old / path.name, path)
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def append_line(path: PathLike, line: str) -> None:
