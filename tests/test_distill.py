@@ -170,3 +170,12 @@ def test_discriminator_form_and_gan_term_run_end_to_end(tmp_path):
     assert all("loss/fake_score" not in r and "loss/critic" in r for r in stats)  # the critic alone drives it
     out = db.distill(out=str(tmp_path / "gan"), divergence="reverse_kl", gan_weight=0.1, **TINY)
     assert all("loss/critic" in r for r in read_jsonl(out / "stats.jsonl"))  # a GAN term needs a critic
+
+
+def test_resuming_a_finished_run_redoes_only_its_finish(tmp_path):
+    out = db.distill(out=str(tmp_path / "run"), **TINY)
+    rows = read_jsonl(out / "metrics.jsonl")
+    weights = (out / "generator" / "model.safetensors").read_bytes()
+    db.distill(out=str(tmp_path / "run"), resume=True, **TINY)
+    assert read_jsonl(out / "metrics.jsonl") == rows  # no duplicated final row
+    assert (out / "generator" / "model.safetensors").read_bytes() == weights

@@ -163,7 +163,10 @@ def _write_samples(path: Path, x: Any) -> None:
 
         scatter_png(path, x)
     elif path.suffix == ".npz":
-        np.savez(path, x=x)
+        from .io import atomic_open
+
+        with atomic_open(path) as f:
+            np.savez(f, x=x)
     else:
         raise UserError(f"--out must end in .npz or .png; got {path}")
 

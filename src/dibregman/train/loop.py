@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import statistics
 import sys
@@ -14,12 +15,12 @@ from tqdm import tqdm
 
 from ..artifacts import build_mlp_precond, save_generator
 from ..dist import resolve_device
-from ..io import write_json
+from ..io import atomic_open, write_json
 from ..losses import critic_loss, fake_score_loss
 from ..metrics.toy import evaluate
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
-from .checkpoint import list_checkpoints, load_latest, save_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, load_latest, read_meta, save_checkpoint
 from .components import build, fit_network, teacher_samples, true_samples
 from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
@@ -37,6 +38,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     teacher = load_teacher(cfg.teacher).to(device)  # a bad teacher fails before the run folder is made
     out = prepare_run_dir(Path(cfg.out), resume)
     resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
+    if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
+        with contextlib.suppress(CheckpointError):  # a damaged newest one is handled by load_latest
+            check_resumable(read_meta(list_checkpoints(out / "checkpoints")[-1]).get("config", {}), cfg, str(out))
     torch.manual_seed(cfg.seed)  # network initialisations
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from g
 
@@ -162,9 +166,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     save_generator(out / "generator", c.ema.module, info)
     student = sample_ema()
     final = evaluate(student, reference, gmm)
+    truncate_jsonl(out / "metrics.jsonl", step - 1)  # finishing again (a resumed finished run): one final row
     append_jsonl(out / "metrics.jsonl", {"step": step, **final})
     ref_teacher = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 5, device).cpu()
-    np.savez(out / "samples.npz", student=student.numpy(), teacher=ref_teacher.numpy(), data=reference.numpy())
+    with atomic_open(out / "samples.npz") as f:
+        np.savez(f, student=student.numpy(), teacher=ref_teacher.numpy(), data=reference.numpy())
     write_json(out / "summary.json", {
         "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": 1,
         "teacher_metrics": evaluate(ref_teacher, reference, gmm),
