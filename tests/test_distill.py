@@ -179,3 +179,10 @@ def test_resuming_a_finished_run_redoes_only_its_finish(tmp_path):
     db.distill(out=str(tmp_path / "run"), resume=True, **TINY)
     assert read_jsonl(out / "metrics.jsonl") == rows  # no duplicated final row
     assert (out / "generator" / "model.safetensors").read_bytes() == weights
+
+
+def test_a_config_object_and_a_preset_together_are_refused():
+    from dibregman.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="either a config object or a preset"):
+        db.distill(db.DistillConfig(), preset="tiny")

@@ -19,17 +19,24 @@ from .metrics.toy import evaluate
 from .sampling import noise_from_seeds
 from .teachers import load_teacher
 from .train.components import teacher_samples, true_samples
-from .train.config import DistillConfig, TeacherConfig, resolve
+from .train.config import ConfigError, DistillConfig, TeacherConfig, resolve
 from .train.loop import distill as _distill
 
 Tensor = torch.Tensor
 
 
+def _layered(cls: type, config: Any, preset: str | None, options: dict[str, Any]) -> Any:
+    """A config object already holds every field, so a preset beside it would be silently overridden."""
+    if config is not None and preset is not None:
+        raise ConfigError("pass either a config object or a preset, not both (a config sets every option)")
+    base = dataclasses.asdict(config) if config is not None else {}
+    return resolve(cls, preset=preset, overrides={**base, **options})
+
+
 def distill(config: DistillConfig | None = None, *, preset: str | None = None, resume: bool = False,
             progress: bool | None = None, **options: Any) -> Path:
     """Run a distillation; ``options`` override fields of ``config`` (or of the defaults/preset)."""
-    base = dataclasses.asdict(config) if config is not None else {}
-    cfg = resolve(DistillConfig, preset=preset, overrides={**base, **options})
+    cfg = _layered(DistillConfig, config, preset, options)
     return _distill(cfg, resume=resume, progress=progress)
 
 
@@ -38,8 +45,7 @@ def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = N
     """Train a network teacher on a toy set or a point cloud; returns the folder usable as ``net:<folder>``."""
     from .train.teacher import train_teacher as _train
 
-    base = dataclasses.asdict(config) if config is not None else {}
-    cfg = resolve(TeacherConfig, preset=preset, overrides={**base, **options})
+    cfg = _layered(TeacherConfig, config, preset, options)
     return _train(cfg, resume=resume, progress=progress, command=command)
 
 
