@@ -517,7 +517,7 @@ DISTILL_CASES = {  # name: (extra argv; {f} is a path from _files), what the mes
     "missing teacher folder": (["--teacher", "net:{missing_teacher}"], ["does not exist", "train-teacher"]),
     "teacher without teacher.json": (["--teacher", "net:{no_meta}"], ["has no teacher.json"]),
     "corrupt teacher weights": (["--teacher", "net:{corrupt}"], ["model.safetensors", "corrupt or truncated"]),
-    "weights vs teacher.json arch": (["--teacher", "net:{mismatch}"], ["do not match", "[24, 2]"]),
+    "weights vs teacher.json arch": (["--teacher", "net:{mismatch}"], ["does not match this model", "[24, 2]"]),
     "unknown mixture": (["--teacher", "gmm:ring9"], ["unknown mixture 'ring9'", "ring8"]),
     "bad teacher spec": (["--teacher", "ring8"], ["cannot read teacher spec"]),
     "no CUDA": (["--device", "cuda"], ["CUDA is not available"]),

@@ -144,7 +144,7 @@ def test_truncated_weights(tmp_path):
     save_teacher(tmp_path / "t", _net())
     w = tmp_path / "t" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=r"model\.safetensors.*file is corrupt or truncated; re-create it"):
+    with pytest.raises(ValueError, match=r"model\.safetensors is corrupt or truncated.*re-create the teacher folder"):
         load_teacher(tmp_path / "t")
 
 
@@ -154,8 +154,8 @@ def test_wrong_arch_names_the_tensor(tmp_path):
     doc = json.loads(meta.read_text())
     doc["arch"]["hidden"] = 32
     meta.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match=r"tensor 'backbone.inp.weight' has shape \[16, 2\] in "
-                                         r"model.safetensors but the arch in teacher.json expects \[32, 2\]"):
+    with pytest.raises(ValueError, match=r"model.safetensors does not match this model: .*tensor 'backbone.inp.weight' "
+                                         r"has shape \[16, 2\] but this model expects \[32, 2\].*arch in teacher.json"):
         load_teacher(tmp_path / "t")
     doc["arch"]["hidden"], doc["arch"]["depth"] = 16, 2
     meta.write_text(json.dumps(doc))
@@ -277,3 +277,12 @@ def test_moons_teacher_matches_data(tmp_path):
     ed = teacher.meta["metrics"]["energy_distance"]
     print(f"moons teacher: energy distance {ed:.5f} in {time.perf_counter() - t0:.1f} s")
     assert ed < 0.005
+
+
+def test_non_finite_teacher_weights_are_refused(tmp_path):
+    net = _net()
+    with torch.no_grad():
+        net.backbone.inp.weight[0, 0] = float("nan")
+    save_teacher(tmp_path / "t", net)
+    with pytest.raises(ValueError, match=r"backbone.inp.weight.*hold NaN or inf.*re-create the teacher folder"):
+        load_teacher(tmp_path / "t")

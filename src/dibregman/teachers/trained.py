@@ -134,27 +134,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _load_weights(net: Precond, weights_path: Path, meta_path: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from ..train.checkpoint import CheckpointError, load_module
 
     try:
-        state = load_file(weights_path, device="cpu")
-    except SafetensorError as e:
-        raise ValueError(f"{str(weights_path)!r}: file is corrupt or truncated; re-create it ({e})") from None
-    expected = net.state_dict()
-    problems = [f"tensor {k!r} is missing from {WEIGHTS_FILE}" for k in expected if k not in state]
-    problems += [f"tensor {k!r} in {WEIGHTS_FILE} is not part of the arch"
-                 for k in state if k not in expected]
-    problems += [f"tensor {k!r} has shape {list(state[k].shape)} in {WEIGHTS_FILE} but the arch in "
-                 f"{META_FILE} expects {list(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"the weights in {str(weights_path.parent)!r} do not match {str(meta_path)!r}: "
-                         + "; ".join(problems[:5]) + more
-                         + ". Were the files copied from different teachers? Re-create the folder.")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{str(weights_path)!r}: tensors {bad} hold NaN or inf; the teacher diverged or "
-                         "the file is damaged; re-train it")
-    net.load_state_dict(state)
+        load_module(net, weights_path, hint=f"the arch in {META_FILE} describes another network (files copied "
+                                            "from different teachers?)")
+    except CheckpointError as e:  # a teacher folder is user input: a ValueError, like its other problems
+        raise ValueError(f"{e}; re-create the teacher folder") from None

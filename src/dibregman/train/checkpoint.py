@@ -171,21 +171,26 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_module(module: nn.Module, file: str | Path) -> None:
-    """Load safetensors weights into ``module``, naming any missing, unexpected or misshapen tensor."""
+def load_module(module: nn.Module, file: str | Path,
+                hint: str = "the checkpoint comes from another config") -> None:
+    """Load safetensors weights into ``module`` (every checkpoint, teacher and generator goes through
+    here). Damage (unreadable, NaN/inf) raises ``CheckpointError``; weights of another model raise
+    ``CheckpointMismatch`` naming each missing, unexpected or misshapen tensor, then ``hint``."""
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is corrupt or truncated ({_brief(e)})") from None
     own = module.state_dict()
-    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or extra:
-        raise CheckpointMismatch(f"{file} does not match this model: missing {missing[:5]}, unexpected "
-                                 f"{extra[:5]}; was it written with another config?")
-    for k, v in tensors.items():
-        if v.shape != own[k].shape:
-            raise CheckpointMismatch(f"{file}: tensor {k!r} has shape {tuple(v.shape)} but this model expects "
-                                     f"{tuple(own[k].shape)}; the checkpoint comes from another config")
+    problems = [f"tensor {k!r} is missing" for k in own if k not in tensors]
+    problems += [f"tensor {k!r} is not part of this model" for k in tensors if k not in own]
+    problems += [f"tensor {k!r} has shape {list(tensors[k].shape)} but this model expects {list(v.shape)}"
+                 for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]  # in the model's order
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointMismatch(f"{file} does not match this model: {'; '.join(problems[:5])}{more}; {hint}")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{file}: tensors {bad[:5]} hold NaN or inf; the file is damaged or its run diverged")
     module.load_state_dict(tensors)
 
 
