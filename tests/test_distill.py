@@ -141,6 +141,7 @@ def test_cli_demo_compares_at_equal_budget(tmp_path, capsys):
     assert run_cli("demo", "--preset", "tiny", "--out", str(out), "--divergences", "reverse_kl,jeffreys") == 0
     printed = capsys.readouterr().out
     assert "teacher (Heun, 35 NFE)" in printed and "student jeffreys (1 NFE)" in printed
+    assert "mode-weight error (mode_tv, lower is better): teacher" in printed
     report = (out / "report.md").read_text()
     assert "student reverse_kl (1 NFE)" in report and "Metrics of 128 samples" in report
     cfgs = [json.loads((out / d / "config.json").read_text()) for d in ("reverse_kl", "jeffreys")]
@@ -186,3 +187,12 @@ def test_a_config_object_and_a_preset_together_are_refused():
 
     with pytest.raises(ConfigError, match="either a config object or a preset"):
         db.distill(db.DistillConfig(), preset="tiny")
+
+
+def test_cli_list_names_what_the_options_accept(capsys):
+    from dibregman.divergences import REGISTRY
+    from dibregman.teachers.gmm import BUILTINS
+
+    assert run_cli("list") == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in [*REGISTRY, *BUILTINS, "moons", "py:<module>:<function>", "tiny"])

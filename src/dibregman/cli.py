@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill a teacher into a one-step generator")
     _add_config_options(p, DistillConfig, "distill")
 
+    sub.add_parser("list", help="list the divergences, presets, built-in mixtures and toy data sets")
+
     p = sub.add_parser("sample", help="draw samples from a finished run's one-step generator")
     p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
     p.add_argument("--num", type=int, default=1000)
@@ -133,7 +135,13 @@ def run(argv: list[str] | None = None) -> int:
             opts = {k: v for k, v in to_dict(cfg).items() if k not in ("divergence", "out")}
             rows, _ = api.compare(divs, cfg.out, resume=args.resume, progress=args.progress, **opts)
             print(format_table(rows, markdown=False))
+            if "mode_tv" in rows[0]:  # the headline of the analytic test bed, in one line
+                print("mode-weight error (mode_tv, lower is better): "
+                      + ", ".join(f"{r['method'].split(' (')[0]} {r['mode_tv']:.4f}" for r in rows))
             print(f"report: {Path(cfg.out) / 'report.md'}")
+        return 0
+    if args.command == "list":
+        print(listing())
         return 0
     if args.command == "sample":
         x = api.sample(args.run, args.num, args.seed).numpy()
@@ -144,6 +152,20 @@ def run(argv: list[str] | None = None) -> int:
             api.evaluate_run(args.run, args.num, args.seed, args.teacher)]
     print(json.dumps(rows, indent=2) if args.json else format_table(rows, markdown=False))
     return 0
+
+
+def listing() -> str:
+    """What names the options accept, from the registries themselves (so it cannot go stale)."""
+    from .data.toy2d import TOY_SETS
+    from .divergences import REGISTRY
+    from .teachers.gmm import BUILTINS
+
+    lines = ["divergences (--divergence, --critic-loss): " + ", ".join(REGISTRY)
+             + "; power takes alpha as power:<alpha>; your own convex h: py:<module>:<function>",
+             "built-in mixtures (--teacher gmm:<name>, or gmm:<spec.json|.toml>): " + ", ".join(BUILTINS),
+             "toy data sets (train-teacher --data, or a .npy/.csv file): " + ", ".join(TOY_SETS)]
+    lines += [f"{kind} presets: " + ", ".join(names) for kind, names in PRESETS.items()]
+    return "\n".join(lines)
 
 
 def _run_teacher(run_dir: str) -> str:
