@@ -101,6 +101,10 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
         folder = out / name.replace(":", "_")
         runs[name] = distill(preset=preset, resume=resume, progress=progress, divergence=name, out=str(folder),
                              **options)
+    from . import dist
+
+    if not dist.is_main():  # under torchrun, rank 0 compares and reports
+        return [], runs
     cfg = json.loads((runs[divergences[0]] / "config.json").read_text())
     rows = [teacher_row(cfg["teacher"], cfg["eval_samples"], cfg["seed"])]
     z = torch.randn(cfg["eval_samples"], *load_generator(runs[divergences[0]])[1]["shape"])

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import api
+    from . import api, dist
     from .report import format_table
 
     if args.command in ("demo", "distill", "train-teacher"):
@@ -125,6 +125,8 @@ def run(argv: list[str] | None = None) -> int:
             print(f"teacher folder: {folder} (distill it with --teacher net:{folder})")
         elif args.command == "distill":
             out = api.distill(cfg, resume=args.resume, progress=args.progress)
+            if not dist.is_main():  # under torchrun, rank 0 reports
+                return 0
             summary = json.loads((out / "summary.json").read_text())
             rows = [{"method": "teacher (Heun, 35 NFE)", **summary["teacher_metrics"]},
                     {"method": f"student {summary['divergence']} (1 NFE)", **summary["metrics"]}]
@@ -134,6 +136,8 @@ def run(argv: list[str] | None = None) -> int:
             divs = [d.strip() for d in args.divergences.split(",") if d.strip()]
             opts = {k: v for k, v in to_dict(cfg).items() if k not in ("divergence", "out")}
             rows, _ = api.compare(divs, cfg.out, resume=args.resume, progress=args.progress, **opts)
+            if not rows:  # not rank 0 under torchrun
+                return 0
             print(format_table(rows, markdown=False))
             if "mode_tv" in rows[0]:  # the headline of the analytic test bed, in one line
                 print("mode-weight error (mode_tv, lower is better): "

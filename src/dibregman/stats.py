@@ -7,14 +7,16 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from .io import append_line, atomic_write_text
 
 
 class Stats:
     """Accumulates ``{name: float}`` between flushes; min/max keys keep their extremes, others the mean."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, write: bool = True):
+        self.path, self.write = Path(path), write
         self._sum: dict[str, float] = defaultdict(float)
         self._n: dict[str, int] = defaultdict(int)
         self._ext: dict[str, float] = {}
@@ -30,6 +32,22 @@ class Stats:
                 self._sum[key] += v
                 self._n[key] += 1
 
+    def all_reduce(self) -> None:
+        """Make the window's values global under torchrun: sums and counts add up, extremes combine."""
+        from . import dist
+
+        if dist.world_size() == 1:
+            return
+        keys, ext = sorted(self._sum), sorted(self._ext)
+        dev = dist.collective_device()
+        sums = dist.all_reduce_sum(torch.tensor([self._sum[k] for k in keys] + [float(self._n[k]) for k in keys],
+                                                dtype=torch.float64, device=dev)).cpu()
+        for i, k in enumerate(keys):
+            self._sum[k], self._n[k] = float(sums[i]), int(sums[len(keys) + i])
+        for k in ext:
+            self._ext[k] = float(dist.all_reduce(torch.tensor([self._ext[k]], dtype=torch.float64, device=dev),
+                                                 "min" if k.endswith("_min") else "max"))
+
     def flush(self, step: int) -> dict[str, float]:
         row: dict[str, float] = {"step": step}
         row.update({k: self._sum[k] / self._n[k] for k in self._sum})
@@ -37,7 +55,8 @@ class Stats:
         self._sum.clear()
         self._n.clear()
         self._ext.clear()
-        append_jsonl(self.path, row)
+        if self.write:
+            append_jsonl(self.path, row)
         return row
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import dist
 from .checkpoint import latest_checkpoint
 from .config import ConfigError
 
@@ -84,11 +85,14 @@ class NonFiniteGuard:
              max_norm: float, run_dir: Path) -> bool:
         """One update of ``net``; ``step`` is the 1-based number of the update, as in checkpoint names."""
         opt.zero_grad(set_to_none=True)
+        # Backward even through a non-finite loss: under torchrun every process must join the gradient
+        # all-reduce, and the NaN it spreads makes every process take the same decision below.
+        loss.backward()
+        dist.average_gradients(net)
         bad = None
-        if not torch.isfinite(loss):
+        if not torch.isfinite(dist.all_reduce_sum(loss.detach().clone())):
             bad = f"loss ({loss.item()})"
         else:
-            loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm if max_norm > 0 else math.inf)
             if not torch.isfinite(norm):
                 bad = "gradient"

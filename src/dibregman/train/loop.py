@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import dist
 from ..artifacts import build_mlp_precond, save_generator
-from ..dist import resolve_device
 from ..io import atomic_open, write_json
 from ..losses import critic_loss, fake_score_loss
 from ..metrics.toy import evaluate
+from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
 from .checkpoint import CheckpointError, list_checkpoints, load_latest, read_meta, save_checkpoint
@@ -34,9 +35,13 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     the newest valid checkpoint, bit-identically on CPU.
     """
     validate(cfg)
-    device = resolve_device(cfg.device)
+    dist.init()  # under torchrun: join the process group; rank 0 alone writes files
+    main = dist.is_main()
+    device = dist.resolve_device(cfg.device)
+    local = dist.local_slice(cfg.batch_size)  # this process's share of every global batch
     teacher = load_teacher(cfg.teacher).to(device)  # a bad teacher fails before the run folder is made
-    out = prepare_run_dir(Path(cfg.out), resume)
+    out = prepare_run_dir(Path(cfg.out), resume) if main else Path(cfg.out)
+    dist.barrier()
     resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
     if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
         with contextlib.suppress(CheckpointError):  # a damaged newest one is handled by load_latest
@@ -72,35 +77,42 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     loaded = load_latest(out / "checkpoints", c.modules(),
                          lambda meta: check_resumable(meta.get("config", {}), cfg, str(out))) if resuming else None
     if loaded is not None:
-        start, state, meta = loaded
+        _, state, meta = loaded
         for name, opt in c.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         g.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         step, guard.skipped = meta["step"], meta.get("nonfinite_skipped", 0)
         c.ema.num_updates = meta["ema_updates"]
-        for log in ("stats.jsonl", "metrics.jsonl"):
-            truncate_jsonl(out / log, step)
-        print(f"resuming from {start} (step {step})", file=sys.stderr)
-    elif resume:  # killed before its first checkpoint: start over, without the old attempt's log rows
-        for log in ("stats.jsonl", "metrics.jsonl"):
-            truncate_jsonl(out / log, 0)
-    write_json(out / "config.json", to_dict(cfg))
+    if main:
+        if resume:  # rows logged after the checkpoint (all of them, if none loaded) belong to no run now
+            for log in ("stats.jsonl", "metrics.jsonl"):
+                truncate_jsonl(out / log, step)
+        if loaded is not None:
+            print(f"resuming from {loaded[0]} (step {step})", file=sys.stderr)
+        write_json(out / "config.json", to_dict(cfg))
 
+    # Every process draws the global batch's randomness from g and keeps its slice: the same run with
+    # any number of processes (and with one, exactly the old single-process draws).
     def draw() -> torch.Tensor:
-        return torch.randn((bsz, *shape), generator=g).to(device)
+        return torch.randn((bsz, *shape), generator=g)[local].to(device)
+
+    def sigmas(sampler: SigmaSampler) -> torch.Tensor:
+        return sampler(bsz, g)[local].to(device)
 
     def checkpoint() -> None:
         state = {"optimizers": c.optimizer_state(), "rng": g.get_state(), "torch_rng": torch.get_rng_state()}
         meta = {"config": to_dict(cfg), "nonfinite_skipped": guard.skipped, "ema_updates": c.ema.num_updates}
-        save_checkpoint(out / "checkpoints", step, c.modules(), state, meta, cfg.keep_checkpoints)
+        if main:
+            save_checkpoint(out / "checkpoints", step, c.modules(), state, meta, cfg.keep_checkpoints)
+        dist.barrier()
 
     @torch.no_grad()
     def sample_ema() -> torch.Tensor:
         return c.ema.module(eval_z.to(device)).cpu()
 
-    stats, step_times = Stats(out / "stats.jsonl"), []
-    show = sys.stderr.isatty() if progress is None else progress
+    stats, step_times = Stats(out / "stats.jsonl", write=main), []
+    show = (sys.stderr.isatty() if progress is None else progress) and main
     bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=f"distill {c.generator_loss.divergence.name}")
     with deferred_signals() as interrupt:
         while step < cfg.steps:
@@ -110,22 +122,23 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                 with torch.no_grad():
                     x = c.generator(draw())
                 if c.generator_loss.mode == "score":  # the discriminator form never asks the fake score
-                    sigma = c.fake_score_sigmas(bsz, g).to(device)
+                    sigma = sigmas(c.fake_score_sigmas)
                     loss = fake_score_loss(c.fake_score, x, sigma, draw()).mean()
                     guard.step(c.optimizers["fake_score"], loss, c.fake_score, "fake_score", step + 1,
                                cfg.grad_clip, out)
                     stats.add({"loss/fake_score": loss.item()})
                 if c.critic is not None:
-                    idx = torch.randint(len(pool), (bsz,), generator=g).to(device)
-                    sigma = c.generator_sigmas(bsz, g).to(device)
+                    idx = torch.randint(len(pool), (bsz,), generator=g)[local].to(device)
+                    sigma = sigmas(c.generator_sigmas)
                     loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre).mean()
                     guard.step(c.optimizers["critic"], loss, c.critic, "critic", step + 1, cfg.grad_clip, out)
                     stats.add({"loss/critic": loss.item()})
 
             # Phase 2: one generator update along omega(r) * (D_F - D_T).
             x = c.generator(draw())
-            sigma = c.generator_sigmas(bsz, g).to(device)
-            res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, bins=c.bins)
+            sigma = sigmas(c.generator_sigmas)
+            res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, bins=c.bins,
+                                   reduce_sum=dist.all_reduce_sum)
             loss = res.loss.mean()
             guard.step(c.optimizers["generator"], loss, c.generator, "generator", step + 1, cfg.grad_clip, out)
 
@@ -142,25 +155,28 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                 stats.add({"ratio/log_r_mean": res.log_r.mean().item(), "ratio/log_r_min": res.log_r.min().item(),
                            "ratio/log_r_max": res.log_r.max().item()})
             if step % cfg.log_every == 0 or step == cfg.steps:
-                stats.add({"nonfinite/skipped": guard.skipped})
+                stats.add({"nonfinite/skipped": guard.skipped})  # equal on every process: its mean is itself
+                stats.all_reduce()
                 stats.flush(step)
-            if step % cfg.eval_every == 0 and step < cfg.steps:  # the last one is in Finish
+            if main and step % cfg.eval_every == 0 and step < cfg.steps:  # the last one is in Finish
                 metrics = evaluate(sample_ema(), reference, gmm)
                 append_jsonl(out / "metrics.jsonl", {"step": step, **metrics})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("mode_tv", "w1", "energy")})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint()
             bar.update(1)
-            if interrupt["signum"] is not None:  # SIGINT/SIGTERM: stop at this step boundary, saved
+            if dist.any_true(interrupt["signum"] is not None):  # SIGINT/SIGTERM: stop here, saved
                 if step % cfg.checkpoint_every != 0 and step != cfg.steps:
                     checkpoint()
                 bar.close()
-                name = signal.Signals(interrupt["signum"]).name
-                raise Interrupted(f"{name} at step {step}: checkpoint saved in {out / 'checkpoints'}; "
-                                  "continue with --resume", interrupt["signum"])
+                signum = interrupt["signum"] or signal.SIGTERM  # a process that saw none stops with the others
+                raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in "
+                                  f"{out / 'checkpoints'}; continue with --resume", signum)
     bar.close()
 
-    # Finish: the EMA generator, its samples beside the teacher's, a summary and the report.
+    # Finish (rank 0): the EMA generator, its samples beside the teacher's, a summary and the report.
+    if not main:
+        return out
     info = {"teacher": cfg.teacher, "divergence": c.generator_loss.divergence.name, "shape": list(shape),
             "steps": step}
     save_generator(out / "generator", c.ema.module, info)

@@ -1,0 +1,52 @@
+"""Two processes under torchrun (gloo on CPU) train the same run as one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dibregman.stats import read_jsonl
+from dibregman.train.checkpoint import list_checkpoints
+
+ARGS = ["distill", "--preset", "tiny", "--steps", "6", "--no-progress", "--divergence", "jeffreys",
+        "--omega-normalize", "bins"]
+
+
+def run(out: Path, procs: int, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    cmd = [*(launcher if procs > 1 else [sys.executable]), "-m", "dibregman", *ARGS, "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    last = list_checkpoints(out / "checkpoints")[-1]
+    return {f"{f.stem}/{k}": v for f in sorted(last.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:  # the same draws and the same mean gradients; only the order of float sums differs
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    rows_a, rows_b = read_jsonl(tmp_path / "one" / "stats.jsonl"), read_jsonl(tmp_path / "two" / "stats.jsonl")
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b, strict=True):  # all-reduced statistics: global means and extremes
+        for key in ("loss/generator", "loss/critic", "ratio/omega_mean", "ratio/omega_max", "ratio/log_r_min"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), key
+    assert two.stdout.count("run folder:") == 1  # rank 0 alone reports
+
+
+def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
+    res = run(tmp_path / "odd", 2, "--batch-size", "33")
+    assert res.returncode != 0
+    assert "does not divide among 2 processes" in res.stderr
