@@ -50,3 +50,12 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
     res = run(tmp_path / "odd", 2, "--batch-size", "33")
     assert res.returncode != 0
     assert "does not divide among 2 processes" in res.stderr
+
+
+def test_teacher_training_refuses_to_run_under_torchrun(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    res = subprocess.run([*launcher, "-m", "dibregman", "train-teacher", "--preset", "tiny", "--out",
+                          str(tmp_path / "t")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0 and "runs in one process" in res.stderr
+    assert not (tmp_path / "t").exists()

@@ -11,6 +11,7 @@ an uninterrupted one on the same device.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -32,7 +33,7 @@ from ..schedules import LogNormal
 from ..stats import Stats, truncate_jsonl
 from ..teachers.trained import save_teacher
 from .checkpoint import load_latest, save_checkpoint
-from .config import TeacherConfig, check_resumable, validate
+from .config import ConfigError, TeacherConfig, check_resumable, validate
 from .ema import EMA
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
 
@@ -44,6 +45,9 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     ``resume=True`` continues from the newest checkpoint in ``cfg.out`` (``cfg.steps`` may be raised).
     ``command`` (the CLI line) is recorded in ``teacher.json``."""
     validate(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("train-teacher runs in one process (multi-process teacher training is not built yet); "
+                          "start it without torchrun")
     device = resolve_device(cfg.device)
 
     # Setup: everything below is drawn from `gen`, in this order, on every (re)start.
