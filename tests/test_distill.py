@@ -120,13 +120,13 @@ def test_cli_train_teacher_then_distill_it(tmp_path):
 
 
 def test_students_start_as_trainable_copies_of_the_teacher_network():
-    from dibregman.artifacts import build_mlp_precond
+    from dibregman.artifacts import build_precond
     from dibregman.teachers import load_teacher
     from dibregman.train.components import build
     from dibregman.train.config import DistillConfig
 
     teacher = load_teacher("gmm:ring8")
-    base = build_mlp_precond({"dim": 2, "hidden": 16, "depth": 1}, teacher.sigma_data).requires_grad_(False).eval()
+    base = build_precond({"dim": 2, "hidden": 16, "depth": 1}, teacher.sigma_data).requires_grad_(False).eval()
     c = build(DistillConfig(divergence="logistic", hidden=16, depth=1), teacher, base, torch.device("cpu"))
     want = base.state_dict()
     for net in (c.generator.denoiser, c.fake_score):

@@ -166,7 +166,7 @@ def test_wrong_arch_names_the_tensor(tmp_path):
 @pytest.mark.parametrize("edit, match", [
     ({"format": "something"}, "not a dibregman-teacher file"),
     ({"version": 2}, "version 2; this dibregman reads version 1"),
-    ({"arch": {"kind": "unet"}}, "unknown arch kind 'unet'"),
+    ({"arch": {"kind": "convnet"}}, "unknown arch kind 'convnet'"),
     ({"arch": {"kind": "mlp", "dim": 2, "hidden": 16, "depth": 1, "width": 3}},
      r"unknown MLP arguments \['width'\]"),
     ({"sigma_data": -1}, "sigma_data must be a positive number"),

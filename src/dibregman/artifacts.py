@@ -9,7 +9,8 @@ from torch import nn
 
 from .generator import OneStepGenerator
 from .io import atomic_save_safetensors, read_tagged_json, write_json
-from .nets.mlp import MLP
+from .nets import arch_of as nets_arch_of
+from .nets import build_backbone
 from .precond import Precond
 from .train.checkpoint import CheckpointError, load_module
 
@@ -17,13 +18,13 @@ FORMAT = "dibregman-generator"
 _REMAKE = "re-create it with `dibregman distill --resume` on its run folder (it rewrites generator/)"
 
 
-def build_mlp_precond(arch: dict[str, Any], sigma_data: float) -> Precond:
-    return Precond(MLP.from_arch(arch), sigma_data)
+def build_precond(arch: dict[str, Any], sigma_data: float) -> Precond:
+    """A Precond around the backbone ``arch`` describes (an MLP when it names no kind)."""
+    return Precond(build_backbone({"kind": "mlp", **arch}), sigma_data)
 
 
 def arch_of(net: nn.Module) -> dict[str, Any]:
-    backbone = net.backbone if isinstance(net, Precond) else net
-    return {"kind": "mlp", **backbone.arch()}
+    return nets_arch_of(net.backbone if isinstance(net, Precond) else net)
 
 
 def save_generator(folder: str | Path, generator: OneStepGenerator, meta: dict[str, Any]) -> Path:
@@ -48,7 +49,7 @@ def load_generator(folder: str | Path) -> tuple[OneStepGenerator, dict[str, Any]
                                 "`dibregman distill` or its generator/ subfolder")
     info = read_tagged_json(info_path, FORMAT, _REMAKE)
     try:  # a hand-edited or damaged file: name it rather than fail with a KeyError deep inside
-        gen = OneStepGenerator(build_mlp_precond(info["arch"], info["sigma_data"]), info["sigma_g"])
+        gen = OneStepGenerator(build_precond(info["arch"], info["sigma_data"]), info["sigma_g"])
         info["shape"] = [int(s) for s in info["shape"]]
     except (KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise CheckpointError(f"{info_path} is damaged (bad or missing entry {e}); {_REMAKE}") from None

@@ -1,4 +1,5 @@
-"""Training statistics: per-step values are averaged over a logging window and appended to JSONL."""
+"""Training statistics: per-step values are averaged over a logging window and appended to JSONL
+(and, optionally, written as TensorBoard scalars)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,37 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .io import append_line, atomic_write_text
 
+_TB_HINT = "TensorBoard logging needs the tensorboard package: pip install 'dibregman[tensorboard]'"
+
+
+def tensorboard_writer(log_dir: str | Path) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir``; imported here so tensorboard stays optional."""
+    try:  # torch's wrapper raises ImportError itself when the tensorboard package is missing
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError(f"{_TB_HINT} ({e})") from e
+    return SummaryWriter(log_dir=str(log_dir))
+
 
 class Stats:
-    """Accumulates ``{name: float}`` between flushes; min/max keys keep their extremes, others the mean."""
+    """Accumulates ``{name: float}`` between flushes; min/max keys keep their extremes, others the mean.
 
-    def __init__(self, path: str | Path, write: bool = True):
+    ``tensorboard``: a log folder that also receives every flushed row as scalars ``(key, value, step)``.
+    Only the writing process (``write=True``, rank 0) opens it, so other ranks need no tensorboard install.
+    """
+
+    def __init__(self, path: str | Path, write: bool = True, tensorboard: str | Path | None = None):
         self.path, self.write = Path(path), write
         self._sum: dict[str, float] = defaultdict(float)
         self._n: dict[str, int] = defaultdict(int)
         self._ext: dict[str, float] = {}
+        self._tb = tensorboard_writer(tensorboard) if write and tensorboard is not None else None
 
     def add(self, values: dict[str, float]) -> None:
         for key, v in values.items():
@@ -57,7 +75,18 @@ class Stats:
         self._ext.clear()
         if self.write:
             append_jsonl(self.path, row)
+            if self._tb is not None:
+                for key, value in row.items():
+                    if key != "step":
+                        self._tb.add_scalar(key, value, step)
+                self._tb.flush()  # rows are rare (one per window): keep the event file as current as the JSONL
         return row
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (if any); the JSONL needs nothing. Safe to call twice."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:

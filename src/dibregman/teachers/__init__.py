@@ -1,4 +1,5 @@
-"""Teachers from a spec string: ``gmm:<built-in name or .json/.toml>`` or ``net:<teacher folder>``."""
+"""Teachers from a spec string: ``gmm:<built-in name or .json/.toml>``, ``net:<teacher folder>`` or
+``diffusers:<local diffusers folder>``."""
 
 from __future__ import annotations
 
@@ -16,12 +17,19 @@ def load_teacher(spec: str) -> Teacher:
 
         return get_mixture(arg)
     if kind == "net" and arg:
+        from ..assets import shipped
         from .trained import load_teacher as load_net
 
-        return load_net(arg)
+        packaged = None if Path(arg).exists() else shipped(arg, "teacher")  # net:fashion-mnist
+        return load_net(packaged or arg)
+    if kind == "diffusers" and arg:
+        from .diffusers import load_diffusers_teacher
+
+        return load_diffusers_teacher(arg)
     if Path(spec).is_dir():  # a bare folder made by `dibregman train-teacher`
         from .trained import load_teacher as load_net
 
         return load_net(spec)
     raise ValueError(f"cannot read teacher spec {spec!r}: use 'gmm:<built-in or file.json>' (e.g. "
-                     "gmm:ring8_imbalanced) or 'net:<folder written by dibregman train-teacher>'")
+                     "gmm:ring8_imbalanced), 'net:<folder written by dibregman train-teacher>' or "
+                     "'diffusers:<local folder with a UNet2DModel and its scheduler config>'")

@@ -1,10 +1,10 @@
-"""Teachers we trained ourselves: an EDM-preconditioned MLP saved as a folder.
+"""Teachers we trained ourselves: an EDM-preconditioned MLP or U-Net saved as a folder.
 
 Folder format (version 1)::
 
     model.safetensors   the Precond's state dict (EMA weights), float32; keys "backbone.<...>"
     teacher.json        {"format": "dibregman-teacher", "version": 1,
-                         "arch": {"kind": "mlp", <MLP constructor arguments>},
+                         "arch": {"kind": "mlp" | "unet", <constructor arguments>},
                          "sigma_data": float, "shape": [d], "data": str,
                          "command": str (optional), "metrics": {...} (optional),
                          "sigma_min", "sigma_max": float (optional, default 0.002 and 80)}
@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from ..io import atomic_save_safetensors, read_tagged_json, write_json
+from ..nets import KINDS, arch_of, build_backbone
 from ..nets.mlp import MLP
+from ..nets.unet import UNet
 from ..precond import Precond
 
 Tensor = torch.Tensor
@@ -56,6 +58,7 @@ class NetworkTeacher(nn.Module):
         self.meta: dict[str, Any] = dict(meta or {})
         self.data_spec: str | None = self.meta.get("data")  # where its training points came from
         self.no_grad = no_grad
+        self.guidance = 1.0  # classifier-free guidance scale of a class-conditional teacher (1: none)
 
     @property
     def network(self) -> Precond:
@@ -65,8 +68,13 @@ class NetworkTeacher(nn.Module):
         return super().train(False)  # a teacher is frozen; keep eval-mode behaviour whatever the caller does
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``D(x, sigma, cond)``; with ``guidance`` w != 1 and labels, classifier-free guidance
+        ``D_u + w (D_c - D_u)`` (the unconditional call drops the labels to "no label")."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.no_grad):
-            return self.net(x, sigma, cond)
+            d = self.net(x, sigma, cond)
+            if cond is None or self.guidance == 1.0:
+                return d
+            return torch.lerp(self.net(x, sigma, None), d, self.guidance)
 
 
 def save_teacher(folder: str | Path, net: Precond, meta: dict[str, Any] | None = None) -> Path:
@@ -75,15 +83,17 @@ def save_teacher(folder: str | Path, net: Precond, meta: dict[str, Any] | None =
 
     Each file is written atomically, weights first, so ``teacher.json`` only ever describes complete
     weights of the run that wrote it."""
-    if not isinstance(net.backbone, MLP):
-        raise TypeError(f"save_teacher stores MLP backbones; got {type(net.backbone).__name__}")
+    if not isinstance(net.backbone, MLP | UNet):
+        raise TypeError(f"save_teacher stores MLP and UNet backbones; got {type(net.backbone).__name__}")
     folder = Path(folder)
     meta = dict(meta or {})
     reserved = {"format", "version", "arch", "sigma_data"} & meta.keys()
     if reserved:
         raise ValueError(f"meta must not set {sorted(reserved)}: save_teacher derives them from the network")
-    doc = {"shape": [net.backbone.dim], **meta, "format": FORMAT, "version": VERSION,
-           "arch": {"kind": "mlp", **net.backbone.arch()}, "sigma_data": float(net.sigma_data)}
+    b = net.backbone
+    shape = [b.dim] if isinstance(b, MLP) else [b.channels, b.resolution, b.resolution]
+    doc = {"shape": shape, **meta, "format": FORMAT, "version": VERSION,
+           "arch": arch_of(b), "sigma_data": float(net.sigma_data)}
     json.dumps(doc)  # fail on non-JSON meta before touching the folder
     atomic_save_safetensors(folder / WEIGHTS_FILE, net.state_dict(), metadata={"format": FORMAT})
     write_json(folder / META_FILE, doc)
@@ -103,7 +113,7 @@ def load_teacher(folder: str | Path) -> NetworkTeacher:
                                     f"needs {META_FILE} and {WEIGHTS_FILE} (re-create it with save_teacher)")
     doc = _read_meta(meta_path)
     try:
-        net = Precond(MLP.from_arch(doc["arch"]), doc["sigma_data"])
+        net = Precond(build_backbone(doc["arch"]), doc["sigma_data"])
     except ValueError as e:
         raise ValueError(f"{str(meta_path)!r}: {e}") from None
     _load_weights(net, weights_path, meta_path)
@@ -120,9 +130,15 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if isinstance(sd, bool) or not isinstance(sd, int | float) or not math.isfinite(sd) or sd <= 0:
         raise ValueError(f"{str(path)!r}: sigma_data must be a positive number; got {sd!r}")
     arch = doc.get("arch")
-    if not isinstance(arch, dict) or arch.get("kind") != "mlp":
+    if not isinstance(arch, dict) or arch.get("kind") not in KINDS:
         kind = arch.get("kind") if isinstance(arch, dict) else arch
-        raise ValueError(f"{str(path)!r}: unknown arch kind {kind!r}; this version knows 'mlp'")
+        raise ValueError(f"{str(path)!r}: unknown arch kind {kind!r}; this version knows {', '.join(KINDS)}")
+    if arch["kind"] == "unet":
+        res, ch = arch.get("resolution", 28), arch.get("channels", 1)
+        expected = [ch, res, res]
+        if doc.get("shape", expected) != expected:
+            raise ValueError(f"{str(path)!r}: shape {doc.get('shape')} does not match the UNet's {expected}")
+        return {**doc, "shape": expected}
     shape = doc.get("shape", [arch.get("dim")])
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):

@@ -1,0 +1,89 @@
+"""Export a U-Net one-step generator as a diffusers pipeline folder that loads without dibregman.
+
+The folder holds the student's ``UNet2DModel`` (``unet/``), ``model_index.json`` naming the custom pipeline
+class, that class's source (``dibregman_pipeline.py``, a copy of ``dibregman/pipeline.py``), the original
+``generator.json`` (provenance) and a README. Load it with diffusers alone::
+
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+
+``trust_remote_code`` is diffusers' consent to run the pipeline file inside the folder; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from . import pipeline as pipeline_module
+from .artifacts import load_generator
+from .io import writing
+from .nets.unet import NOISE_SCALE, UNet
+
+MODULE = "dibregman_pipeline"  # a distinctive file name: diffusers caches local pipeline files by name
+CLASS = "DibregmanOneStepPipeline"
+
+_README = """# One-step generator distilled with dibregman
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{name}", trust_remote_code=True)
+images = pipe(batch_size=4, class_labels={labels}, generator=torch.Generator().manual_seed(0)).images
+```
+
+One U-Net evaluation per image: `x = D(sigma_g z, sigma_g)` with EDM preconditioning
+(sigma_data = {sigma_data}, sigma_g = {sigma_g}); images are returned in [0, 1].
+`output_type` is "pil" (default), "np" or "pt"; `latents` supplies the noise z yourself.
+"""
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name") == [MODULE, CLASS]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Path:
+    """Write ``out_folder`` from a generator saved by ``save_generator`` (or a run folder holding ``generator/``).
+
+    Only U-Net generators export (diffusers has no MLP model). An existing ``out_folder`` is replaced only
+    when it is empty or an earlier export; the new folder is built beside it and swapped in once complete.
+    """
+    gen, info = load_generator(generator_folder)
+    backbone = gen.denoiser.backbone
+    if not isinstance(backbone, UNet):
+        kind = info.get("arch", {}).get("kind", "mlp")
+        raise ValueError(f"{generator_folder} holds a generator with a {kind!r} backbone; only U-Net (kind 'unet') "
+                         "generators export to diffusers")
+    out = Path(out_folder)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
+        raise FileExistsError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
+    pipe = pipeline_module.DibregmanOneStepPipeline(unet=backbone.unet, sigma_data=gen.denoiser.sigma_data,
+                                                    sigma_g=gen.sigma_g, noise_scale=NOISE_SCALE)
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # mkdir, not mkdtemp: usual (not 0700) permissions
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export of this pid
+        tmp.mkdir()
+        try:
+            pipe.save_pretrained(tmp)
+            index_path = tmp / "model_index.json"
+            index = json.loads(index_path.read_text())
+            index["_class_name"] = [MODULE, CLASS]  # diffusers' convention for "the class is in <MODULE>.py here"
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(pipeline_module.__file__, tmp / f"{MODULE}.py")
+            (tmp / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            (tmp / "README.md").write_text(_README.format(
+                name=out.name, labels="0" if backbone.num_classes else "None", sigma_data=gen.denoiser.sigma_data,
+                sigma_g=gen.sigma_g))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out

@@ -1,0 +1,245 @@
+"""Teachers from diffusers: a pixel-space ``UNet2DModel`` plus its scheduler, read from a local folder.
+
+The folder is a saved pipeline (``unet/`` and ``scheduler/`` subfolders) or a folder holding both
+``config.json`` + weights of the UNet and ``scheduler_config.json``. Nothing is downloaded: a Hub id must be
+fetched into a folder first (e.g. ``huggingface-cli download <id> --local-dir <folder>``).
+
+Everything is converted at the edge (METHOD.md section 7) so the caller sees an EDM denoiser
+``D(x_sigma, sigma, cond) ~ E[x0 | x_sigma]`` with ``x_sigma = x0 + sigma n``:
+
+* discrete VP (DDPM, DDIM, EulerDiscrete): ``alpha_bar`` comes from the scheduler itself, the model input is
+  ``x_t = x_sigma / sqrt(1 + sigma^2)`` and its timestep is the *continuous* index found by interpolating
+  ``log sigma`` linearly over the scheduler's discrete ``log sigma_k`` (what diffusers' Euler and Karras
+  samplers do), so any sigma in ``[sigma_min, sigma_max]`` is valid and ``sigma_k`` gives exactly ``k``;
+  outside that range the timestep is clamped to the trained grid (the conversions themselves stay exact).
+  Outputs: epsilon ``x0 = x_sigma - sigma eps``; v ``x0 = sqrt(ab) x_t - sqrt(1-ab) v``; sample ``x0 = out``.
+* rectified flow (FlowMatchEulerDiscrete, ``x_t = (1-t) x0 + t n``): ``t = sigma / (1+sigma)``, model input
+  ``x_t = x_sigma / (1+sigma)``, timestep ``t * num_train_timesteps`` (as diffusers feeds it; ``shift`` only
+  moves the sampling grid, not this map), velocity ``v = n - x0`` gives ``x0 = x_t - t v``.
+
+Sampler post-processing (``clip_sample``, thresholding) is not part of the denoiser and is not applied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..precond import append_dims
+from ..schedules import (
+    flow_input_from_x_sigma,
+    flow_sigma_from_t,
+    flow_t_from_sigma,
+    vp_alpha_bar_from_sigma,
+    vp_input_from_x_sigma,
+    vp_sigma_from_alpha_bar,
+)
+
+Tensor = torch.Tensor
+
+VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS
+PREDICTIONS = ("epsilon", "v_prediction", "sample")  # for the VP schedulers; flow models predict velocity
+UNET_CLASSES = ("UNet2DModel",)
+SCHEDULER_FILE = "scheduler_config.json"
+UNET_FILE = "config.json"
+
+
+class DiffusersTeacher(nn.Module):
+    """A frozen diffusers ``UNet2DModel`` + scheduler seen as an EDM denoiser (the Teacher protocol).
+
+    ``sigma_data`` defaults to 0.5: diffusers pixel models are trained on images in [-1, 1], whose spread EDM
+    takes as 0.5 (its CIFAR-10 value); pass another value for other data (e.g. latents).
+
+    ``network`` is ``None``: students start from a copy of ``teacher.network``, a ``Precond`` around one of our
+    backbones, and a foreign UNet with its own input/timestep conventions cannot be copied through it. The
+    UNet is kept as ``unet`` so that a later step can wrap it. As with ``NetworkTeacher``, calls run without
+    autograd unless ``no_grad=False``, the module stays in eval mode, and parameters keep ``requires_grad``
+    (a frozen flag would be copied into any student made from the UNet).
+    """
+
+    def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, no_grad: bool = True,
+                 source: str | None = None):
+        super().__init__()
+        sched_name = type(scheduler).__name__
+        if sched_name not in SCHEDULERS:
+            raise ValueError(f"unsupported diffusers scheduler {sched_name}; supported: {', '.join(SCHEDULERS)}")
+        cfg = scheduler.config
+        self.kind = "flow" if sched_name in FLOW_SCHEDULERS else "vp"
+        if self.kind == "flow":
+            if cfg.get("invert_sigmas", False):  # t = 1 would then be data, not noise: another convention
+                raise ValueError(f"{sched_name} with invert_sigmas=True is not supported (x_t = (1-t) x0 + t n only)")
+            self.prediction_type = "velocity"
+        else:
+            pred = cfg.get("prediction_type", "epsilon")
+            pred = "sample" if pred == "original_sample" else pred  # Euler's alias
+            if pred not in PREDICTIONS:
+                raise ValueError(f"unsupported prediction_type {pred!r} for {sched_name}; supported: "
+                                 f"{', '.join(PREDICTIONS)} (and velocity via FlowMatchEulerDiscreteScheduler)")
+            self.prediction_type = pred
+        ucfg = unet.config
+        if ucfg.get("time_embedding_type", "positional") != "positional":  # those embed integer steps or sigma
+            raise ValueError(f"UNet time_embedding_type {ucfg.get('time_embedding_type')!r} is not supported; "
+                             "only 'positional' takes the continuous timesteps this teacher feeds")
+        self.unet = unet.eval()
+        self.scheduler = scheduler
+        self.source = source
+        self.no_grad = no_grad
+        self.sigma_data = float(sigma_data)
+        size = ucfg["sample_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        self.shape: tuple[int, ...] = (int(ucfg["in_channels"]), int(h), int(w))
+        self.num_classes = int(ucfg.get("num_class_embeds") or 0)
+        self.num_train_timesteps = int(cfg["num_train_timesteps"])
+        # Euler's EDM-style variant feeds 0.25 log sigma instead of an index (diffusers only does it for v)
+        self.continuous_timesteps = (sched_name == "EulerDiscreteScheduler" and self.prediction_type == "v_prediction"
+                                     and cfg.get("timestep_type", "discrete") == "continuous")
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        if self.kind == "vp":
+            log_sigmas = vp_sigma_from_alpha_bar(scheduler.alphas_cumprod.double()).log()
+            keep = log_sigmas.isfinite()  # a zero-terminal-SNR end (alpha_bar = 0) has no finite EDM sigma
+            self._log_sigmas = log_sigmas[keep]
+            self._steps = torch.arange(len(log_sigmas), dtype=torch.float64)[keep]
+            if len(self._log_sigmas) < 2 or not bool((self._log_sigmas.diff() > 0).all()):
+                raise ValueError(f"{sched_name}: noise levels must increase strictly with the timestep")
+            self.sigma_min = float(self._log_sigmas[0].exp())
+            self.sigma_max = float(self._log_sigmas[-1].exp())
+        else:
+            ts = scheduler.sigmas.double()
+            ts = ts[(ts > 0) & (ts < 1)]  # t = 1 is pure noise: EDM sigma = inf, so the range stops one step short
+            if len(ts) == 0:
+                raise ValueError(f"{sched_name}: no flow time strictly between 0 and 1 in its schedule")
+            self.sigma_min = float(flow_sigma_from_t(ts.min()))
+            self.sigma_max = float(flow_sigma_from_t(ts.max()))
+
+    @property
+    def network(self) -> None:
+        return None
+
+    def train(self, mode: bool = True) -> DiffusersTeacher:
+        return super().train(False)  # a teacher is frozen; keep eval-mode behaviour whatever the caller does
+
+    # --- sigma <-> the UNet's timestep ----------------------------------------------------------------
+
+    def _table(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(log sigma_k, k)`` on ``device`` (float64 for exact knots; MPS has no float64)."""
+        if device not in self._tables:
+            dt = torch.float32 if device.type == "mps" else torch.float64
+            self._tables[device] = (self._log_sigmas.to(device, dt), self._steps.to(device, dt))
+        return self._tables[device]
+
+    def timestep_from_sigma(self, sigma: Tensor) -> Tensor:
+        """The ``timestep`` the UNet is called with at EDM noise level ``sigma`` (float64 where possible)."""
+        sigma = torch.as_tensor(sigma)
+        if self.kind == "flow":
+            return flow_t_from_sigma(sigma.double()) * self.num_train_timesteps
+        if self.continuous_timesteps:
+            return 0.25 * sigma.double().log()
+        log_sigmas, steps = self._table(sigma.device)
+        return _interp(sigma.to(log_sigmas.dtype).log(), log_sigmas, steps)
+
+    def sigma_from_timestep(self, timestep: Tensor) -> Tensor:
+        """Inverse of ``timestep_from_sigma`` on the trained range (VP: log-linear between the discrete sigmas)."""
+        t = torch.as_tensor(timestep).double()
+        if self.kind == "flow":
+            return flow_sigma_from_t(t / self.num_train_timesteps)
+        if self.continuous_timesteps:
+            return (4 * t).exp()
+        log_sigmas, steps = self._table(t.device)
+        return _interp(t.to(steps.dtype), steps, log_sigmas).exp()
+
+    # --- the denoiser ------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.no_grad):
+            return self._denoise(x, sigma, cond)
+
+    def _denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        timestep = self.timestep_from_sigma(sigma).float()
+        s = append_dims(sigma.to(x.dtype), x.ndim)
+        x_in = flow_input_from_x_sigma(x, s) if self.kind == "flow" else vp_input_from_x_sigma(x, s)
+        kwargs: dict[str, Any] = {}
+        if self.unet.class_embedding is not None:
+            if cond is None:
+                raise ValueError(f"this diffusers teacher is class-conditional ({self.num_classes} classes): "
+                                 "pass cond (class labels)")
+            kwargs["class_labels"] = cond
+        out = self.unet(x_in.to(self.unet.dtype), timestep, return_dict=False, **kwargs)[0].to(x.dtype)
+        if out.shape[1] == 2 * x.shape[1]:  # learned variance (improved DDPM): the mean half comes first
+            out = out[:, : x.shape[1]]
+        if self.kind == "flow":
+            return x_in - flow_t_from_sigma(s) * out
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":
+            ab = vp_alpha_bar_from_sigma(s)
+            return ab.sqrt() * x_in - (1 - ab).sqrt() * out
+        return out
+
+
+def _interp(q: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear ``f(q)`` through ``(xp, fp)`` (``xp`` increasing), clamped to the end values."""
+    q = q.clamp(xp[0], xp[-1])
+    i = torch.searchsorted(xp, q.contiguous(), right=True).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    return f0 + (q - x0) / (x1 - x0) * (f1 - f0)
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+
+def _find(folder: Path, sub: str, name: str) -> Path | None:
+    """The folder holding ``name``: ``folder/sub`` (a saved pipeline) or ``folder`` itself."""
+    for d in (folder / sub, folder):
+        if (d / name).is_file():
+            return d
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {str(path)!r}: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{str(path)!r} is not a JSON object")
+    return doc
+
+
+def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad: bool = True) -> DiffusersTeacher:
+    """Read a local diffusers folder (see the module docstring) onto the CPU in float32, offline."""
+    import diffusers  # imported here: the other teachers do not need it loaded
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"diffusers teacher folder {str(folder)!r} does not exist; only local folders are "
+                                "read (nothing is downloaded): fetch a Hub model first, e.g. `huggingface-cli "
+                                "download <id> --local-dir <folder>`, and pass that folder")
+    sched_dir = _find(folder, "scheduler", SCHEDULER_FILE)
+    if sched_dir is None:
+        raise FileNotFoundError(f"diffusers teacher folder {str(folder)!r} has no scheduler config: expected "
+                                f"scheduler/{SCHEDULER_FILE} or {SCHEDULER_FILE} (scheduler.save_pretrained)")
+    unet_dir = _find(folder, "unet", UNET_FILE)
+    if unet_dir is None:
+        raise FileNotFoundError(f"diffusers teacher folder {str(folder)!r} has no UNet: expected unet/{UNET_FILE} "
+                                f"or {UNET_FILE} with its weights (unet.save_pretrained)")
+    sched_name = _read_json(sched_dir / SCHEDULER_FILE).get("_class_name")
+    if sched_name not in SCHEDULERS:
+        raise ValueError(f"{str(sched_dir / SCHEDULER_FILE)!r}: unsupported scheduler {sched_name!r}; supported: "
+                         f"{', '.join(SCHEDULERS)}")
+    unet_name = _read_json(unet_dir / UNET_FILE).get("_class_name")
+    if unet_name not in UNET_CLASSES:
+        raise ValueError(f"{str(unet_dir / UNET_FILE)!r}: unsupported model class {unet_name!r}; supported: "
+                         f"{', '.join(UNET_CLASSES)} (unconditional or class-conditional pixel U-Nets)")
+    scheduler = getattr(diffusers, sched_name).from_pretrained(str(sched_dir), local_files_only=True)
+    lazy = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then loads eagerly
+    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=torch.float32,
+                                                 low_cpu_mem_usage=lazy)
+    return DiffusersTeacher(unet, scheduler, sigma_data=sigma_data, no_grad=no_grad, source=str(folder))
