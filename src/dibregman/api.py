@@ -18,7 +18,7 @@ from .artifacts import load_generator
 from .metrics.toy import evaluate
 from .sampling import noise_from_seeds
 from .teachers import load_teacher
-from .train.components import teacher_samples, true_samples
+from .train.components import balanced_labels, teacher_samples, true_samples
 from .train.config import ConfigError, DistillConfig, TeacherConfig, resolve
 from .train.loop import distill as _distill
 
@@ -49,41 +49,56 @@ def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = N
     return _train(cfg, resume=resume, progress=progress, command=command)
 
 
-def sample(run: str | Path, num: int, seed: int = 0) -> Tensor:
-    """``num`` one-step samples from a finished run; sample ``i`` depends only on ``(seed, i)``."""
+def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = None) -> Tensor:
+    """``num`` one-step samples from a finished run; sample ``i`` depends only on ``(seed, i)`` (and its
+    label: a class-conditional generator's default is ``i % num_classes``, see ``balanced_labels``)."""
     gen, info = load_generator(run)
     z = noise_from_seeds(range(seed * 1_000_003, seed * 1_000_003 + num), info["shape"])
+    if labels is None:
+        labels = balanced_labels(num, int(info.get("num_classes", 0)))
     with torch.no_grad():
-        return gen(z)
+        return torch.cat([gen(zb, yb) for zb, yb in zip(z.split(1024), _split(labels, 1024, len(z)), strict=True)])
 
 
-def teacher_row(teacher_spec: str, num: int, seed: int = 0) -> dict[str, Any]:
+def _split(labels: Tensor | None, size: int, n: int) -> tuple[Tensor | None, ...]:
+    return labels.split(size) if labels is not None else (None,) * len(range(0, n, size))
+
+
+def _scorer(teacher: Any, num: int, seed: int, classifier: str = "auto") -> Any:
+    """``x -> metrics`` against the law ``teacher`` models: exact metrics for points, feature metrics
+    (held-out data, class-balanced labels) for images."""
+    split = "test" if len(teacher.shape) == 3 else "train"
+    reference = true_samples(teacher, num, seed + 2, split=split)
+    if reference is None:
+        reference = teacher_samples(teacher, num, seed + 2, torch.device("cpu"))
+    if len(teacher.shape) == 3:
+        from .metrics.images import make_evaluator
+
+        score = make_evaluator(teacher, reference, classifier)
+        labels = balanced_labels(num, teacher.num_classes)
+        return (lambda x: score(x, labels)) if score is not None else (lambda x: {})
+    return lambda x: evaluate(x, reference, teacher if hasattr(teacher, "log_prob") else None)
+
+
+def teacher_row(teacher_spec: str, num: int, seed: int = 0, classifier: str = "auto") -> dict[str, Any]:
     """The reference row of every table: the teacher's own 35-NFE Heun sampler, same metrics."""
     teacher = load_teacher(teacher_spec)
-    reference = true_samples(teacher, num, seed + 2)
+    score = _scorer(teacher, num, seed, classifier)
     t0 = time.perf_counter()
     x = teacher_samples(teacher, num, seed + 5, torch.device("cpu"))
     seconds = time.perf_counter() - t0
-    row: dict[str, Any] = {"method": "teacher (Heun, 35 NFE)", "nfe": 35}
-    if reference is not None:
-        row.update(evaluate(x, reference, teacher if hasattr(teacher, "log_prob") else None))
-    row["sample_s"] = seconds
-    return row
+    return {"method": "teacher (Heun, 35 NFE)", "nfe": 35, **score(x), "sample_s": seconds}
 
 
-def evaluate_run(run: str | Path, num: int = 2000, seed: int = 0, teacher: str | None = None) -> dict[str, Any]:
+def evaluate_run(run: str | Path, num: int = 2000, seed: int = 0, teacher: str | None = None,
+                 classifier: str = "auto") -> dict[str, Any]:
     """Metrics of a finished run's generator against the law its teacher models."""
     info = load_generator(run)[1]
-    spec = teacher or info["teacher"]
-    t = load_teacher(spec)
-    reference = true_samples(t, num, seed + 2)
-    if reference is None:
-        reference = teacher_samples(t, num, seed + 2, torch.device("cpu"))
+    score = _scorer(load_teacher(teacher or info["teacher"]), num, seed, classifier)
     t0 = time.perf_counter()
     x = sample(run, num, seed)
     seconds = time.perf_counter() - t0
-    return {"method": f"student ({info['divergence']}, 1 NFE)", "nfe": 1,
-            **evaluate(x, reference, t if hasattr(t, "log_prob") else None), "sample_s": seconds}
+    return {"method": f"student ({info['divergence']}, 1 NFE)", "nfe": 1, **score(x), "sample_s": seconds}
 
 
 def compare(divergences: list[str], out: str | Path, *, preset: str | None = None, resume: bool = False,
@@ -106,22 +121,21 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
     if not dist.is_main():  # under torchrun, rank 0 compares and reports
         return [], runs
     cfg = json.loads((runs[divergences[0]] / "config.json").read_text())
-    rows = [teacher_row(cfg["teacher"], cfg["eval_samples"], cfg["seed"])]
-    z = torch.randn(cfg["eval_samples"], *load_generator(runs[divergences[0]])[1]["shape"])
+    first = json.loads((runs[divergences[0]] / "summary.json").read_text())
+    # the teacher's row from the run's own final evaluation (same reference, samples and protocol)
+    rows = [{"method": "teacher (Heun, 35 NFE)", "nfe": 35, **first["teacher_metrics"],
+             "sample_s": first.get("teacher_sample_s")}]
     for name, folder in runs.items():
         summary = json.loads((folder / "summary.json").read_text())
-        gen = load_generator(folder)[0]
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            gen(z)
-            seconds = time.perf_counter() - t0
-        rows.append({"method": f"student {name} (1 NFE)", "nfe": 1, **summary["metrics"], "sample_s": seconds,
-                     "step_time_s": summary["step_time_s"]})
-    protocol = (f"Metrics of {cfg['eval_samples']} samples against {cfg['eval_samples']} samples of the law the "
-                f"teacher models (exact mixture samples for an analytic teacher, its data for a trained one); "
-                f"students: EMA generator after {cfg['steps']} steps, same seed ({cfg['seed']}), batch "
-                f"({cfg['batch_size']}), K ({cfg['fake_score_steps']}) and starting network. `sample_s`: seconds "
-                f"to draw all samples on the CPU; `step_time_s`: median seconds per training iteration.")
+        rows.append({"method": f"student {name} (1 NFE)", "nfe": 1, **summary["metrics"],
+                     "sample_s": summary.get("student_sample_s"), "step_time_s": summary["step_time_s"]})
+    reference = first.get("protocol") or ("the law the teacher models (exact mixture samples for an analytic "
+                                          "teacher, its data for a trained one)")
+    protocol = (f"Metrics of {cfg['eval_samples']} samples each against {reference}; students: EMA generator after "
+                f"{cfg['steps']} steps, same seed ({cfg['seed']}), batch ({cfg['batch_size']}), K "
+                f"({cfg['fake_score_steps']}) and starting network. `sample_s`: seconds to draw all "
+                f"{cfg['eval_samples']} samples on the run's device; `step_time_s`: median seconds per training "
+                "iteration.")
     write_comparison_report(out, rows, runs, title=f"Di-Bregman vs reverse KL on {cfg['teacher']}",
                             protocol=protocol)
     return rows, runs

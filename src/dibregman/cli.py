@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from .train.config import PRESETS, ConfigError, DistillConfig, TeacherConfig, resolve, to_dict
 
 DEMO_DIVERGENCES = ("reverse_kl", "hellinger")  # the baseline and the default Di-Bregman member
+DEMO_DATASETS = ("ring", "fashion-mnist")  # --dataset X runs the distill preset "demo" or X
 
 HELP = {
     "teacher": "gmm:<built-in or spec.json/.toml> (analytic mixture) or net:<folder from train-teacher>",
@@ -78,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="reverse KL (DMD) vs the default Di-Bregman divergence on an imbalanced "
-                       "8-mode ring, equal budget; prints the table and writes a report")
+                       "8-mode ring (or --dataset fashion-mnist: from the shipped teacher), equal budget; prints the "
+                       "table and writes a report")
     p.add_argument("--divergences", default=",".join(DEMO_DIVERGENCES),
                    help=f"comma-separated members to compare (default: {','.join(DEMO_DIVERGENCES)})")
+    p.add_argument("--dataset", choices=DEMO_DATASETS, default="ring",
+                   help="ring: the analytic 2-D test bed (about 2 min); fashion-mnist: images from the shipped "
+                        "teacher (about 12 min on 2 CPU cores)")
     _add_config_options(p, DistillConfig, "distill")
 
     p = sub.add_parser("train-teacher", help="train an MLP diffusion teacher on a toy set or a point cloud")
@@ -95,13 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.npz", help="output .npz (array 'x'); a .png gets a scatter plot")
+    p.add_argument("--label", type=int, default=None,
+                   help="class-conditional generator: every sample of this class (default: sample i has class i mod K)")
+    p.add_argument("--out", default="samples.npz", help="output .npz (arrays 'x', and 'labels' when conditional); "
+                   "a .png gets an image grid (images) or a scatter plot (points)")
+
+    p = sub.add_parser("train-classifier", help="train the feature classifier image metrics use (FD, KID, "
+                       "label accuracy) on an image data set")
+    p.add_argument("--data", required=True, help="image data spec (fashion-mnist, mnist, digits, cifar10:<dir>, "
+                   "folder:<dir>, file.npz)")
+    p.add_argument("--out", required=True, help="folder for the classifier")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("export", help="write a finished image run's generator as a diffusers pipeline folder")
+    p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
+    p.add_argument("--out", required=True, help="folder to write (DiffusionPipeline.from_pretrained(out, "
+                   "trust_remote_code=True) loads it)")
 
     p = sub.add_parser("eval", help="metrics of a finished run against its teacher, with the teacher's row")
     p.add_argument("run", help="run folder written by distill")
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", default=None, help="evaluate against another teacher spec")
+    p.add_argument("--classifier", default="auto", help="images: feature classifier folder (auto: the shipped one)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -114,7 +136,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command in ("demo", "distill", "train-teacher"):
         cls = TeacherConfig if args.command == "train-teacher" else DistillConfig
         if args.command == "demo" and args.preset is None:
-            args.preset = "demo"
+            args.preset = "demo" if args.dataset == "ring" else args.dataset
         cfg = _resolve(args, cls)
         if args.dry_run:
             print(json.dumps(to_dict(cfg), indent=2))
@@ -122,7 +144,8 @@ def run(argv: list[str] | None = None) -> int:
         if args.command == "train-teacher":
             command = shlex.join(["dibregman", *(sys.argv[1:] if argv is None else argv)])
             folder = api.train_teacher(cfg, resume=args.resume, progress=args.progress, command=command)
-            print(f"teacher folder: {folder} (distill it with --teacher net:{folder})")
+            if dist.is_main():  # under torchrun, rank 0 reports
+                print(f"teacher folder: {folder} (distill it with --teacher net:{folder})")
         elif args.command == "distill":
             out = api.distill(cfg, resume=args.resume, progress=args.progress)
             if not dist.is_main():  # under torchrun, rank 0 reports
@@ -133,6 +156,8 @@ def run(argv: list[str] | None = None) -> int:
             print(format_table(rows, markdown=False))
             print(f"run folder: {out} (report: {out / 'report.md'})")
         else:
+            if args.dataset != "ring" and args.out is None:
+                cfg.out = f"runs/demo-{args.dataset}"
             divs = [d.strip() for d in args.divergences.split(",") if d.strip()]
             opts = {k: v for k, v in to_dict(cfg).items() if k not in ("divergence", "out")}
             rows, _ = api.compare(divs, cfg.out, resume=args.resume, progress=args.progress, **opts)
@@ -148,12 +173,31 @@ def run(argv: list[str] | None = None) -> int:
         print(listing())
         return 0
     if args.command == "sample":
-        x = api.sample(args.run, args.num, args.seed).numpy()
-        _write_samples(Path(args.out), x)
+        labels = None
+        if args.label is not None:
+            import torch
+
+            labels = torch.full((args.num,), args.label)
+        x = api.sample(args.run, args.num, args.seed, labels=labels)
+        _write_samples(Path(args.out), x, labels)
         print(f"wrote {args.num} samples to {args.out}")
         return 0
-    rows = [api.teacher_row(args.teacher or _run_teacher(args.run), args.num, args.seed),
-            api.evaluate_run(args.run, args.num, args.seed, args.teacher)]
+    if args.command == "train-classifier":
+        from .train.classifier import train_classifier
+
+        command = shlex.join(["dibregman", *(sys.argv[1:] if argv is None else argv)])
+        folder = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed, command=command)
+        print(f"classifier folder: {folder} (use it with --classifier {folder})")
+        return 0
+    if args.command == "export":
+        from .export import export_diffusers
+
+        folder = export_diffusers(args.run, args.out)
+        print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}, "
+              "trust_remote_code=True))")
+        return 0
+    rows = [api.teacher_row(args.teacher or _run_teacher(args.run), args.num, args.seed, args.classifier),
+            api.evaluate_run(args.run, args.num, args.seed, args.teacher, args.classifier)]
     print(json.dumps(rows, indent=2) if args.json else format_table(rows, markdown=False))
     return 0
 
@@ -181,18 +225,22 @@ def _run_teacher(run_dir: str) -> str:
     return teacher
 
 
-def _write_samples(path: Path, x: Any) -> None:
+def _write_samples(path: Path, x: Any, labels: Any = None) -> None:
     import numpy as np
 
-    if path.suffix == ".png":
+    if path.suffix == ".png" and x.ndim == 4:
+        from .grids import save_grid
+
+        save_grid(path, x, nrow=10)
+    elif path.suffix == ".png":
         from .report import scatter_png
 
-        scatter_png(path, x)
+        scatter_png(path, x.numpy())
     elif path.suffix == ".npz":
         from .io import atomic_open
 
         with atomic_open(path) as f:
-            np.savez(f, x=x)
+            np.savez(f, x=x.numpy(), **({"labels": labels.numpy()} if labels is not None else {}))
     else:
         raise UserError(f"--out must end in .npz or .png; got {path}")
 

@@ -41,11 +41,13 @@ def fake_score_loss(fake_score: Precond, x_student: Tensor, sigma: Tensor, n: Te
 
 
 def critic_loss(critic: Net, x_teacher: Tensor, x_student: Tensor, sigma: Tensor, n_teacher: Tensor,
-                n_student: Tensor, dre: Divergence, cond: Tensor | None = None) -> Tensor:
+                n_student: Tensor, dre: Divergence, cond: Tensor | None = None,
+                cond_teacher: Tensor | None = None) -> Tensor:
     """Bregman density-ratio loss on ``r_hat = exp(-logit)``; ``dre = logistic`` is the classifier's
-    logistic loss ``softplus(-l_p) + softplus(l_q)``. Teacher and student batches have equal size."""
+    logistic loss ``softplus(-l_p) + softplus(l_q)``. Teacher and student batches have equal size;
+    ``cond`` labels the student batch, ``cond_teacher`` the teacher's (default: ``cond``)."""
     s = append_dims(sigma, x_student.ndim)
-    l_p = critic(x_teacher + s * n_teacher, sigma, cond)
+    l_p = critic(x_teacher + s * n_teacher, sigma, cond if cond_teacher is None else cond_teacher)
     l_q = critic(x_student.detach() + s * n_student, sigma, cond)
     return dre.dre_loss(log_r_from_logit(l_p), log_r_from_logit(l_q))
 

@@ -39,6 +39,12 @@ class Precond(nn.Module):
         out = self.backbone(append_dims(c_in, nd) * x, c_noise, cond)
         return append_dims(c_skip, nd) * x + append_dims(c_out, nd) * out
 
+    def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The backbone's internal features at ``(x, sigma)`` (what critic heads read), same input scaling."""
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        _, _, c_in, c_noise = self.coefficients(sigma)
+        return self.backbone.features(append_dims(c_in, x.ndim) * x, c_noise, cond)
+
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """EDM's lambda(sigma) = 1 / c_out^2, which makes the denoising loss unit-scaled."""
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2

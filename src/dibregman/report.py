@@ -23,7 +23,7 @@ from matplotlib.ticker import NullFormatter
 
 __all__ = ["format_table", "write_comparison_report", "write_run_report"]
 
-METRIC_ORDER = ("energy", "mmd", "w1", "mode_tv", "off_mode", "nll")
+METRIC_ORDER = ("energy", "mmd", "w1", "mode_tv", "off_mode", "nll", "fd", "kid", "precision", "recall", "label_acc")
 MAX_POINTS = 4000  # per scatter panel; keeps figures light and fast
 
 
@@ -129,6 +129,9 @@ def _load_samples(run_dir: Path) -> dict[str, np.ndarray]:
             arrs = {k: np.asarray(z[k], dtype=float) for k in ("data", "teacher", "student") if k in z}
     except (OSError, ValueError):
         return {}
+    images = {k: a for k, a in arrs.items() if a.ndim == 4}  # [N, C, H, W]: drawn as grids, order kept
+    if images:
+        return images
     arrs = {k: a.reshape(len(a), -1) for k, a in arrs.items() if a.ndim >= 1}
     arrs = {k: a[np.isfinite(a).all(axis=1)][:MAX_POINTS] for k, a in arrs.items()}  # drop non-finite rows
     return {k: a for k, a in arrs.items() if len(a) and a.shape[1]}
@@ -182,6 +185,26 @@ def _scatter_figure(panels: list[tuple[str, np.ndarray]], ref: np.ndarray, path:
         ax.set_ylabel(yl)
         ax.set_aspect("equal", adjustable="box")
     return _save(fig, path), note
+
+
+def _image_figure(panels: list[tuple[str, np.ndarray]], path: Path, count: int = 80) -> tuple[str, str]:
+    """Image sets ``[N, C, H, W]`` in [-1, 1] as grids side by side (the first ``count`` of each: the same
+    seeds and labels in every panel)."""
+    import torch
+
+    from .grids import image_grid
+
+    fig, axes = _figure(len(panels), ncols=len(panels), size=(4.5, 4.0))
+    for ax, (title, x) in zip(axes, panels, strict=False):
+        grid = image_grid(torch.as_tensor(x[:count]), nrow=10)
+        ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    return _save(fig, path), f" (first {count}, sample i has label i mod 10 when class-conditional)"
+
+
+def _sample_figure(panels: list[tuple[str, np.ndarray]], ref: np.ndarray, path: Path) -> tuple[str, str]:
+    return _image_figure(panels, path) if ref.ndim == 4 else _scatter_figure(panels, ref, path)
 
 
 def scatter_png(path: str | Path, x: np.ndarray, title: str = "samples") -> Path:
@@ -285,7 +308,7 @@ def write_run_report(run_dir: str | Path) -> Path:
     if "teacher" in samples and "student" in samples:
         panels = [("data", samples["data"])] if "data" in samples else []
         panels += [("teacher (35 NFE)", samples["teacher"]), ("student (1 NFE)", samples["student"])]
-        png, note = _scatter_figure(panels, samples["teacher"], run_dir / "samples.png")
+        png, note = _sample_figure(panels, samples["teacher"], run_dir / "samples.png")
         figs["Samples" + note] = png
     figs["Losses"] = _line_panels({"": stats}, _keys(stats, "loss/"), run_dir / "losses.png", "positive")
     figs["Density ratio"] = _ratio_figure(stats, run_dir / "ratio.png")
@@ -337,8 +360,8 @@ def write_comparison_report(
     teacher = next((s["teacher"] for s in samples.values() if "teacher" in s), None)
     students = [(f"{label} (1 NFE)", s["student"]) for label, s in samples.items() if "student" in s]
     if teacher is not None and students:
-        png, note = _scatter_figure([("teacher (35 NFE)", teacher), *students], teacher,
-                                    out_dir / "comparison_samples.png")
+        png, note = _sample_figure([("teacher (35 NFE)", teacher), *students], teacher,
+                                   out_dir / "comparison_samples.png")
         figs["Samples" + note] = png
 
     keys = list(dict.fromkeys(k for recs in mrecs.values() for k in _metric_keys(recs)))

@@ -11,16 +11,17 @@ import torch
 from torch import nn
 
 from .. import sampling
-from ..artifacts import build_mlp_precond
+from ..artifacts import build_precond
 from ..divergences import Divergence
 from ..generator import OneStepGenerator
 from ..losses import GeneratorLoss, OmegaBinNormalizer, denoising_loss
 from ..nets.mlp import MLP
+from ..nets.unet import UNet
 from ..precond import Precond
-from ..ratio import Critic
+from ..ratio import Critic, FeatureCritic, feature_head
 from ..schedules import KarrasUniform, LogNormal
 from ..teachers import Teacher
-from .config import DistillConfig, divergence_from_spec
+from .config import ConfigError, DistillConfig, divergence_from_spec
 from .ema import EMA
 
 Tensor = torch.Tensor
@@ -31,7 +32,7 @@ def fit_network(teacher: Teacher, hidden: int, depth: int, steps: int, batch_siz
     """An analytic teacher has no weights to copy, so the students start from an MLP regressed onto its
     exact denoiser (``lambda(sigma) ||D_theta - D_T||^2`` at noisy teacher samples): the same starting
     point a network teacher gives, with a target free of the denoising loss's noise."""
-    net = build_mlp_precond({"dim": teacher.shape[0], "hidden": hidden, "depth": depth},
+    net = build_precond({"dim": teacher.shape[0], "hidden": hidden, "depth": depth},
                             teacher.sigma_data).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     sigmas = LogNormal(p_mean=-0.4, p_std=1.4)  # wider than EDM's: the generator queries large sigma
@@ -48,30 +49,53 @@ def fit_network(teacher: Teacher, hidden: int, depth: int, steps: int, batch_siz
     return net
 
 
+def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """The label convention of every sample set here: sample ``i`` has class ``i % num_classes``."""
+    return torch.arange(n, device=device) % num_classes if num_classes else None
+
+
 @torch.no_grad()
 def teacher_samples(teacher: Teacher, n: int, seed: int, device: torch.device, batch: int = 4096) -> Tensor:
-    """The teacher's own 35-NFE Heun samples (what stands for p when no data is used)."""
+    """The teacher's own 35-NFE Heun samples (what stands for p when no data is used), labels balanced."""
     g = torch.Generator().manual_seed(seed)
+    labels = balanced_labels(n, teacher.num_classes, device)
+    if teacher.num_classes:
+        batch = min(batch, 512)  # an image network: keep the activations of one call small
     out = []
     for i in range(0, n, batch):
         noise = torch.randn((min(batch, n - i), *teacher.shape), generator=g).to(device)
+        cond = labels[i:i + len(noise)] if labels is not None else None
         out.append(sampling.sample(teacher, noise, num_steps=18, sigma_min=teacher.sigma_min,
-                                   sigma_max=teacher.sigma_max).float())
+                                   sigma_max=teacher.sigma_max, cond=cond).float())
     return torch.cat(out)
 
 
-def true_samples(teacher: Teacher, n: int, seed: int) -> Tensor | None:
-    """Samples of the law the teacher models: exact for an analytic teacher, its data for a trained one."""
+def true_samples(teacher: Teacher, n: int, seed: int, split: str = "train") -> Tensor | None:
+    """Samples of the law the teacher models: exact for an analytic teacher, its data for a trained one
+    (``split="test"``: the held-out split where the data set has one). Image sets are class-balanced in
+    the ``balanced_labels`` order; there may be fewer than ``n`` if a class runs short."""
     g = torch.Generator().manual_seed(seed)
     if hasattr(teacher, "sample"):
         return teacher.sample(n, generator=g).float()
     data = getattr(teacher, "data_spec", None)
-    if data:
+    if not data:
+        return None
+    from ..data.images import is_image_spec, load_images, test_split
+
+    if not is_image_spec(data):
         from ..data.toy2d import load_points
 
         points = load_points(data, n, g)  # a file gives all its rows, maybe sorted: draw a random subset
         return points[torch.randperm(len(points), generator=g)[:n]].float()
-    return None
+    ds = load_images((test_split(data) or data) if split == "test" else data)
+    order = torch.randperm(len(ds.images), generator=g)
+    if not teacher.num_classes or ds.labels is None:
+        return ds.images[order[:n]]
+    k = teacher.num_classes
+    per_class = [order[ds.labels[order] == c] for c in range(k)]
+    m = min(-(-n // k), *(len(ix) for ix in per_class))
+    idx = torch.stack([ix[:m] for ix in per_class], dim=1).reshape(-1)[:n]  # class i % k at row i
+    return ds.images[idx]
 
 
 @dataclass
@@ -100,6 +124,24 @@ class Components:
         return {k: o.state_dict() for k, o in self.optimizers.items()}
 
 
+def _critic(head: str, teacher: Teacher, base: Precond, fake_score: Precond, cfg: DistillConfig) -> nn.Module:
+    """The critic ``cfg.critic_head`` names. Standalone on points: its own MLP; on images: a trainable copy
+    of the teacher's encoder with a head. Otherwise a head on the fake score's or the teacher's features."""
+    spatial = isinstance(base.backbone, UNet)
+    channels = base.backbone.feature_channels if spatial else base.backbone.hidden
+    if head == "standalone":
+        if not spatial:
+            return Critic(MLP(teacher.shape[0], cfg.hidden, cfg.depth, out_dim=1), teacher.sigma_data)
+        return FeatureCritic(copy.deepcopy(base).requires_grad_(True), feature_head(channels, True),
+                             train_encoder=True)
+    if head == "teacher":
+        if teacher.network is None:
+            raise ConfigError("critic_head = 'teacher' needs a teacher with a network; an analytic teacher has "
+                              "none: use critic_head = fake_score or standalone")
+        return FeatureCritic(teacher.network, feature_head(channels, spatial))
+    return FeatureCritic(fake_score, feature_head(channels, spatial))
+
+
 def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.device) -> Components:
     """Generator and fake score start as copies of ``base`` (the teacher's network, or its fit)."""
     # copies of a teacher's network: trainable whatever the teacher's own flags were
@@ -112,8 +154,7 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
         gan_weight=cfg.gan_weight, mode=cfg.generator_mode)
     critic = None
     if gen_loss.needs_critic:
-        mlp = MLP(teacher.shape[0], cfg.hidden, cfg.depth, out_dim=1)
-        critic = Critic(mlp, teacher.sigma_data).to(device)
+        critic = _critic(cfg.critic_head, teacher, base, fake_score, cfg).to(device)
     betas = (cfg.beta1, cfg.beta2)
     opts = {"generator": torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator, betas=betas),
             "fake_score": torch.optim.Adam(fake_score.parameters(), lr=cfg.lr_fake_score, betas=betas)}

@@ -27,11 +27,14 @@ class ConfigError(ValueError):
 @dataclass
 class DistillConfig:
     # what to distill
-    teacher: str = "gmm:ring8_imbalanced"  # gmm:<builtin or .json/.toml>, net:<teacher folder>
+    teacher: str = "gmm:ring8_imbalanced"  # gmm:<builtin or .json/.toml>, net:<teacher folder>, diffusers:<folder>
+    guidance: float = 1.0  # classifier-free guidance scale of a class-conditional teacher (1: none)
     divergence: str = "hellinger"  # a registered member (default chosen in docs/benchmarks.md), or py:<mod>:<fn>
     critic_loss: str = "logistic"  # the Bregman DRE loss of the critic (logistic = classifier)
     critic_data: str = "teacher"  # teacher: the teacher's 35-NFE samples (data-free); data: real data
     teacher_pool: int = 20000  # how many teacher samples stand for p when critic_data = teacher
+    critic_head: str = "standalone"  # standalone network | head on the fake_score's or the teacher's features
+    classifier: str = "auto"  # images: feature net for FD/KID/label accuracy; auto (shipped), none, or a folder
     # schedule
     steps: int = 2000
     batch_size: int = 256
@@ -60,6 +63,9 @@ class DistillConfig:
     # bookkeeping
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward passes; weights and optimisers stay fp32)
+    grad_checkpointing: bool = False  # U-Nets: recompute activations in backward (less memory, more time)
+    tensorboard: bool = False  # also write the stats as TensorBoard scalars to <out>/tensorboard
     log_every: int = 25
     eval_every: int = 500
     eval_samples: int = 2000
@@ -71,16 +77,25 @@ class DistillConfig:
 
 @dataclass
 class TeacherConfig:
-    data: str = "moons"  # a toy set (moons, swiss_roll, checkerboard, spirals, grid25, ring8) or a .npy/.csv
+    data: str = "moons"  # a toy set or .npy/.csv point cloud (an MLP), or an image source (a U-Net)
     num_points: int = 20000  # points drawn from a toy set (a file uses all its rows)
     steps: int = 4000
     batch_size: int = 512
     lr: float = 1e-3
     ema_decay: float = 0.999
-    hidden: int = 128
+    hidden: int = 128  # MLP (point clouds)
     depth: int = 3
+    base_channels: int = 32  # U-Net (images): channels of the first level
+    channel_mult: str = "1,2,2"  # per level, comma separated; each level after the first halves the resolution
+    layers_per_block: int = 1
+    attention: bool = False  # self-attention in the bottleneck
+    conditional: bool = True  # class-conditional when the data has labels
+    label_dropout: float = 0.1  # labels dropped to "no label" (trains classifier-free guidance)
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 autocast
+    grad_checkpointing: bool = False
+    tensorboard: bool = False
     log_every: int = 100
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -96,25 +111,47 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "depth": 1, "log_every": 2, "eval_every": 3, "eval_samples": 128, "checkpoint_every": 3},
         "dmd": {"divergence": "reverse_kl"},
         "dmd2": {"divergence": "reverse_kl", "gan_weight": 0.01},
+        # images on 2 CPU cores: the shipped Fashion-MNIST teacher, real data standing for p (no 35-NFE pool
+        # to sample), the critic as a head on the fake score's bottleneck (DMD2); see docs/benchmarks.md
+        "fashion-mnist": {"teacher": "net:fashion-mnist", "steps": 400, "batch_size": 32, "lr_generator": 1e-4,
+                          "lr_fake_score": 1e-4, "lr_critic": 1e-4, "ema_decay": 0.95, "critic_data": "data",
+                          "teacher_pool": 10000, "critic_head": "fake_score", "log_every": 10, "eval_every": 100,
+                          "eval_samples": 1000, "checkpoint_every": 100, "out": "runs/distill-fmnist"},
+        "tiny-images": {"steps": 4, "batch_size": 8, "teacher_pool": 16, "log_every": 2, "eval_every": 2,
+                        "eval_samples": 16, "checkpoint_every": 2, "critic_head": "fake_score", "lr_generator": 1e-4,
+                        "lr_fake_score": 1e-4, "lr_critic": 1e-4},
     },
     "teacher": {
         "toy": {},
         "tiny": {"steps": 20, "batch_size": 64, "num_points": 512, "hidden": 32, "depth": 1, "log_every": 5,
                  "checkpoint_every": 10, "eval_samples": 128},
+        # sized for 2 CPU cores: ~0.36 s/step, the shipped teacher (see assets/fashion-mnist/README.md)
+        "fashion-mnist": {"data": "fashion-mnist", "steps": 6000, "batch_size": 64, "lr": 5e-4, "ema_decay": 0.999,
+                          "log_every": 50, "checkpoint_every": 500, "eval_samples": 64, "out": "runs/teacher-fmnist"},
+        "mnist": {"data": "mnist", "steps": 3000, "batch_size": 64, "lr": 5e-4, "log_every": 50,
+                  "checkpoint_every": 500, "eval_samples": 64, "out": "runs/teacher-mnist"},
+        "digits": {"data": "digits", "steps": 2000, "batch_size": 64, "lr": 5e-4, "base_channels": 16,
+                   "channel_mult": "1,2", "log_every": 50, "checkpoint_every": 500, "eval_samples": 64,
+                   "out": "runs/teacher-digits"},
+        "tiny-images": {"data": "digits", "steps": 4, "batch_size": 8, "base_channels": 8, "channel_mult": "1,2",
+                        "log_every": 2, "checkpoint_every": 2, "eval_samples": 8},
     },
 }
 
 _CHOICES = {
     "critic_data": ("teacher", "data"),
+    "critic_head": ("standalone", "fake_score", "teacher"),
+    "precision": ("fp32", "bf16"),
     "weighting": ("dmd", "sigma2", "none"),
     "omega_normalize": ("batch", "bins", "none"),
     "generator_mode": ("score", "discriminator"),
     "nonfinite": ("strict", "skip"),
 }
 _POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "teacher_pool", "hidden", "depth", "log_every",
-                 "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points")
+                 "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points",
+                 "base_channels", "layers_per_block")
 _POSITIVE = ("lr_generator", "lr_fake_score", "lr_critic", "lr", "sigma_g", "r_clip_min", "r_clip_max")
-_UNIT = ("beta1", "beta2", "ema_decay")
+_UNIT = ("beta1", "beta2", "ema_decay", "label_dropout")
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -167,6 +204,8 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
             raise ConfigError(f"option {key!r} must be below {_FLOAT32_MAX:.3g} (float32); got {value}")
         if key in _UNIT and not 0 <= value < 1:
             raise ConfigError(f"option {key!r} must be in [0, 1); got {value}")
+    if isinstance(cfg, TeacherConfig):
+        channel_mult(cfg.channel_mult)
     if isinstance(cfg, DistillConfig):
         if not 0 <= cfg.generator_t_min < cfg.generator_t_max <= 1:
             raise ConfigError("need 0 <= generator_t_min < generator_t_max <= 1; got "
@@ -174,13 +213,25 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
         if not cfg.r_clip_min < 1 < cfg.r_clip_max:
             raise ConfigError(f"the ratio clip [r_clip_min, r_clip_max] must contain 1; got "
                               f"[{cfg.r_clip_min}, {cfg.r_clip_max}]")
-        if cfg.gan_weight < 0 or cfg.grad_clip < 0 or cfg.fit_steps < 0:
-            raise ConfigError("gan_weight, grad_clip and fit_steps must be >= 0")
+        if cfg.gan_weight < 0 or cfg.grad_clip < 0 or cfg.fit_steps < 0 or cfg.guidance < 0:
+            raise ConfigError("gan_weight, grad_clip, fit_steps and guidance must be >= 0")
         for key in ("divergence", "critic_loss"):
             try:
                 divergence_from_spec(getattr(cfg, key))
             except ValueError as e:
                 raise ConfigError(f"option {key!r}: {e}") from None
+
+
+def channel_mult(spec: str) -> tuple[int, ...]:
+    """``"1,2,2"`` -> ``(1, 2, 2)``; anything else is a ConfigError."""
+    try:
+        mult = tuple(int(m) for m in spec.split(","))
+    except ValueError:
+        mult = ()
+    if not mult or min(mult) < 1:
+        raise ConfigError(f"option 'channel_mult' must be positive integers separated by commas, e.g. 1,2,2; "
+                          f"got {spec!r}")
+    return mult
 
 
 def divergence_from_spec(spec: str) -> Divergence:
@@ -241,7 +292,7 @@ def resolve(cls: type, preset: str | None = None, file: str | Path | None = None
 
 # Options that may change between a run and its resumption without changing what is computed.
 RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints",
-                       "out", "device", "nonfinite"})
+                       "out", "device", "nonfinite", "grad_checkpointing", "tensorboard", "classifier"})
 
 
 def check_resumable(saved: dict[str, Any], cfg: Any, where: str) -> None:

@@ -14,17 +14,21 @@ import torch
 from tqdm import tqdm
 
 from .. import dist
-from ..artifacts import build_mlp_precond, save_generator
+from ..artifacts import build_precond, save_generator
+from ..grids import save_grid
 from ..io import atomic_open, write_json
 from ..losses import critic_loss, fake_score_loss
-from ..metrics.toy import evaluate
+from ..metrics.images import make_evaluator
+from ..metrics.toy import evaluate as evaluate_points
 from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
 from .checkpoint import CheckpointError, list_checkpoints, load_latest, read_meta, save_checkpoint
-from .components import build, fit_network, teacher_samples, true_samples
+from .components import balanced_labels, build, fit_network, teacher_samples, true_samples
 from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
+
+GRID = 80  # images per sample grid: 8 per class for 10 classes
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None) -> Path:
@@ -40,6 +44,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     device = dist.resolve_device(cfg.device)
     local = dist.local_slice(cfg.batch_size)  # this process's share of every global batch
     teacher = load_teacher(cfg.teacher).to(device)  # a bad teacher fails before the run folder is made
+    if cfg.guidance != 1.0:
+        if not teacher.num_classes or not hasattr(teacher, "guidance"):
+            raise ConfigError(f"guidance = {cfg.guidance} needs a class-conditional network teacher; "
+                              f"{cfg.teacher} is not one (leave guidance at 1)")
+        teacher.guidance = cfg.guidance
     out = prepare_run_dir(Path(cfg.out), resume) if main else Path(cfg.out)
     dist.barrier()
     resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
@@ -56,11 +65,18 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         base = fit_network(teacher, cfg.hidden, cfg.depth, cfg.fit_steps, cfg.batch_size,
                            torch.Generator().manual_seed(cfg.seed + 3), device)
     else:  # its fitted weights are in the checkpoint; only the shape is needed
-        base = build_mlp_precond({"dim": teacher.shape[0], "hidden": cfg.hidden, "depth": cfg.depth},
+        base = build_precond({"dim": teacher.shape[0], "hidden": cfg.hidden, "depth": cfg.depth},
                                  teacher.sigma_data)
     c = build(cfg, teacher, base, device)
-    shape, bsz = teacher.shape, cfg.batch_size
-    reference = true_samples(teacher, cfg.eval_samples, cfg.seed + 2)
+    if cfg.grad_checkpointing:
+        for net in (c.generator.denoiser.backbone, c.fake_score.backbone):
+            if not hasattr(net, "unet"):
+                raise ConfigError("grad_checkpointing is for U-Net backbones; an MLP keeps little activation memory")
+            net.unet.enable_gradient_checkpointing()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    shape, bsz, num_classes = teacher.shape, cfg.batch_size, teacher.num_classes
+    images = len(shape) == 3
+    reference = true_samples(teacher, cfg.eval_samples, cfg.seed + 2, split="test")
     if reference is None:
         reference = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 2, device).cpu()
     pool = None
@@ -70,8 +86,16 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         if pool is None:
             raise ConfigError("critic_data = 'data' needs a teacher that knows its data; use critic_data = teacher")
         pool = pool.to(device)
+    pool_labels = balanced_labels(len(pool), num_classes, device) if pool is not None else None
     eval_z = torch.randn((cfg.eval_samples, *shape), generator=torch.Generator().manual_seed(cfg.seed + 4))
+    eval_y = balanced_labels(cfg.eval_samples, num_classes)
+    score = make_evaluator(teacher, reference, cfg.classifier) if images else None
     gmm = teacher if hasattr(teacher, "log_prob") else None
+
+    def evaluate(x: torch.Tensor) -> dict[str, float]:
+        if images:  # without a feature network an image run reports no numbers (make_evaluator said why)
+            return score(x, eval_y) if score is not None else {}
+        return evaluate_points(x, reference, gmm)
 
     step, guard = 0, NonFiniteGuard(cfg.nonfinite)
     loaded = load_latest(out / "checkpoints", c.modules(),
@@ -100,6 +124,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     def sigmas(sampler: SigmaSampler) -> torch.Tensor:
         return sampler(bsz, g)[local].to(device)
 
+    def labels() -> torch.Tensor | None:  # a class-conditional teacher: uniform labels (no draw otherwise)
+        return torch.randint(num_classes, (bsz,), generator=g)[local].to(device) if num_classes else None
+
     def checkpoint() -> None:
         state = {"optimizers": c.optimizer_state(), "rng": g.get_state(), "torch_rng": torch.get_rng_state()}
         meta = {"config": to_dict(cfg), "nonfinite_skipped": guard.skipped, "ema_updates": c.ema.num_updates}
@@ -109,9 +136,13 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
 
     @torch.no_grad()
     def sample_ema() -> torch.Tensor:
-        return c.ema.module(eval_z.to(device)).cpu()
+        zs = eval_z.split(1024)  # bounded activations for image networks
+        ys = eval_y.split(1024) if eval_y is not None else (None,) * len(zs)
+        return torch.cat([c.ema.module(z.to(device), y if y is None else y.to(device)).cpu()
+                          for z, y in zip(zs, ys, strict=True)])
 
-    stats, step_times = Stats(out / "stats.jsonl", write=main), []
+    stats = Stats(out / "stats.jsonl", write=main, tensorboard=out / "tensorboard" if cfg.tensorboard else None)
+    step_times: list[float] = []
     show = (sys.stderr.isatty() if progress is None else progress) and main
     bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=f"distill {c.generator_loss.divergence.name}")
     with deferred_signals() as interrupt:
@@ -119,27 +150,34 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             t0 = time.perf_counter()
             # Phase 1: K updates of the fake score (denoising student samples) and of the critic.
             for _ in range(cfg.fake_score_steps):
-                with torch.no_grad():
-                    x = c.generator(draw())
+                y = labels()
+                with torch.no_grad(), amp:
+                    x = c.generator(draw(), y).float()
                 if c.generator_loss.mode == "score":  # the discriminator form never asks the fake score
                     sigma = sigmas(c.fake_score_sigmas)
-                    loss = fake_score_loss(c.fake_score, x, sigma, draw()).mean()
+                    with amp:
+                        loss = fake_score_loss(c.fake_score, x, sigma, draw(), y).float().mean()
                     guard.step(c.optimizers["fake_score"], loss, c.fake_score, "fake_score", step + 1,
                                cfg.grad_clip, out)
                     stats.add({"loss/fake_score": loss.item()})
                 if c.critic is not None:
                     idx = torch.randint(len(pool), (bsz,), generator=g)[local].to(device)
                     sigma = sigmas(c.generator_sigmas)
-                    loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre).mean()
+                    y_pool = pool_labels[idx] if pool_labels is not None else None
+                    with amp:
+                        loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre, y, y_pool)
+                        loss = loss.float().mean()
                     guard.step(c.optimizers["critic"], loss, c.critic, "critic", step + 1, cfg.grad_clip, out)
                     stats.add({"loss/critic": loss.item()})
 
             # Phase 2: one generator update along omega(r) * (D_F - D_T).
-            x = c.generator(draw())
-            sigma = sigmas(c.generator_sigmas)
-            res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, bins=c.bins,
-                                   reduce_sum=dist.all_reduce_sum)
-            loss = res.loss.mean()
+            y = labels()
+            with amp:
+                x = c.generator(draw(), y)
+                sigma = sigmas(c.generator_sigmas)
+                res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, cond=y, bins=c.bins,
+                                       reduce_sum=dist.all_reduce_sum)
+                loss = res.loss.float().mean()
             guard.step(c.optimizers["generator"], loss, c.generator, "generator", step + 1, cfg.grad_clip, out)
 
             # Phase 3: EMA of the generator.
@@ -159,8 +197,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                 stats.all_reduce()
                 stats.flush(step)
             if main and step % cfg.eval_every == 0 and step < cfg.steps:  # the last one is in Finish
-                metrics = evaluate(sample_ema(), reference, gmm)
+                student = sample_ema()
+                metrics = evaluate(student)
                 append_jsonl(out / "metrics.jsonl", {"step": step, **metrics})
+                if images:  # a grid at fixed seeds (and labels) per evaluation
+                    save_grid(out / "grids" / f"step-{step:08d}.png", student[:GRID], nrow=max(num_classes, 8))
                 bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("mode_tv", "w1", "energy")})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint()
@@ -173,24 +214,35 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                 raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in "
                                   f"{out / 'checkpoints'}; continue with --resume", signum)
     bar.close()
+    stats.close()
 
     # Finish (rank 0): the EMA generator, its samples beside the teacher's, a summary and the report.
     if not main:
         return out
     info = {"teacher": cfg.teacher, "divergence": c.generator_loss.divergence.name, "shape": list(shape),
-            "steps": step}
+            "num_classes": num_classes, "steps": step}
     save_generator(out / "generator", c.ema.module, info)
+    t0 = time.perf_counter()
     student = sample_ema()
-    final = evaluate(student, reference, gmm)
+    student_s = time.perf_counter() - t0
+    final = evaluate(student)
     truncate_jsonl(out / "metrics.jsonl", step - 1)  # finishing again (a resumed finished run): one final row
     append_jsonl(out / "metrics.jsonl", {"step": step, **final})
+    t0 = time.perf_counter()
     ref_teacher = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 5, device).cpu()
+    teacher_s = time.perf_counter() - t0
     with atomic_open(out / "samples.npz") as f:
-        np.savez(f, student=student.numpy(), teacher=ref_teacher.numpy(), data=reference.numpy())
+        extra = {"labels": eval_y.numpy()} if eval_y is not None else {}
+        np.savez(f, student=student.numpy(), teacher=ref_teacher.numpy(), data=reference.numpy(), **extra)
+    if images:
+        save_grid(out / "samples_student.png", student[:GRID], nrow=max(num_classes, 8))
+        save_grid(out / "samples_teacher.png", ref_teacher[:GRID], nrow=max(num_classes, 8))
     write_json(out / "summary.json", {
         "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": 1,
-        "teacher_metrics": evaluate(ref_teacher, reference, gmm),
-        "step_time_s": statistics.median(step_times) if step_times else None, "nonfinite_skipped": guard.skipped})
+        "protocol": score.protocol if score is not None else None,
+        "teacher_metrics": evaluate(ref_teacher),
+        "step_time_s": statistics.median(step_times) if step_times else None, "nonfinite_skipped": guard.skipped,
+        "student_sample_s": student_s, "teacher_sample_s": teacher_s})
     from ..report import write_run_report
 
     write_run_report(out)

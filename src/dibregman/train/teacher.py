@@ -1,4 +1,5 @@
-"""Train an EDM teacher (an MLP behind ``Precond``) on a point cloud, with exact resume.
+"""Train an EDM teacher with exact resume: an MLP on a point cloud, or a U-Net on images (class-conditional
+when the images have labels, with label dropout so that classifier-free guidance works).
 
 Run folder ``cfg.out``: ``config.json``, ``stats.jsonl`` (``loss/teacher``, ``time/step_s``),
 ``checkpoints/step-XXXXXXXX/`` (the same format as distillation, see ``checkpoint.py``), and at the end
@@ -11,7 +12,6 @@ an uninterrupted one on the same device.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -22,18 +22,21 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .. import dist
+from ..data.images import absolute_spec, is_image_spec, load_images
 from ..data.toy2d import load_points
-from ..dist import resolve_device
+from ..grids import save_grid
 from ..io import write_json
 from ..losses import denoising_loss
 from ..nets.mlp import MLP
+from ..nets.unet import UNet
 from ..precond import Precond
 from ..sampling import nfe, sample
 from ..schedules import LogNormal
 from ..stats import Stats, truncate_jsonl
 from ..teachers.trained import save_teacher
 from .checkpoint import load_latest, save_checkpoint
-from .config import ConfigError, TeacherConfig, check_resumable, validate
+from .config import ConfigError, TeacherConfig, channel_mult, check_resumable, validate
 from .ema import EMA
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
 
@@ -45,24 +48,47 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     ``resume=True`` continues from the newest checkpoint in ``cfg.out`` (``cfg.steps`` may be raised).
     ``command`` (the CLI line) is recorded in ``teacher.json``."""
     validate(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("train-teacher runs in one process (multi-process teacher training is not built yet); "
-                          "start it without torchrun")
-    device = resolve_device(cfg.device)
+    dist.init()  # under torchrun: every process draws the global batch from `gen` and keeps its slice
+    main = dist.is_main()
+    device = dist.resolve_device(cfg.device)
+    local = dist.local_slice(cfg.batch_size)
 
     # Setup: everything below is drawn from `gen`, in this order, on every (re)start.
     gen = torch.Generator().manual_seed(cfg.seed)
-    points = load_points(cfg.data, cfg.num_points, gen)  # bad data fails before the run folder is made
-    out = prepare_run_dir(Path(cfg.out), resume)
-    num, dim = points.shape
+    images = is_image_spec(cfg.data)
+    labels, class_names = None, ()
+    if images:  # bad data fails before the run folder is made
+        data = load_images(cfg.data)
+        points, class_names = data.images, data.class_names
+        if points.shape[2] != points.shape[3]:
+            raise ConfigError(f"{cfg.data} has {points.shape[2]}x{points.shape[3]} images; the U-Net takes square "
+                              "images: crop or resize them to one square size first")
+        labels = data.labels if cfg.conditional else None
+    else:
+        points = load_points(cfg.data, cfg.num_points, gen)
+    num_classes = len(class_names) if labels is not None else 0
+    out = prepare_run_dir(Path(cfg.out), resume) if main else Path(cfg.out)
+    dist.barrier()
+    num, shape = len(points), tuple(points.shape[1:])
     sigma_data = float(points.std())
-    with torch.random.fork_rng(devices=[]):  # nn.Linear initialises from the global RNG: seed it from ours
+    with torch.random.fork_rng(devices=[]):  # layers initialise from the global RNG: seed it from ours
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-        net = Precond(MLP(dim, cfg.hidden, cfg.depth), sigma_data)
+        if images:
+            backbone = UNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
+                            cfg.layers_per_block, cfg.attention, num_classes)
+        else:
+            backbone = MLP(shape[0], cfg.hidden, cfg.depth)
+        net = Precond(backbone, sigma_data)
     net.to(device).train()
+    if cfg.grad_checkpointing:
+        if not images:
+            raise ConfigError("grad_checkpointing is for U-Net teachers (image data); an MLP needs none")
+        backbone.unet.enable_gradient_checkpointing()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     points = points.to(device)
+    labels = labels.to(device) if labels is not None else None
     sigma_sampler = LogNormal()
     guard = NonFiniteGuard("strict", resume_hint=None)  # no skip mode for teachers
 
@@ -74,27 +100,35 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
         step, ema.num_updates = meta["step"], meta["ema_updates"]
-        truncate_jsonl(out / "stats.jsonl", step)
-        print(f"resuming from {start} (step {step})", file=sys.stderr)
-    elif resume:  # killed before its first checkpoint: start over, without the old attempt's log rows
-        truncate_jsonl(out / "stats.jsonl", 0)
-    write_json(out / "config.json", asdict(cfg))
+        if main:
+            print(f"resuming from {start} (step {step})", file=sys.stderr)
+    if main:
+        if resume:  # rows after the checkpoint (all, if none loaded) belong to no run now
+            truncate_jsonl(out / "stats.jsonl", step)
+        write_json(out / "config.json", asdict(cfg))
 
     def save(at: int) -> None:
-        save_checkpoint(out / "checkpoints", at, {"teacher": net, "ema": ema.module},
-                        {"optimizer": opt.state_dict(), "rng": gen.get_state()},
-                        {"config": asdict(cfg), "ema_updates": ema.num_updates}, cfg.keep_checkpoints)
+        if main:
+            save_checkpoint(out / "checkpoints", at, {"teacher": net, "ema": ema.module},
+                            {"optimizer": opt.state_dict(), "rng": gen.get_state()},
+                            {"config": asdict(cfg), "ema_updates": ema.num_updates}, cfg.keep_checkpoints)
+        dist.barrier()
 
-    stats = Stats(out / "stats.jsonl")
-    show = sys.stderr.isatty() if progress is None else progress
+    stats = Stats(out / "stats.jsonl", write=main, tensorboard=out / "tensorboard" if cfg.tensorboard else None)
+    show = (sys.stderr.isatty() if progress is None else progress) and main
     bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc="teacher", dynamic_ncols=True)
     with deferred_signals() as interrupt:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            idx = torch.randint(num, (cfg.batch_size,), generator=gen)
-            sigma = sigma_sampler(cfg.batch_size, gen)
-            n = torch.randn(cfg.batch_size, dim, generator=gen)
-            loss = denoising_loss(net, points[idx.to(device)], sigma.to(device), n.to(device)).mean()
+            idx = torch.randint(num, (cfg.batch_size,), generator=gen)[local].to(device)
+            sigma = sigma_sampler(cfg.batch_size, gen)[local]
+            n = torch.randn((cfg.batch_size, *shape), generator=gen)[local]
+            cond = None
+            if labels is not None:  # drop some labels to the "no label" class num_classes
+                drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout)[local]
+                cond = torch.where(drop.to(device), num_classes, labels[idx])
+            with amp:
+                loss = denoising_loss(net, points[idx], sigma.to(device), n.to(device), cond).float().mean()
             guard.step(opt, loss, net, "teacher", step + 1, 0.0, out)
             ema.update(net)
             step += 1
@@ -103,24 +137,47 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
             stats.add({"loss/teacher": loss.item(), "time/step_s": time.perf_counter() - t0})
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
+                stats.all_reduce()
                 bar.set_postfix(loss=f"{stats.flush(step)['loss/teacher']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save(step)
-            if interrupt["signum"] is not None:  # SIGINT/SIGTERM: stop at this step boundary, saved
-                save(step)
+            if dist.any_true(interrupt["signum"] is not None):  # SIGINT/SIGTERM: stop here, saved
+                if step % cfg.checkpoint_every != 0 and step != cfg.steps:
+                    save(step)
                 bar.close()
-                raise Interrupted(f"{signal.Signals(interrupt['signum']).name} at step {step}: checkpoint saved in "
-                                  f"{out / 'checkpoints'}; continue with --resume", interrupt["signum"])
+                signum = interrupt["signum"] or signal.SIGTERM  # a process that saw none stops with the others
+                raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in "
+                                  f"{out / 'checkpoints'}; continue with --resume", signum)
     bar.close()
+    stats.close()
+    if not main:  # rank 0 evaluates and writes the teacher folder
+        return out / "teacher"
 
     # Evaluation and the teacher folder (after the last checkpoint, so resume does not see its draws).
-    metrics = _evaluate(ema.module, points, gen, cfg.eval_samples)
     # a data file is recorded by absolute path: the teacher is distilled from other working directories
-    data = str(Path(cfg.data).resolve()) if Path(cfg.data).suffix in (".npy", ".csv") else cfg.data
-    meta = {"data": data, "shape": [dim], "metrics": metrics, "train_config": asdict(cfg)}
+    data = str(Path(cfg.data).resolve()) if Path(cfg.data).suffix in (".npy", ".csv") else absolute_spec(cfg.data)
+    meta = {"data": data, "shape": list(shape), "train_config": asdict(cfg)}
+    if images:
+        meta["class_names"] = list(class_names) if num_classes else []
+        grid = _image_samples(ema.module, shape, num_classes, gen, cfg.eval_samples, device)
+        meta["metrics"] = {"eval_nfe": nfe("heun", 18)}
+    else:
+        meta["metrics"] = _evaluate(ema.module, points, gen, cfg.eval_samples)
     if command is not None:
         meta["command"] = command
-    return save_teacher(out / "teacher", ema.module, meta)
+    folder = save_teacher(out / "teacher", ema.module, meta)
+    if images:
+        save_grid(folder / "samples.png", grid, nrow=max(num_classes, 8))
+    return folder
+
+
+@torch.no_grad()
+def _image_samples(net: Precond, shape: tuple[int, ...], num_classes: int, gen: torch.Generator, count: int,
+                   device: torch.device) -> torch.Tensor:
+    """``count`` 35-NFE Heun samples; a conditional teacher's cycle through the classes (a row each)."""
+    noise = torch.randn((count, *shape), generator=gen).to(device)
+    cond = torch.arange(count, device=device) % num_classes if num_classes else None
+    return sample(net.eval(), noise, num_steps=18, cond=cond).cpu()
 
 
 @torch.no_grad()

