@@ -125,7 +125,7 @@ def main() -> None:
     reference = true_samples(teacher, n, 2, split="test")
     n_ref = len(reference)
 
-    clf = ClassifierFeatures(shipped_classifier("fashion-mnist"))
+    clf = ClassifierFeatures.load(shipped_classifier("fashion-mnist"))
     ref_feats = clf(reference)
     rows = []
     for name, x in samples.items():

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image data spec (fashion-mnist, mnist, digits, cifar10:<dir>, "
                    "folder:<dir>, file.npz)")
     p.add_argument("--out", required=True, help="folder for the classifier")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("export", help="write a finished image run's generator as a diffusers pipeline folder")

@@ -26,7 +26,7 @@ class ImageEvaluator:
     def __init__(self, reference: Tensor, classifier_folder: str | Path, reference_name: str):
         from ..train.classifier import ClassifierFeatures
 
-        self.features = ClassifierFeatures(classifier_folder)
+        self.features = ClassifierFeatures.load(classifier_folder)
         self.ref = self.features(reference)
         self.protocol = (f"classifier features ({self.features.name}); reference: {len(reference)} images of "
                          f"{reference_name}; samples: as many, class-balanced")

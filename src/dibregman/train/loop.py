@@ -49,6 +49,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             raise ConfigError(f"guidance = {cfg.guidance} needs a class-conditional network teacher; "
                               f"{cfg.teacher} is not one (leave guidance at 1)")
         teacher.guidance = cfg.guidance
+    if len(teacher.shape) == 3 and cfg.classifier not in ("auto", "none"):
+        from .classifier import load_classifier
+
+        load_classifier(cfg.classifier)  # a bad classifier folder fails before the run folder is made
     out = prepare_run_dir(Path(cfg.out), resume) if main else Path(cfg.out)
     dist.barrier()
     resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
