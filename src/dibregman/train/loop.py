@@ -24,7 +24,7 @@ from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
 from .checkpoint import CheckpointError, list_checkpoints, load_latest, read_meta, save_checkpoint
-from .components import balanced_labels, build, fit_network, teacher_samples, true_samples
+from .components import balanced_labels, build, fit_network, reference_teacher_samples, teacher_samples, true_samples
 from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
 
@@ -236,9 +236,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     final = evaluate(student)
     truncate_jsonl(out / "metrics.jsonl", step - 1)  # finishing again (a resumed finished run): one final row
     append_jsonl(out / "metrics.jsonl", {"step": step, **final})
-    t0 = time.perf_counter()
-    ref_teacher = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 5, device).cpu()
-    teacher_s = time.perf_counter() - t0
+    ref_teacher, teacher_s = reference_teacher_samples(teacher, cfg, device)
     with atomic_open(out / "samples.npz") as f:
         extra = {"labels": eval_y.numpy()} if eval_y is not None else {}
         np.savez(f, student=student.numpy(), teacher=ref_teacher.numpy(), data=reference.numpy(), **extra)
