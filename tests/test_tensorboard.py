@@ -45,3 +45,15 @@ def test_missing_tensorboard_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'dibregman\[tensorboard\]'"):
         Stats(tmp_path / "stats.jsonl", tensorboard=tmp_path / "tb")
     Stats(tmp_path / "stats.jsonl")  # without the sink nothing is imported
+
+
+def test_distill_writes_tensorboard_scalars(tmp_path):
+    import dibregman as db
+
+    out = db.distill(preset="tiny", tensorboard=True, out=str(tmp_path / "run"), progress=False)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss/generator")]
+    assert steps == [r["step"] for r in read_jsonl(out / "stats.jsonl")]
