@@ -146,3 +146,21 @@ def test_cli_sample_grid_npz_and_export(tmp_path, teacher, classifier, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", str(out), "--out", str(tmp_path / "exported")])
     assert e.value.code == 0 and (tmp_path / "exported" / "model_index.json").is_file()
+
+
+def test_shipped_teacher_matches_its_provenance():
+    import hashlib
+    from pathlib import Path
+
+    from dibregman.assets import shipped
+    from dibregman.teachers import load_teacher
+
+    folder = shipped("fashion-mnist", "teacher")
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert digest in (folder / "README.md").read_text()  # the recorded weights are the shipped ones
+    t = load_teacher("net:fashion-mnist")
+    assert t.shape == (1, 28, 28) and t.num_classes == 10 and t.data_spec == "fashion-mnist"
+    d = t(80 * torch.randn(2, 1, 28, 28), torch.full((2,), 80.0), torch.tensor([1, 9]))
+    # at sigma_max the denoiser returns about the class mean: inside the pixel range, and different per class
+    assert d.abs().max() < 1.2 and (d[0] - d[1]).abs().mean() > 0.1
+    assert Path(folder / "samples.png").stat().st_size > 1000

@@ -164,9 +164,11 @@ def run(argv: list[str] | None = None) -> int:
             if not rows:  # not rank 0 under torchrun
                 return 0
             print(format_table(rows, markdown=False))
-            if "mode_tv" in rows[0]:  # the headline of the analytic test bed, in one line
-                print("mode-weight error (mode_tv, lower is better): "
-                      + ", ".join(f"{r['method'].split(' (')[0]} {r['mode_tv']:.4f}" for r in rows))
+            for key, what in (("mode_tv", "mode-weight error (mode_tv"), ("fd", "Frechet distance on classifier "
+                              "features (fd")):  # the headline, in one line
+                if key in rows[0]:
+                    print(f"{what}, lower is better): "
+                          + ", ".join(f"{r['method'].split(' (')[0]} {r[key]:.4f}" for r in rows))
             print(f"report: {Path(cfg.out) / 'report.md'}")
         return 0
     if args.command == "list":
