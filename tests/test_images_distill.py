@@ -161,6 +161,6 @@ def test_shipped_teacher_matches_its_provenance():
     t = load_teacher("net:fashion-mnist")
     assert t.shape == (1, 28, 28) and t.num_classes == 10 and t.data_spec == "fashion-mnist"
     d = t(80 * torch.randn(2, 1, 28, 28), torch.full((2,), 80.0), torch.tensor([1, 9]))
-    # at sigma_max the denoiser returns about the class mean: inside the pixel range, and different per class
+    # at sigma_max the denoiser returns about the class mean: of pixel scale, and different per class
     assert d.abs().mean() < 1 and (d[0] - d[1]).abs().mean() > 0.1
     assert Path(folder / "samples.png").stat().st_size > 1000
