@@ -165,3 +165,16 @@ def read_tagged_json(path: PathLike, fmt: str, fix: str) -> dict[str, Any]:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise ValueError(f"{p} is not a {fmt} file (format {found!r}); {fix}")
     return doc
+
+
+def require_files(folder: PathLike, what: str, names: tuple[str, ...], make: str) -> Path:
+    """``folder`` as a Path after checking it holds ``names``; else a FileNotFoundError saying how to
+    ``make`` one (``what``: "teacher", "classifier", ... for the message)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist; {make} or check the path")
+    for name in names:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{what} folder {str(folder)!r} has no {name}; a {what} folder needs "
+                                    f"{' and '.join(names)} ({make})")
+    return folder

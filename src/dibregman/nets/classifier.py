@@ -12,12 +12,13 @@ running statistics an image's features depend on that image alone, not on its ba
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .arch import from_arch
 
 Tensor = torch.Tensor
 
@@ -59,19 +60,7 @@ class Classifier(nn.Module):
     @classmethod
     def from_arch(cls, arch: dict[str, Any]) -> Classifier:
         """Rebuild from ``arch()`` (as saved beside weights); bad entries raise a ValueError naming them."""
-        if not isinstance(arch, dict):
-            raise ValueError(f"arch must be a JSON object; got {type(arch).__name__}")
-        if arch.get("kind", "classifier") != "classifier":
-            raise ValueError(f"unknown network kind {arch.get('kind')!r}; this version builds 'classifier'")
-        args = {k: v for k, v in arch.items() if k != "kind"}
-        valid = set(inspect.signature(cls).parameters)
-        unknown = sorted(args.keys() - valid)
-        if unknown:
-            raise ValueError(f"arch has unknown Classifier arguments {unknown}; valid: {sorted(valid)}")
-        try:
-            return cls(**args)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"cannot build a Classifier from arch {arch} ({e})") from None
+        return from_arch(cls, arch, "classifier")
 
     def arch(self) -> dict[str, Any]:
         """Constructor arguments (with ``kind``), saved beside the weights so a folder can be rebuilt."""

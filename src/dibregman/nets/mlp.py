@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import math
+from typing import Any
 
 import torch
 from torch import nn
+
+from .arch import from_arch
 
 Tensor = torch.Tensor
 
@@ -46,19 +48,9 @@ class MLP(nn.Module):
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, self.out_dim))
 
     @classmethod
-    def from_arch(cls, arch: dict) -> MLP:
+    def from_arch(cls, arch: dict[str, Any]) -> MLP:
         """Rebuild from ``arch()`` (as saved beside weights); bad entries raise a ValueError naming them."""
-        args = {k: v for k, v in arch.items() if k != "kind"}
-        if arch.get("kind", "mlp") != "mlp":
-            raise ValueError(f"unknown network kind {arch.get('kind')!r}; this version builds 'mlp'")
-        valid = set(inspect.signature(cls).parameters)
-        unknown = sorted(args.keys() - valid)
-        if unknown:
-            raise ValueError(f"arch has unknown MLP arguments {unknown}; valid: {sorted(valid)}")
-        try:
-            return cls(**args)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"cannot build an MLP from arch {arch} ({e})") from None
+        return from_arch(cls, arch, "mlp")
 
     def arch(self) -> dict:
         """Constructor arguments, saved beside the weights so a checkpoint can be rebuilt."""

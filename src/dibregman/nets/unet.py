@@ -11,11 +11,12 @@ classifier-free guidance drops labels to.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
+
+from .arch import from_arch
 
 Tensor = torch.Tensor
 
@@ -45,15 +46,8 @@ class UNet(nn.Module):
 
     @classmethod
     def from_arch(cls, arch: dict[str, Any]) -> UNet:
-        args = {k: v for k, v in arch.items() if k != "kind"}
-        valid = set(inspect.signature(cls).parameters)
-        unknown = sorted(args.keys() - valid)
-        if unknown:
-            raise ValueError(f"arch has unknown UNet arguments {unknown}; valid: {sorted(valid)}")
-        try:
-            return cls(**args)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"cannot build a UNet from arch {arch} ({e})") from None
+        """Rebuild from ``arch()`` (as saved beside weights); bad entries raise a ValueError naming them."""
+        return from_arch(cls, arch, "unet")
 
     def arch(self) -> dict[str, Any]:
         return {"channels": self.channels, "resolution": self.resolution, "base": self.base, "mult": list(self.mult),

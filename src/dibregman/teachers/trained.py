@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import atomic_save_safetensors, read_tagged_json, write_json
+from ..io import atomic_save_safetensors, read_tagged_json, require_files, write_json
 from ..nets import KINDS, arch_of, build_backbone
 from ..nets.mlp import MLP
 from ..nets.unet import UNet
@@ -102,15 +102,8 @@ def save_teacher(folder: str | Path, net: Precond, meta: dict[str, Any] | None =
 
 def load_teacher(folder: str | Path) -> NetworkTeacher:
     """Read a folder written by ``save_teacher`` (or ``dibregman train-teacher``) onto the CPU."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"teacher folder {str(folder)!r} does not exist; train one with "
-                                "`dibregman train-teacher` or check the path")
+    folder = require_files(folder, "teacher", (META_FILE, WEIGHTS_FILE), "train one with `dibregman train-teacher`")
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
-    for p in (meta_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"teacher folder {str(folder)!r} has no {p.name}; a teacher folder "
-                                    f"needs {META_FILE} and {WEIGHTS_FILE} (re-create it with save_teacher)")
     doc = _read_meta(meta_path)
     try:
         net = Precond(build_backbone(doc["arch"]), doc["sigma_data"])

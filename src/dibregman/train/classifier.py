@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..assets import shipped, shipped_names
 from ..data.images import ImageSet, load_images, test_split
 from ..dist import resolve_device
-from ..io import atomic_save_safetensors, read_tagged_json, write_json
+from ..io import atomic_save_safetensors, read_tagged_json, require_files, write_json
 from ..nets.classifier import Classifier
 
 Tensor = torch.Tensor
@@ -189,15 +189,8 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[Classifier
     """Read a folder written by ``save_classifier``: ``(model in eval mode, frozen, info)``."""
     from .checkpoint import CheckpointError, load_module
 
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"classifier folder {str(folder)!r} does not exist; train one with "
-                                "train_classifier or check the path")
+    folder = require_files(folder, "classifier", (META_FILE, WEIGHTS_FILE), "train one with train_classifier")
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
-    for p in (meta_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"classifier folder {str(folder)!r} has no {p.name}; a classifier folder "
-                                    f"needs {META_FILE} and {WEIGHTS_FILE} (re-create it with train_classifier)")
     fix = "re-create the classifier folder with train_classifier"
     info = read_tagged_json(meta_path, FORMAT, fix)
     if info.get("version") != VERSION:
