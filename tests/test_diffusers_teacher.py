@@ -19,7 +19,7 @@ from diffusers import (
 
 from dibregman.teachers import load_teacher
 from dibregman.teachers.base import Teacher
-from dibregman.teachers.diffusers import DiffusersTeacher
+from dibregman.teachers.diffusers import DiffusersDenoiser, DiffusersTeacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -172,7 +172,8 @@ def test_protocol_frozen_and_flat_layout(tmp_path):
     teacher = load_teacher(_save(tmp_path, unet, DDIMScheduler(), flat=True))
     assert isinstance(teacher, Teacher) and isinstance(teacher, DiffusersTeacher)
     assert teacher.shape == (C, R, R) and teacher.num_classes == 0 and teacher.sigma_data == 0.5
-    assert teacher.network is None and isinstance(teacher.unet, UNet2DModel)
+    assert isinstance(teacher.network, DiffusersDenoiser) and isinstance(teacher.unet, UNet2DModel)
+    assert teacher.network.unet is teacher.unet  # students start from copies of the teacher's own denoiser
     ab = DDIMScheduler().alphas_cumprod.double()
     assert teacher.sigma_min == pytest.approx(math.sqrt((1 - ab[0]) / ab[0]))
     assert teacher.sigma_max == pytest.approx(math.sqrt((1 - ab[-1]) / ab[-1]))

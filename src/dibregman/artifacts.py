@@ -12,18 +12,25 @@ from .io import atomic_save_safetensors, read_tagged_json, write_json
 from .nets import arch_of as nets_arch_of
 from .nets import build_backbone
 from .precond import Precond
+from .teachers.diffusers import ARCH_KIND as DIFFUSERS_KIND
+from .teachers.diffusers import DiffusersDenoiser
 from .train.checkpoint import CheckpointError, load_module
 
 FORMAT = "dibregman-generator"
 _REMAKE = "re-create it with `dibregman distill --resume` on its run folder (it rewrites generator/)"
 
 
-def build_precond(arch: dict[str, Any], sigma_data: float) -> Precond:
-    """A Precond around the backbone ``arch`` describes (an MLP when it names no kind)."""
+def build_precond(arch: dict[str, Any], sigma_data: float) -> Precond | DiffusersDenoiser:
+    """The denoiser ``arch`` describes: a diffusers UNet with its scheduler's conversion (kind "diffusers"),
+    else a Precond around one of our backbones (an MLP when it names no kind)."""
+    if isinstance(arch, dict) and arch.get("kind") == DIFFUSERS_KIND:
+        return DiffusersDenoiser.from_arch(arch, sigma_data)
     return Precond(build_backbone({"kind": "mlp", **arch}), sigma_data)
 
 
 def arch_of(net: nn.Module) -> dict[str, Any]:
+    if isinstance(net, DiffusersDenoiser):  # the conversion is part of the denoiser, not of its backbone
+        return net.arch()
     return nets_arch_of(net.backbone if isinstance(net, Precond) else net)
 
 

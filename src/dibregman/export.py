@@ -57,8 +57,10 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
     backbone = gen.denoiser.backbone
     if not isinstance(backbone, UNet):
         kind = info.get("arch", {}).get("kind", "mlp")
+        why = (" (a student of a diffusers teacher keeps that teacher's timestep and prediction conventions, which "
+               "the exported EDM pipeline does not implement)") if kind == "diffusers" else ""
         raise ValueError(f"{generator_folder} holds a generator with a {kind!r} backbone; only U-Net (kind 'unet') "
-                         "generators export to diffusers")
+                         f"generators export to diffusers{why}")
     out = Path(out_folder)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
         raise FileExistsError(f"{out} exists and is not an earlier export; choose a new folder or remove it")

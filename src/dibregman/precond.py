@@ -13,6 +13,11 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
+def edm_loss_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """EDM's lambda(sigma) = 1 / c_out^2, which makes the denoising loss of an x0 estimate unit-scaled."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
 class Precond(nn.Module):
     """``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, cond)`` (Karras et al. 2022, table 1).
 
@@ -47,4 +52,4 @@ class Precond(nn.Module):
 
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """EDM's lambda(sigma) = 1 / c_out^2, which makes the denoising loss unit-scaled."""
-        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        return edm_loss_weight(sigma, self.sigma_data)

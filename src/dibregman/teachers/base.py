@@ -16,7 +16,8 @@ class Teacher(Protocol):
     """A frozen denoiser in the EDM convention.
 
     ``shape`` is one sample's shape; ``num_classes`` is 0 for an unconditional teacher. ``network`` is
-    the trainable denoiser the students start from (``None`` for an analytic teacher, which has none).
+    the trainable denoiser the students start from: a ``Precond``, or a module with its interface (a
+    diffusers teacher's ``DiffusersDenoiser``); ``None`` for an analytic teacher, which has none.
     """
 
     shape: tuple[int, ...]

@@ -18,6 +18,9 @@ Everything is converted at the edge (METHOD.md section 7) so the caller sees an 
   moves the sampling grid, not this map), velocity ``v = n - x0`` gives ``x0 = x_t - t v``.
 
 Sampler post-processing (``clip_sample``, thresholding) is not part of the denoiser and is not applied.
+
+The conversion lives in ``DiffusersDenoiser``, a trainable module with ``Precond``'s interface; the teacher is
+a frozen wrapper around one, and students (``distill --teacher diffusers:<folder>``) start from copies of it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..precond import append_dims
+from ..precond import append_dims, edm_loss_weight
 from ..schedules import (
     flow_input_from_x_sigma,
     flow_sigma_from_t,
@@ -49,23 +52,54 @@ PREDICTIONS = ("epsilon", "v_prediction", "sample")  # for the VP schedulers; fl
 UNET_CLASSES = ("UNet2DModel",)
 SCHEDULER_FILE = "scheduler_config.json"
 UNET_FILE = "config.json"
+ARCH_KIND = "diffusers"  # generator.json's arch kind for a student made from a diffusers teacher
 
 
-class DiffusersTeacher(nn.Module):
-    """A frozen diffusers ``UNet2DModel`` + scheduler seen as an EDM denoiser (the Teacher protocol).
+class DiffusersUNet(nn.Module):
+    """A ``UNet2DModel`` called in its own conventions ``F(x_t, timestep, class_labels)``: the backbone of a
+    ``DiffusersDenoiser``, with what our training code reads from an image backbone (``unet`` for gradient
+    checkpointing, ``feature_channels`` and ``features`` for critic heads)."""
 
-    ``sigma_data`` defaults to 0.5: diffusers pixel models are trained on images in [-1, 1], whose spread EDM
-    takes as 0.5 (its CIFAR-10 value); pass another value for other data (e.g. latents).
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.feature_channels = int(unet.config["block_out_channels"][-1])  # what the mid block returns
+        self.num_classes = int(unet.config.get("num_class_embeds") or 0)
 
-    ``network`` is ``None``: students start from a copy of ``teacher.network``, a ``Precond`` around one of our
-    backbones, and a foreign UNet with its own input/timestep conventions cannot be copied through it. The
-    UNet is kept as ``unet`` so that a later step can wrap it. As with ``NetworkTeacher``, calls run without
-    autograd unless ``no_grad=False``, the module stays in eval mode, and parameters keep ``requires_grad``
-    (a frozen flag would be copied into any student made from the UNet).
+    def forward(self, x_t: Tensor, timestep: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.unet(x_t, timestep, class_labels=labels, return_dict=False)[0]
+
+    def features(self, x_t: Tensor, timestep: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Bottleneck activations ``[B, feature_channels, h, w]``: steps 0-4 of ``UNet2DModel.forward``
+        (input centring, time and class embedding, down blocks, mid block), without the decoder."""
+        u, cfg = self.unet, self.unet.config
+        if cfg["center_input_sample"]:
+            x_t = 2 * x_t - 1.0
+        emb = u.time_embedding(u.time_proj(timestep.expand(x_t.shape[0])).to(u.dtype))
+        if u.class_embedding is not None:
+            if cfg.get("class_embed_type") == "timestep":
+                labels = u.time_proj(labels)
+            emb = emb + u.class_embedding(labels).to(u.dtype)
+        skip, h = x_t, u.conv_in(x_t)
+        for block in u.down_blocks:
+            if hasattr(block, "skip_conv"):  # the "skip" block types also carry the input image down
+                h, _, skip = block(hidden_states=h, temb=emb, skip_sample=skip)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+        return u.mid_block(h, emb) if u.mid_block is not None else h
+
+
+class DiffusersDenoiser(nn.Module):
+    """A diffusers ``UNet2DModel`` + its scheduler's conventions as a trainable EDM denoiser.
+
+    The same interface as ``Precond`` (``forward``, ``features``, ``loss_weight``, ``sigma_data``,
+    ``backbone``), so students start from a copy of it as from one of our networks; the conversion is the
+    preconditioning (module docstring). Its state dict is the UNet's weights (``backbone.unet.*``); the
+    conversion is rebuilt from ``arch()`` (the UNet and scheduler configs), so a saved generator reloads
+    offline with ``from_arch``. The scheduler itself is not kept: only its noise table is needed.
     """
 
-    def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, no_grad: bool = True,
-                 source: str | None = None):
+    def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5):
         super().__init__()
         sched_name = type(scheduler).__name__
         if sched_name not in SCHEDULERS:
@@ -87,19 +121,19 @@ class DiffusersTeacher(nn.Module):
         if ucfg.get("time_embedding_type", "positional") != "positional":  # those embed integer steps or sigma
             raise ValueError(f"UNet time_embedding_type {ucfg.get('time_embedding_type')!r} is not supported; "
                              "only 'positional' takes the continuous timesteps this teacher feeds")
-        self.unet = unet.eval()
-        self.scheduler = scheduler
-        self.source = source
-        self.no_grad = no_grad
+        self.backbone = DiffusersUNet(unet)
+        self.scheduler_class = sched_name
+        self.scheduler_config = _plain(cfg)  # for arch(): the scheduler is rebuilt from it, not pickled
         self.sigma_data = float(sigma_data)
         size = ucfg["sample_size"]
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.shape: tuple[int, ...] = (int(ucfg["in_channels"]), int(h), int(w))
-        self.num_classes = int(ucfg.get("num_class_embeds") or 0)
+        self.num_classes = self.backbone.num_classes
         self.num_train_timesteps = int(cfg["num_train_timesteps"])
         # Euler's EDM-style variant feeds 0.25 log sigma instead of an index (diffusers only does it for v)
         self.continuous_timesteps = (sched_name == "EulerDiscreteScheduler" and self.prediction_type == "v_prediction"
                                      and cfg.get("timestep_type", "discrete") == "continuous")
+        # plain attributes, not buffers: the state dict stays the UNet's weights alone
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
         if self.kind == "vp":
             log_sigmas = vp_sigma_from_alpha_bar(scheduler.alphas_cumprod.double()).log()
@@ -119,11 +153,32 @@ class DiffusersTeacher(nn.Module):
             self.sigma_max = float(flow_sigma_from_t(ts.max()))
 
     @property
-    def network(self) -> None:
-        return None
+    def unet(self) -> nn.Module:
+        return self.backbone.unet
 
-    def train(self, mode: bool = True) -> DiffusersTeacher:
-        return super().train(False)  # a teacher is frozen; keep eval-mode behaviour whatever the caller does
+    # --- saving and rebuilding ----------------------------------------------------------------------------
+
+    def arch(self) -> dict[str, Any]:
+        """JSON-able description that ``from_arch`` rebuilds (weights aside), as saved in generator.json."""
+        return {"kind": ARCH_KIND, "unet_config": _plain(self.unet.config), "scheduler_class": self.scheduler_class,
+                "scheduler_config": dict(self.scheduler_config)}
+
+    @classmethod
+    def from_arch(cls, arch: dict[str, Any], sigma_data: float = 0.5) -> DiffusersDenoiser:
+        """The denoiser ``arch()`` describes, with freshly initialised weights; offline (configs only)."""
+        import diffusers
+
+        if not isinstance(arch, dict) or arch.get("kind") != ARCH_KIND:
+            raise ValueError(f"not a diffusers arch (kind {ARCH_KIND!r}): {arch!r}")
+        name = arch.get("scheduler_class")
+        if name not in SCHEDULERS:
+            raise ValueError(f"arch names unsupported scheduler {name!r}; supported: {', '.join(SCHEDULERS)}")
+        try:
+            unet = diffusers.UNet2DModel.from_config(arch["unet_config"])
+            scheduler = getattr(diffusers, name).from_config(arch["scheduler_config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"cannot build a diffusers denoiser from arch ({e})") from None
+        return cls(unet, scheduler, sigma_data)
 
     # --- sigma <-> the UNet's timestep ----------------------------------------------------------------
 
@@ -156,22 +211,21 @@ class DiffusersTeacher(nn.Module):
 
     # --- the denoiser ------------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.no_grad):
-            return self._denoise(x, sigma, cond)
-
-    def _denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+    def _inputs(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """``(x_t, timestep, labels, sigma)``: the UNet's inputs at ``(x_sigma, sigma)``, sigma as ``[B, 1, ...]``."""
         sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
         timestep = self.timestep_from_sigma(sigma).float()
         s = append_dims(sigma.to(x.dtype), x.ndim)
         x_in = flow_input_from_x_sigma(x, s) if self.kind == "flow" else vp_input_from_x_sigma(x, s)
-        kwargs: dict[str, Any] = {}
-        if self.unet.class_embedding is not None:
-            if cond is None:
-                raise ValueError(f"this diffusers teacher is class-conditional ({self.num_classes} classes): "
-                                 "pass cond (class labels)")
-            kwargs["class_labels"] = cond
-        out = self.unet(x_in.to(self.unet.dtype), timestep, return_dict=False, **kwargs)[0].to(x.dtype)
+        if self.unet.class_embedding is not None and cond is None:
+            raise ValueError(f"this diffusers model is class-conditional ({self.num_classes} classes): "
+                             "pass cond (class labels)")
+        labels = cond if self.unet.class_embedding is not None else None
+        return x_in, timestep, labels, s
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        x_in, timestep, labels, s = self._inputs(x, sigma, cond)
+        out = self.backbone(x_in.to(self.unet.dtype), timestep, labels).to(x.dtype)
         if out.shape[1] == 2 * x.shape[1]:  # learned variance (improved DDPM): the mean half comes first
             out = out[:, : x.shape[1]]
         if self.kind == "flow":
@@ -182,6 +236,82 @@ class DiffusersTeacher(nn.Module):
             ab = vp_alpha_bar_from_sigma(s)
             return ab.sqrt() * x_in - (1 - ab).sqrt() * out
         return out
+
+    def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The UNet's bottleneck at ``(x_sigma, sigma)`` (what critic heads read), same inputs as ``forward``."""
+        x_in, timestep, labels, _ = self._inputs(x, sigma, cond)
+        return self.backbone.features(x_in.to(self.unet.dtype), timestep, labels)
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """EDM's lambda(sigma), as ``Precond``: D is an x0 estimate here too, so the same weight unit-scales it."""
+        return edm_loss_weight(sigma, self.sigma_data)
+
+
+class DiffusersTeacher(nn.Module):
+    """A frozen ``DiffusersDenoiser`` (the Teacher protocol): a diffusers ``UNet2DModel`` + scheduler.
+
+    ``sigma_data`` defaults to 0.5: diffusers pixel models are trained on images in [-1, 1], whose spread EDM
+    takes as 0.5 (its CIFAR-10 value); pass another value for other data (e.g. latents).
+
+    ``network`` is the wrapped denoiser: students start from a copy of it, so they compute exactly the
+    teacher's converted denoiser at step 0. As with ``NetworkTeacher``, calls run without autograd unless
+    ``no_grad=False``, the module stays in eval mode, and parameters keep ``requires_grad`` (a frozen flag
+    would be copied into the students).
+    """
+
+    def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, no_grad: bool = True,
+                 source: str | None = None):
+        super().__init__()
+        self.net = DiffusersDenoiser(unet, scheduler, sigma_data).eval()
+        self.scheduler = scheduler
+        self.source = source
+        self.no_grad = no_grad
+        net = self.net
+        self.shape, self.num_classes, self.sigma_data = net.shape, net.num_classes, net.sigma_data
+        self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
+
+    @property
+    def network(self) -> DiffusersDenoiser:
+        return self.net
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.net.unet
+
+    @property
+    def kind(self) -> str:
+        return self.net.kind
+
+    @property
+    def prediction_type(self) -> str:
+        return self.net.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.net.num_train_timesteps
+
+    def timestep_from_sigma(self, sigma: Tensor) -> Tensor:
+        return self.net.timestep_from_sigma(sigma)
+
+    def sigma_from_timestep(self, timestep: Tensor) -> Tensor:
+        return self.net.sigma_from_timestep(timestep)
+
+    def train(self, mode: bool = True) -> DiffusersTeacher:
+        return super().train(False)  # a teacher is frozen; keep eval-mode behaviour whatever the caller does
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.no_grad):
+            return self.net(x, sigma, cond)
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    """A diffusers config as plain JSON (tuples as lists, arrays as lists), without its private ``_`` keys."""
+    def default(v: Any) -> Any:
+        if hasattr(v, "tolist"):  # numpy arrays or tensors, e.g. a scheduler's trained_betas
+            return v.tolist()
+        raise TypeError(f"config value {v!r} is not JSON-able")
+
+    return {k: v for k, v in json.loads(json.dumps(dict(config), default=default)).items() if not k.startswith("_")}
 
 
 def _interp(q: Tensor, xp: Tensor, fp: Tensor) -> Tensor:

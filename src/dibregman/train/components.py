@@ -17,7 +17,6 @@ from ..divergences import Divergence
 from ..generator import OneStepGenerator
 from ..losses import GeneratorLoss, OmegaBinNormalizer, denoising_loss
 from ..nets.mlp import MLP
-from ..nets.unet import UNet
 from ..precond import Precond
 from ..ratio import Critic, FeatureCritic, feature_head
 from ..schedules import KarrasUniform, LogNormal
@@ -146,7 +145,7 @@ class Components:
 def _critic(head: str, teacher: Teacher, base: Precond, fake_score: Precond, cfg: DistillConfig) -> nn.Module:
     """The critic ``cfg.critic_head`` names. Standalone on points: its own MLP; on images: a trainable copy
     of the teacher's encoder with a head. Otherwise a head on the fake score's or the teacher's features."""
-    spatial = isinstance(base.backbone, UNet)
+    spatial = hasattr(base.backbone, "feature_channels")  # an image backbone: ours (UNet) or a diffusers UNet
     channels = base.backbone.feature_channels if spatial else base.backbone.hidden
     if head == "standalone":
         if not spatial:

@@ -49,10 +49,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             raise ConfigError(f"guidance = {cfg.guidance} needs a class-conditional network teacher; "
                               f"{cfg.teacher} is not one (leave guidance at 1)")
         teacher.guidance = cfg.guidance
-    if len(teacher.shape) == 3 and teacher.network is None:
-        raise ConfigError(f"{cfg.teacher} has no network of ours for the students to start from (starting them "
-                          "from a diffusers teacher's weights is not built yet); distill a teacher trained with "
-                          "`dibregman train-teacher`")
+    if len(teacher.shape) == 3 and teacher.network is None:  # only point teachers get a fitted MLP instead
+        raise ConfigError(f"{cfg.teacher} is an image teacher without a network for the students to start from; "
+                          "distill a teacher trained with `dibregman train-teacher` (net:<folder>) or a diffusers "
+                          "folder (diffusers:<folder>)")
     if len(teacher.shape) == 3 and cfg.classifier not in ("auto", "none"):
         from .classifier import load_classifier
 
