@@ -73,8 +73,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         base = fit_network(teacher, cfg.hidden, cfg.depth, cfg.fit_steps, cfg.batch_size,
                            torch.Generator().manual_seed(cfg.seed + 3), device)
     else:  # its fitted weights are in the checkpoint; only the shape is needed
-        base = build_precond({"dim": teacher.shape[0], "hidden": cfg.hidden, "depth": cfg.depth},
-                                 teacher.sigma_data)
+        base = build_precond({"dim": teacher.shape[0], "hidden": cfg.hidden, "depth": cfg.depth}, teacher.sigma_data)
     c = build(cfg, teacher, base, device)
     if cfg.grad_checkpointing:
         for net in (c.generator.denoiser.backbone, c.fake_score.backbone):
