@@ -1,5 +1,5 @@
-"""Teachers from a spec string: ``gmm:<built-in name or .json/.toml>``, ``net:<teacher folder>`` or
-``diffusers:<local diffusers folder>``."""
+"""Teachers from a spec string: ``gmm:<built-in name or .json/.toml>``, ``net:<teacher folder>``,
+``diffusers:<local diffusers folder>`` or ``edm:<EDM network snapshot .pkl>``."""
 
 from __future__ import annotations
 
@@ -26,10 +26,15 @@ def load_teacher(spec: str) -> Teacher:
         from .diffusers import load_diffusers_teacher
 
         return load_diffusers_teacher(arg)
+    if kind == "edm" and arg:  # converted once into <file>.teacher beside the pickle, read safely
+        from .edm import load_edm_teacher
+
+        return load_edm_teacher(arg)
     if Path(spec).is_dir():  # a bare folder made by `dibregman train-teacher`
         from .trained import load_teacher as load_net
 
         return load_net(spec)
     raise ValueError(f"cannot read teacher spec {spec!r}: use 'gmm:<built-in or file.json>' (e.g. "
-                     "gmm:ring8_imbalanced), 'net:<folder written by dibregman train-teacher>' or "
-                     "'diffusers:<local folder with a UNet2DModel and its scheduler config>'")
+                     "gmm:ring8_imbalanced), 'net:<folder written by dibregman train-teacher>', "
+                     "'diffusers:<local folder with a UNet2DModel and its scheduler config>' or "
+                     "'edm:<EDM network-snapshot .pkl>'")

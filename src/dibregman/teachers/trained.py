@@ -4,7 +4,7 @@ Folder format (version 1)::
 
     model.safetensors   the Precond's state dict (EMA weights), float32; keys "backbone.<...>"
     teacher.json        {"format": "dibregman-teacher", "version": 1,
-                         "arch": {"kind": "mlp" | "unet", <constructor arguments>},
+                         "arch": {"kind": "mlp" | "unet" | "edm_songunet", <constructor arguments>},
                          "sigma_data": float, "shape": [d], "data": str,
                          "command": str (optional), "metrics": {...} (optional),
                          "sigma_min", "sigma_max": float (optional, default 0.002 and 80)}
@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..io import atomic_save_safetensors, read_tagged_json, require_files, write_json
-from ..nets import KINDS, arch_of, build_backbone
+from ..nets import KINDS, arch_of, build_backbone, image_shape
+from ..nets.edm_unet import SongUNet
 from ..nets.mlp import MLP
 from ..nets.unet import UNet
 from ..precond import Precond
@@ -78,13 +79,13 @@ class NetworkTeacher(nn.Module):
 
 
 def save_teacher(folder: str | Path, net: Precond, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``net`` (a Precond around an MLP) and ``meta`` (``data``, ``shape``, ``command``,
+    """Write ``net`` (a Precond around an MLP, UNet or EDM SongUNet) and ``meta`` (``data``, ``shape``, ``command``,
     ``metrics``, any other JSON-able keys) as a teacher folder; returns the folder.
 
     Each file is written atomically, weights first, so ``teacher.json`` only ever describes complete
     weights of the run that wrote it."""
-    if not isinstance(net.backbone, MLP | UNet):
-        raise TypeError(f"save_teacher stores MLP and UNet backbones; got {type(net.backbone).__name__}")
+    if not isinstance(net.backbone, MLP | UNet | SongUNet):
+        raise TypeError(f"save_teacher stores MLP, UNet and SongUNet backbones; got {type(net.backbone).__name__}")
     folder = Path(folder)
     meta = dict(meta or {})
     reserved = {"format", "version", "arch", "sigma_data"} & meta.keys()
@@ -126,11 +127,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(arch, dict) or arch.get("kind") not in KINDS:
         kind = arch.get("kind") if isinstance(arch, dict) else arch
         raise ValueError(f"{str(path)!r}: unknown arch kind {kind!r}; this version knows {', '.join(KINDS)}")
-    if arch["kind"] == "unet":
-        res, ch = arch.get("resolution", 28), arch.get("channels", 1)
-        expected = [ch, res, res]
+    expected = image_shape(arch)
+    if expected is not None:
         if doc.get("shape", expected) != expected:
-            raise ValueError(f"{str(path)!r}: shape {doc.get('shape')} does not match the UNet's {expected}")
+            raise ValueError(f"{str(path)!r}: shape {doc.get('shape')} does not match the network's {expected}")
         return {**doc, "shape": expected}
     shape = doc.get("shape", [arch.get("dim")])
     if (not isinstance(shape, list) or not shape
