@@ -22,8 +22,8 @@ DEMO_DIVERGENCES = ("reverse_kl", "hellinger")  # the baseline and the default D
 DEMO_DATASETS = ("ring", "fashion-mnist")  # --dataset X runs the distill preset "demo" or X
 
 HELP = {
-    "teacher": "gmm:<built-in or spec.json/.toml> (analytic mixture), net:<folder from train-teacher> or net:fashion-mnist, "
-               "diffusers:<local folder>, edm:<EDM network-snapshot .pkl>",
+    "teacher": "gmm:<built-in or spec.json/.toml> (analytic mixture), net:<folder from train-teacher>, "
+               "net:fashion-mnist (shipped), diffusers:<local folder>, edm:<EDM network-snapshot .pkl>",
     "divergence": "generator divergence: reverse_kl (DMD), forward_kl, pearson, logistic, power:<alpha>, "
                   "hellinger, jeffreys, softened_rkl, or your own convex h as py:<module>:<function>",
     "critic_loss": "Bregman density-ratio loss of the critic (logistic = the usual classifier)",
