@@ -78,7 +78,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     if cfg.grad_checkpointing:
         for net in (c.generator.denoiser.backbone, c.fake_score.backbone):
             if not hasattr(net, "unet"):
-                raise ConfigError("grad_checkpointing is for U-Net backbones; an MLP keeps little activation memory")
+                raise ConfigError("grad_checkpointing works on diffusers U-Net backbones (our UNet, a diffusers "
+                                  "teacher's); this network does not support it")
             net.unet.enable_gradient_checkpointing()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     shape, bsz, num_classes = teacher.shape, cfg.batch_size, teacher.num_classes
