@@ -207,6 +207,8 @@ def run(argv: list[str] | None = None) -> int:
 
 def listing() -> str:
     """What names the options accept, from the registries themselves (so it cannot go stale)."""
+    from .assets import shipped_names
+    from .data.images import SOURCES as IMAGE_SOURCES
     from .data.toy2d import TOY_SETS
     from .divergences import REGISTRY
     from .teachers.gmm import BUILTINS
@@ -214,7 +216,11 @@ def listing() -> str:
     lines = ["divergences (--divergence, --critic-loss): " + ", ".join(REGISTRY)
              + "; power takes alpha as power:<alpha>; your own convex h: py:<module>:<function>",
              "built-in mixtures (--teacher gmm:<name>, or gmm:<spec.json|.toml>): " + ", ".join(BUILTINS),
-             "toy data sets (train-teacher --data, or a .npy/.csv file): " + ", ".join(TOY_SETS)]
+             "toy data sets (train-teacher --data, or a .npy/.csv file): " + ", ".join(TOY_SETS),
+             "image data (train-teacher --data, train-classifier --data): "
+             + ", ".join(f"{name}:<folder>" if name in ("cifar10", "folder") else name for name in IMAGE_SOURCES)
+             + ", <file>.npz",
+             "shipped teachers (--teacher net:<name>): " + ", ".join(shipped_names("teacher"))]
     lines += [f"{kind} presets: " + ", ".join(names) for kind, names in PRESETS.items()]
     return "\n".join(lines)
 
