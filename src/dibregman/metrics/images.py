@@ -1,9 +1,9 @@
 """Image metrics during and after distillation: Frechet distance, KID, precision/recall on a feature
 network's features, and label adherence (the classifier's accuracy on class-conditional samples).
 
-The feature network is the project's classifier for the teacher's data set (shipped for Fashion-MNIST),
-a classifier folder the user names, or none (then only label-free numbers cannot be computed either:
-the run still trains and writes its samples). Every result carries its protocol string.
+The feature network is the project's classifier for the teacher's data set (shipped for Fashion-MNIST) or
+a classifier folder the user names; with none, a run reports no image numbers (it still trains and writes
+its samples and grids). Every result carries its protocol string.
 """
 
 from __future__ import annotations
