@@ -108,7 +108,7 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
     writes ``out/report.md``. ``resume=True`` continues (or just re-reports) each member's run."""
     import json
 
-    from .report import write_comparison_report
+    from .report import METRIC_ORDER, write_comparison_report
 
     out = Path(out)
     runs: dict[str, Path] = {}
@@ -136,6 +136,9 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
                 f"({cfg['fake_score_steps']}) and starting network. `sample_s`: seconds to draw all "
                 f"{cfg['eval_samples']} samples on the run's device; `step_time_s`: median seconds per training "
                 "iteration.")
+    order = ["method", "nfe", *METRIC_ORDER]  # the metric columns in one order, whatever summary.json's is
+    rows = [dict(sorted(r.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+            for r in rows]
     write_comparison_report(out, rows, runs, title=f"Di-Bregman vs reverse KL on {cfg['teacher']}",
                             protocol=protocol)
     return rows, runs
