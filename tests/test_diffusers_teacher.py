@@ -84,11 +84,17 @@ def test_euler_matches_scheduler_step(tmp_path, pred, karras):
     teacher = load_teacher(_save(tmp_path, unet, sched))
     # Karras sigmas fall between the training grid: diffusers then interpolates the timestep in log sigma too
     sched.set_timesteps(6 if karras else sched.config.num_train_timesteps)
-    idx = range(6) if karras else [0, 1, 400, 998, 999]
+    _check_euler_grid(teacher, unet, sched, range(6) if karras else [0, 1, 400, 998, 999], atol_t=1e-3)
+
+
+def _check_euler_grid(teacher, unet, sched, idx, atol_t: float | None = None) -> None:
+    """At each grid point on its own: the teacher's timestep is the scheduler's, and its denoiser is
+    ``step(...).pred_original_sample`` (``atol_t`` None: torch's default tolerance for the timestep)."""
+    tol = {} if atol_t is None else {"rtol": 1e-5, "atol": atol_t}
     for i in idx:
-        sched._step_index = None  # evaluate each grid point on its own
+        sched._step_index = None
         ts, sigma = sched.timesteps[i], sched.sigmas[i]
-        torch.testing.assert_close(teacher.timestep_from_sigma(sigma).float(), ts, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(teacher.timestep_from_sigma(sigma).float(), ts, **tol)
         x_sigma = _x(1, seed=i) * (1 + sigma)
         out = _unet_out(unet, sched.scale_model_input(x_sigma, ts), ts)
         ref = sched.step(out, ts, x_sigma).pred_original_sample
@@ -100,14 +106,7 @@ def test_euler_continuous_v_timesteps(tmp_path):
     sched = EulerDiscreteScheduler(prediction_type="v_prediction", timestep_type="continuous")
     teacher = load_teacher(_save(tmp_path, unet, sched))
     sched.set_timesteps(5)
-    for i in range(5):
-        sched._step_index = None
-        ts, sigma = sched.timesteps[i], sched.sigmas[i]
-        torch.testing.assert_close(teacher.timestep_from_sigma(sigma).float(), ts)  # 0.25 log sigma
-        x_sigma = _x(1, seed=i) * (1 + sigma)
-        out = _unet_out(unet, sched.scale_model_input(x_sigma, ts), ts)
-        ref = sched.step(out, ts, x_sigma).pred_original_sample
-        torch.testing.assert_close(teacher(x_sigma, sigma), ref, rtol=1e-4, atol=1e-4 * (1 + sigma.item()))
+    _check_euler_grid(teacher, unet, sched, range(5))  # timesteps 0.25 log sigma
 
 
 def test_flow_matching_matches_scheduler(tmp_path):
