@@ -174,7 +174,7 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
 @torch.no_grad()
 def _image_samples(net: Precond, shape: tuple[int, ...], num_classes: int, gen: torch.Generator, count: int,
                    device: torch.device) -> torch.Tensor:
-    """``count`` 35-NFE Heun samples; a conditional teacher's cycle through the classes (a row each)."""
+    """``count`` 35-NFE Heun samples; a conditional teacher's cycle through the classes (a column each)."""
     noise = torch.randn((count, *shape), generator=gen).to(device)
     cond = torch.arange(count, device=device) % num_classes if num_classes else None
     return sample(net.eval(), noise, num_steps=18, cond=cond).cpu()
