@@ -122,7 +122,7 @@ def test_gradient_checkpointing_changes_nothing_and_bf16_runs(tmp_path, teacher,
 
 
 def test_bad_image_options_are_refused_before_any_work(tmp_path, teacher):
-    with pytest.raises(ConfigError, match="class-conditional"):
+    with pytest.raises(ConfigError, match="class- or text-conditional"):
         db.distill(preset="tiny", guidance=2.0, out=str(tmp_path / "a"))
     with pytest.raises(ConfigError, match="analytic teacher"):
         db.distill(preset="tiny", divergence="hellinger", critic_head="teacher", out=str(tmp_path / "b"))

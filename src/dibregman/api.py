@@ -18,7 +18,9 @@ from .artifacts import load_generator
 from .metrics.toy import evaluate
 from .sampling import noise_from_seeds
 from .teachers import load_teacher
+from .text.prompts import PromptSet
 from .train.components import balanced_labels, teacher_samples, true_samples
+from .train.conditions import Conditions, conditions_for
 from .train.config import ConfigError, DistillConfig, TeacherConfig, resolve
 from .train.loop import distill as _distill
 
@@ -49,54 +51,86 @@ def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = N
     return _train(cfg, resume=resume, progress=progress, command=command)
 
 
-def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = None) -> Tensor:
-    """``num`` one-step samples from a finished run; sample ``i`` depends only on ``(seed, i)`` (and its
-    label: a class-conditional generator's default is ``i % num_classes``, see ``balanced_labels``)."""
+def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = None,
+           prompts: str | list[str] | None = None) -> Tensor:
+    """``num`` one-step samples from a finished run; sample ``i`` depends only on ``(seed, i)`` and its
+    condition: a class-conditional generator's label (default ``i % num_classes``, see ``balanced_labels``),
+    a text generator's prompt ``i % len(prompts)`` (a list, a prompt file, ``unseen``; default: the
+    teacher's training captions)."""
     gen, info = load_generator(run)
     z = noise_from_seeds(range(seed * 1_000_003, seed * 1_000_003 + num), info["shape"])
-    if labels is None:
-        labels = balanced_labels(num, int(info.get("num_classes", 0)))
+    cond = None
+    if info.get("text"):
+        if labels is not None:
+            raise ValueError("this generator is text-conditional: pass prompts, not labels")
+        conds = generator_conditions(info, prompts)
+        cond = conds.lookup(conds.cycle(num))
+    elif prompts is not None:
+        raise ValueError("prompts are for text-conditional generators; this one takes "
+                         + ("labels" if info.get("num_classes") else "no condition"))
+    else:
+        cond = labels if labels is not None else balanced_labels(num, int(info.get("num_classes", 0)))
     with torch.no_grad():
-        return torch.cat([gen(zb, yb) for zb, yb in zip(z.split(1024), _split(labels, 1024, len(z)), strict=True)])
+        return torch.cat([gen(zb, yb) for zb, yb in zip(z.split(1024), _split(cond, 1024, len(z)), strict=True)])
+
+
+def generator_conditions(info: dict[str, Any], prompts: str | list[str] | None = None) -> Conditions:
+    """The prompt table of a text generator (``info`` from ``load_generator``): ``prompts`` as a list of
+    strings, a prompt file, ``unseen``, or (None) the teacher's training captions."""
+    from types import SimpleNamespace
+
+    if isinstance(prompts, list | tuple):
+        prompts = PromptSet(list(prompts), torch.full((len(prompts),), -1), ())
+    source = SimpleNamespace(text=info["text"], class_names=info.get("class_names", ()), num_classes=0)
+    return conditions_for(source, prompts if prompts is not None else "")
 
 
 def _split(labels: Tensor | None, size: int, n: int) -> tuple[Tensor | None, ...]:
     return labels.split(size) if labels is not None else (None,) * len(range(0, n, size))
 
 
-def _scorer(teacher: Any, num: int, seed: int, classifier: str = "auto") -> Any:
+def _scorer(teacher: Any, num: int, seed: int, classifier: str = "auto", conds: Conditions | None = None) -> Any:
     """``x -> metrics`` against the law ``teacher`` models: exact metrics for points, feature metrics
-    (held-out data, class-balanced labels) for images."""
+    (held-out data, class-balanced; label accuracy against what sample ``i``'s condition asks for) for images."""
+    conds = conds if conds is not None else Conditions(teacher.num_classes)
     split = "test" if len(teacher.shape) == 3 else "train"
-    reference = true_samples(teacher, num, seed + 2, split=split)
+    reference = true_samples(teacher, num, seed + 2, split=split, classes=conds.num_classes)
     if reference is None:
-        reference = teacher_samples(teacher, num, seed + 2, torch.device("cpu"))
+        reference = teacher_samples(teacher, num, seed + 2, torch.device("cpu"), conds)
     if len(teacher.shape) == 3:
         from .metrics.images import make_evaluator
 
         score = make_evaluator(teacher, reference, classifier)
-        labels = balanced_labels(num, teacher.num_classes)
+        labels = conds.classes(conds.cycle(num))
         return (lambda x: score(x, labels)) if score is not None else (lambda x: {})
     return lambda x: evaluate(x, reference, teacher if hasattr(teacher, "log_prob") else None)
 
 
-def teacher_row(teacher_spec: str, num: int, seed: int = 0, classifier: str = "auto") -> dict[str, Any]:
-    """The reference row of every table: the teacher's own 35-NFE Heun sampler, same metrics."""
+def teacher_row(teacher_spec: str, num: int, seed: int = 0, classifier: str = "auto", prompts: str = "",
+                guidance: float = 1.0) -> dict[str, Any]:
+    """The reference row of every table: the teacher's own 35-NFE Heun sampler, same metrics (a text
+    teacher on ``prompts``, see ``DistillConfig.prompts``; ``guidance``: its classifier-free guidance)."""
     teacher = load_teacher(teacher_spec)
-    score = _scorer(teacher, num, seed, classifier)
+    if guidance != 1.0:
+        teacher.guidance = guidance
+    conds = conditions_for(teacher, prompts)
+    score = _scorer(teacher, num, seed, classifier, conds)
     t0 = time.perf_counter()
-    x = teacher_samples(teacher, num, seed + 5, torch.device("cpu"))
+    x = teacher_samples(teacher, num, seed + 5, torch.device("cpu"), conds)
     seconds = time.perf_counter() - t0
     return {"method": "teacher (Heun, 35 NFE)", "nfe": 35, **score(x), "sample_s": seconds}
 
 
 def evaluate_run(run: str | Path, num: int = 2000, seed: int = 0, teacher: str | None = None,
-                 classifier: str = "auto") -> dict[str, Any]:
-    """Metrics of a finished run's generator against the law its teacher models."""
+                 classifier: str = "auto", prompts: str = "") -> dict[str, Any]:
+    """Metrics of a finished run's generator against the law its teacher models (a text generator on
+    ``prompts``: its teacher's training captions by default, ``unseen``, or a prompt file)."""
     info = load_generator(run)[1]
-    score = _scorer(load_teacher(teacher or info["teacher"]), num, seed, classifier)
+    the_teacher = load_teacher(teacher or info["teacher"])
+    conds = conditions_for(the_teacher, prompts)
+    score = _scorer(the_teacher, num, seed, classifier, conds)
     t0 = time.perf_counter()
-    x = sample(run, num, seed)
+    x = sample(run, num, seed, prompts=(prompts or None) if info.get("text") else None)
     seconds = time.perf_counter() - t0
     return {"method": f"student ({info['divergence']}, 1 NFE)", "nfe": 1, **score(x), "sample_s": seconds}
 

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None,
                    help="class-conditional generator: every sample of this class (default: sample i has class i mod K)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text generator: a prompt (repeat for several; sample i gets prompt i mod N)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text generator: a prompt file (one per line), or 'unseen' (default: the training captions)")
     p.add_argument("--out", default="samples.npz", help="output .npz (arrays 'x', and 'labels' when conditional); "
                    "a .png gets an image grid (images) or a scatter plot (points)")
 
@@ -125,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", default=None, help="evaluate against another teacher spec")
     p.add_argument("--classifier", default="auto", help="images: feature classifier folder (auto: the shipped one)")
+    p.add_argument("--prompts", default="", help="text generators: evaluate on a prompt file (with classes), or "
+                   "'unseen' (caption templates the teacher never saw); default: the training captions")
+    p.add_argument("--guidance", type=float, default=1.0, help="the teacher row's classifier-free guidance scale")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -181,7 +188,9 @@ def run(argv: list[str] | None = None) -> int:
             import torch
 
             labels = torch.full((args.num,), args.label)
-        x = api.sample(args.run, args.num, args.seed, labels=labels)
+        if args.prompt and args.prompts:
+            raise UserError("give --prompt or --prompts, not both")
+        x = api.sample(args.run, args.num, args.seed, labels=labels, prompts=args.prompt or args.prompts)
         _write_samples(Path(args.out), x, labels)
         print(f"wrote {args.num} samples to {args.out}")
         return 0
@@ -199,8 +208,9 @@ def run(argv: list[str] | None = None) -> int:
         print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}, "
               "trust_remote_code=True))")
         return 0
-    rows = [api.teacher_row(args.teacher or _run_teacher(args.run), args.num, args.seed, args.classifier),
-            api.evaluate_run(args.run, args.num, args.seed, args.teacher, args.classifier)]
+    rows = [api.teacher_row(args.teacher or _run_teacher(args.run), args.num, args.seed, args.classifier,
+                            args.prompts, args.guidance),
+            api.evaluate_run(args.run, args.num, args.seed, args.teacher, args.classifier, args.prompts)]
     print(json.dumps(rows, indent=2) if args.json else format_table(rows, markdown=False))
     return 0
 

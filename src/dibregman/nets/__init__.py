@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-KINDS = ("mlp", "unet", "edm_songunet")
+KINDS = ("mlp", "unet", "text_unet", "edm_songunet")
 
 
 def build_backbone(arch: dict[str, Any]) -> nn.Module:
@@ -19,6 +19,10 @@ def build_backbone(arch: dict[str, Any]) -> nn.Module:
         from .unet import UNet
 
         return UNet.from_arch(arch)
+    if kind == "text_unet":
+        from .text_unet import TextUNet
+
+        return TextUNet.from_arch(arch)
     if kind == "edm_songunet":  # EDM's DDPM++ / NCSN++ network, imported from an EDM snapshot
         from .edm_unet import SongUNet
 
@@ -31,14 +35,16 @@ def arch_of(backbone: nn.Module) -> dict[str, Any]:
     from .edm_unet import KIND as EDM_KIND
     from .edm_unet import SongUNet
     from .mlp import MLP
+    from .text_unet import TextUNet
 
-    kind = "mlp" if isinstance(backbone, MLP) else EDM_KIND if isinstance(backbone, SongUNet) else "unet"
+    kind = ("mlp" if isinstance(backbone, MLP) else EDM_KIND if isinstance(backbone, SongUNet)
+            else "text_unet" if isinstance(backbone, TextUNet) else "unet")
     return {"kind": kind, **backbone.arch()}
 
 
 def image_shape(arch: dict[str, Any]) -> list[int] | None:
     """``[C, H, W]`` of the images an image backbone's ``arch`` takes; None for a point (MLP) backbone."""
-    if arch.get("kind") == "unet":
+    if arch.get("kind") in ("unet", "text_unet"):
         res = arch.get("resolution", 28)
         return [arch.get("channels", 1), res, res]
     if arch.get("kind") == "edm_songunet":

@@ -49,14 +49,15 @@ VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS
 PREDICTIONS = ("epsilon", "v_prediction", "sample")  # for the VP schedulers; flow models predict velocity
-UNET_CLASSES = ("UNet2DModel",)
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 SCHEDULER_FILE = "scheduler_config.json"
 UNET_FILE = "config.json"
 ARCH_KIND = "diffusers"  # generator.json's arch kind for a student made from a diffusers teacher
 
 
 class DiffusersUNet(nn.Module):
-    """A ``UNet2DModel`` called in its own conventions ``F(x_t, timestep, class_labels)``: the backbone of a
+    """A ``UNet2DModel`` called in its own conventions ``F(x_t, timestep, class_labels)``, or a text
+    ``UNet2DConditionModel`` as ``F(x_t, timestep, encoder_hidden_states)``: the backbone of a
     ``DiffusersDenoiser``, with what our training code reads from an image backbone (``unet`` for gradient
     checkpointing, ``feature_channels`` and ``features`` for critic heads)."""
 
@@ -64,14 +65,21 @@ class DiffusersUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.feature_channels = int(unet.config["block_out_channels"][-1])  # what the mid block returns
-        self.num_classes = int(unet.config.get("num_class_embeds") or 0)
+        self.text = type(unet).__name__ == "UNet2DConditionModel"
+        self.num_classes = 0 if self.text else int(unet.config.get("num_class_embeds") or 0)
 
-    def forward(self, x_t: Tensor, timestep: Tensor, labels: Tensor | None = None) -> Tensor:
-        return self.unet(x_t, timestep, class_labels=labels, return_dict=False)[0]
+    def forward(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
+        if self.text:
+            return self.unet(x_t, timestep, encoder_hidden_states=cond, return_dict=False)[0]
+        return self.unet(x_t, timestep, class_labels=cond, return_dict=False)[0]
 
     def features(self, x_t: Tensor, timestep: Tensor, labels: Tensor | None = None) -> Tensor:
         """Bottleneck activations ``[B, feature_channels, h, w]``: steps 0-4 of ``UNet2DModel.forward``
         (input centring, time and class embedding, down blocks, mid block), without the decoder."""
+        if self.text:
+            from ..nets.text_unet import cond_unet_features
+
+            return cond_unet_features(self.unet, x_t, timestep, labels)
         u, cfg = self.unet, self.unet.config
         if cfg["center_input_sample"]:
             x_t = 2 * x_t - 1.0
@@ -118,6 +126,12 @@ class DiffusersDenoiser(nn.Module):
                                  f"{', '.join(PREDICTIONS)} (and velocity via FlowMatchEulerDiscreteScheduler)")
             self.prediction_type = pred
         ucfg = unet.config
+        if type(unet).__name__ == "UNet2DConditionModel":
+            extra = {k: ucfg.get(k) for k in ("class_embed_type", "addition_embed_type", "num_class_embeds",
+                                              "encoder_hid_dim") if ucfg.get(k)}
+            if extra:  # SDXL-style added conditions need inputs a text encoder alone does not give
+                raise ValueError(f"UNet2DConditionModel with {extra} is not supported: only text conditioning "
+                                 "through encoder_hidden_states (cross-attention), as in Stable Diffusion 1.x/2.x")
         if ucfg.get("time_embedding_type", "positional") != "positional":  # those embed integer steps or sigma
             raise ValueError(f"UNet time_embedding_type {ucfg.get('time_embedding_type')!r} is not supported; "
                              "only 'positional' takes the continuous timesteps this teacher feeds")
@@ -160,8 +174,8 @@ class DiffusersDenoiser(nn.Module):
 
     def arch(self) -> dict[str, Any]:
         """JSON-able description that ``from_arch`` rebuilds (weights aside), as saved in generator.json."""
-        return {"kind": ARCH_KIND, "unet_config": _plain(self.unet.config), "scheduler_class": self.scheduler_class,
-                "scheduler_config": dict(self.scheduler_config)}
+        return {"kind": ARCH_KIND, "unet_class": type(self.unet).__name__, "unet_config": _plain(self.unet.config),
+                "scheduler_class": self.scheduler_class, "scheduler_config": dict(self.scheduler_config)}
 
     @classmethod
     def from_arch(cls, arch: dict[str, Any], sigma_data: float = 0.5) -> DiffusersDenoiser:
@@ -173,8 +187,11 @@ class DiffusersDenoiser(nn.Module):
         name = arch.get("scheduler_class")
         if name not in SCHEDULERS:
             raise ValueError(f"arch names unsupported scheduler {name!r}; supported: {', '.join(SCHEDULERS)}")
+        unet_class = arch.get("unet_class", "UNet2DModel")
+        if unet_class not in UNET_CLASSES:
+            raise ValueError(f"arch names unsupported UNet class {unet_class!r}; supported: {', '.join(UNET_CLASSES)}")
         try:
-            unet = diffusers.UNet2DModel.from_config(arch["unet_config"])
+            unet = getattr(diffusers, unet_class).from_config(arch["unet_config"])
             scheduler = getattr(diffusers, name).from_config(arch["scheduler_config"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"cannot build a diffusers denoiser from arch ({e})") from None
@@ -217,6 +234,11 @@ class DiffusersDenoiser(nn.Module):
         timestep = self.timestep_from_sigma(sigma).float()
         s = append_dims(sigma.to(x.dtype), x.ndim)
         x_in = flow_input_from_x_sigma(x, s) if self.kind == "flow" else vp_input_from_x_sigma(x, s)
+        if self.backbone.text:
+            if cond is None:
+                raise ValueError("this diffusers model is text-conditional: pass cond (text encoder hidden states; "
+                                 "the teacher supplies the empty prompt's for classifier-free guidance)")
+            return x_in, timestep, cond.to(self.unet.dtype), s
         if self.unet.class_embedding is not None and cond is None:
             raise ValueError(f"this diffusers model is class-conditional ({self.num_classes} classes): "
                              "pass cond (class labels)")
@@ -260,7 +282,7 @@ class DiffusersTeacher(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, no_grad: bool = True,
-                 source: str | None = None):
+                 source: str | None = None, text_encoder: Any = None):
         super().__init__()
         self.net = DiffusersDenoiser(unet, scheduler, sigma_data).eval()
         self.scheduler = scheduler
@@ -269,6 +291,14 @@ class DiffusersTeacher(nn.Module):
         net = self.net
         self.shape, self.num_classes, self.sigma_data = net.shape, net.num_classes, net.sigma_data
         self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
+        self.text: dict[str, Any] | None = None
+        self.class_names: tuple[str, ...] = ()
+        if net.backbone.text:  # Stable Diffusion's conventions: the empty prompt is the unconditional input
+            if text_encoder is None:
+                raise ValueError("a text-conditional UNet needs its text encoder (tokenizer/ and text_encoder/)")
+            self.text = {"encoder": text_encoder.spec, "length": text_encoder.max_length}
+            self.register_buffer("null_hidden", text_encoder.encode([""]), persistent=False)
+            self.guidance = 1.0  # classifier-free guidance scale (1: none)
 
     @property
     def network(self) -> DiffusersDenoiser:
@@ -300,8 +330,16 @@ class DiffusersTeacher(nn.Module):
         return super().train(False)  # a teacher is frozen; keep eval-mode behaviour whatever the caller does
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``D(x, sigma, cond)``; a text teacher takes encoder hidden states (None: the empty prompt), with
+        classifier-free guidance ``D_u + w (D_c - D_u)`` when ``guidance`` w != 1."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.no_grad):
-            return self.net(x, sigma, cond)
+            if self.text is None:
+                return self.net(x, sigma, cond)
+            null = self.null_hidden.expand(x.shape[0], -1, -1)
+            d = self.net(x, sigma, null if cond is None else cond)
+            if cond is None or self.guidance == 1.0:
+                return d
+            return torch.lerp(self.net(x, sigma, null), d, self.guidance)
 
 
 def _plain(config: Any) -> dict[str, Any]:
@@ -368,8 +406,20 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad:
     if unet_name not in UNET_CLASSES:
         raise ValueError(f"{str(unet_dir / UNET_FILE)!r}: unsupported model class {unet_name!r}; supported: "
                          f"{', '.join(UNET_CLASSES)} (unconditional or class-conditional pixel U-Nets)")
+    if (folder / "vae").is_dir():
+        raise ValueError(f"{str(folder)!r} is a latent pipeline (it has vae/): this version distills pixel-space "
+                         "U-Nets only; latent teachers need the VAE in the loop and the metrics (not built yet)")
+    encoder = None
+    if unet_name == "UNet2DConditionModel":
+        from ..text import load_text_encoder
+
+        if not ((folder / "tokenizer").is_dir() and (folder / "text_encoder").is_dir()):
+            raise FileNotFoundError(f"{str(folder)!r} has a text-conditional UNet but no tokenizer/ and text_encoder/ "
+                                    "folders beside it: save the whole pipeline (pipeline.save_pretrained)")
+        encoder = load_text_encoder(str(folder.resolve()))
     scheduler = getattr(diffusers, sched_name).from_pretrained(str(sched_dir), local_files_only=True)
     lazy = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then loads eagerly
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=torch.float32,
-                                                 low_cpu_mem_usage=lazy)
-    return DiffusersTeacher(unet, scheduler, sigma_data=sigma_data, no_grad=no_grad, source=str(folder))
+    unet = getattr(diffusers, unet_name).from_pretrained(str(unet_dir), local_files_only=True,
+                                                         torch_dtype=torch.float32, low_cpu_mem_usage=lazy)
+    return DiffusersTeacher(unet, scheduler, sigma_data=sigma_data, no_grad=no_grad, source=str(folder),
+                            text_encoder=encoder)

@@ -28,6 +28,7 @@ from ..io import atomic_save_safetensors, read_tagged_json, require_files, write
 from ..nets import KINDS, arch_of, build_backbone, image_shape
 from ..nets.edm_unet import SongUNet
 from ..nets.mlp import MLP
+from ..nets.text_unet import TextUNet
 from ..nets.unet import UNet
 from ..precond import Precond
 
@@ -59,7 +60,10 @@ class NetworkTeacher(nn.Module):
         self.meta: dict[str, Any] = dict(meta or {})
         self.data_spec: str | None = self.meta.get("data")  # where its training points came from
         self.no_grad = no_grad
-        self.guidance = 1.0  # classifier-free guidance scale of a class-conditional teacher (1: none)
+        self.guidance = 1.0  # classifier-free guidance scale of a conditional teacher (1: none)
+        self.class_names: tuple[str, ...] = tuple(self.meta.get("class_names") or ())
+        # a text teacher: {"encoder": spec, "length": tokens, "templates": its training captions}
+        self.text: dict[str, Any] | None = self.meta.get("text") if isinstance(net.backbone, TextUNet) else None
 
     @property
     def network(self) -> Precond:
@@ -69,8 +73,8 @@ class NetworkTeacher(nn.Module):
         return super().train(False)  # a teacher is frozen; keep eval-mode behaviour whatever the caller does
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
-        """``D(x, sigma, cond)``; with ``guidance`` w != 1 and labels, classifier-free guidance
-        ``D_u + w (D_c - D_u)`` (the unconditional call drops the labels to "no label")."""
+        """``D(x, sigma, cond)``; with ``guidance`` w != 1 and a condition, classifier-free guidance
+        ``D_u + w (D_c - D_u)`` (the unconditional call drops labels to "no label", text to no text)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.no_grad):
             d = self.net(x, sigma, cond)
             if cond is None or self.guidance == 1.0:
@@ -84,8 +88,9 @@ def save_teacher(folder: str | Path, net: Precond, meta: dict[str, Any] | None =
 
     Each file is written atomically, weights first, so ``teacher.json`` only ever describes complete
     weights of the run that wrote it."""
-    if not isinstance(net.backbone, MLP | UNet | SongUNet):
-        raise TypeError(f"save_teacher stores MLP, UNet and SongUNet backbones; got {type(net.backbone).__name__}")
+    if not isinstance(net.backbone, MLP | UNet | TextUNet | SongUNet):
+        raise TypeError("save_teacher stores MLP, UNet, TextUNet and SongUNet backbones; "
+                        f"got {type(net.backbone).__name__}")
     folder = Path(folder)
     meta = dict(meta or {})
     reserved = {"format", "version", "arch", "sigma_data"} & meta.keys()

@@ -21,6 +21,7 @@ from ..precond import Precond
 from ..ratio import Critic, FeatureCritic, feature_head
 from ..schedules import KarrasUniform, LogNormal
 from ..teachers import Teacher
+from .conditions import Conditions
 from .config import ConfigError, DistillConfig, divergence_from_spec
 from .ema import EMA
 
@@ -52,16 +53,17 @@ def fit_network(teacher: Teacher, hidden: int, depth: int, steps: int, batch_siz
 _TEACHER_ROWS: dict[tuple, tuple[Tensor, float]] = {}
 
 
-def reference_teacher_samples(teacher: Teacher, cfg: DistillConfig, device: torch.device) -> tuple[Tensor, float]:
+def reference_teacher_samples(teacher: Teacher, cfg: DistillConfig, device: torch.device,
+                              conds: Conditions) -> tuple[Tensor, float]:
     """The teacher's 35-NFE samples for the final table (and the seconds they took), kept for the process:
     runs of several members from one teacher (demo, compare) share them instead of sampling it again. The
     key holds a checksum of the teacher's weights and buffers, so a changed teacher is never reused."""
     tensors = [*teacher.parameters(), *teacher.buffers()] if isinstance(teacher, torch.nn.Module) else []
     checksum = float(sum(t.detach().double().sum() for t in tensors)) if tensors else None
-    key = (cfg.teacher, checksum, cfg.guidance, cfg.eval_samples, cfg.seed, str(device))
+    key = (cfg.teacher, checksum, cfg.guidance, cfg.prompts, cfg.eval_samples, cfg.seed, str(device))
     if key not in _TEACHER_ROWS:
         t0 = time.perf_counter()
-        x = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 5, device).cpu()
+        x = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 5, device, conds).cpu()
         _TEACHER_ROWS.clear()  # one teacher's samples at a time: bounded memory
         _TEACHER_ROWS[key] = (x, time.perf_counter() - t0)
     return _TEACHER_ROWS[key]
@@ -73,25 +75,30 @@ def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu"
 
 
 @torch.no_grad()
-def teacher_samples(teacher: Teacher, n: int, seed: int, device: torch.device, batch: int = 4096) -> Tensor:
-    """The teacher's own 35-NFE Heun samples (what stands for p when no data is used), labels balanced."""
+def teacher_samples(teacher: Teacher, n: int, seed: int, device: torch.device, conds: Conditions | None = None,
+                    batch: int = 4096) -> Tensor:
+    """The teacher's own 35-NFE Heun samples (what stands for p when no data is used), sample ``i`` with
+    condition ``i % K`` (``Conditions.cycle``; by default the teacher's classes)."""
     g = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(n, teacher.num_classes, device)
-    if teacher.num_classes:
+    conds = conds if conds is not None else Conditions(teacher.num_classes)
+    idx = conds.cycle(n)
+    if len(teacher.shape) == 3:
         batch = min(batch, 512)  # an image network: keep the activations of one call small
     out = []
     for i in range(0, n, batch):
         noise = torch.randn((min(batch, n - i), *teacher.shape), generator=g).to(device)
-        cond = labels[i:i + len(noise)] if labels is not None else None
+        cond = conds.lookup(idx[i:i + len(noise)], device) if idx is not None else None
         out.append(sampling.sample(teacher, noise, num_steps=18, sigma_min=teacher.sigma_min,
                                    sigma_max=teacher.sigma_max, cond=cond).float())
     return torch.cat(out)
 
 
-def true_samples(teacher: Teacher, n: int, seed: int, split: str = "train") -> Tensor | None:
+def true_samples(teacher: Teacher, n: int, seed: int, split: str = "train", classes: int | None = None
+                 ) -> Tensor | None:
     """Samples of the law the teacher models: exact for an analytic teacher, its data for a trained one
     (``split="test"``: the held-out split where the data set has one). Image sets are class-balanced in
-    the ``balanced_labels`` order; there may be fewer than ``n`` if a class runs short."""
+    the ``balanced_labels`` order over ``classes`` (default: the teacher's); there may be fewer than ``n``
+    if a class runs short."""
     g = torch.Generator().manual_seed(seed)
     if hasattr(teacher, "sample"):
         return teacher.sample(n, generator=g).float()
@@ -107,9 +114,9 @@ def true_samples(teacher: Teacher, n: int, seed: int, split: str = "train") -> T
         return points[torch.randperm(len(points), generator=g)[:n]].float()
     ds = load_images((test_split(data) or data) if split == "test" else data)
     order = torch.randperm(len(ds.images), generator=g)
-    if not teacher.num_classes or ds.labels is None:
+    k = teacher.num_classes if classes is None else classes
+    if not k or ds.labels is None:
         return ds.images[order[:n]]
-    k = teacher.num_classes
     per_class = [order[ds.labels[order] == c] for c in range(k)]
     m = min(-(-n // k), *(len(ix) for ix in per_class))
     idx = torch.stack([ix[:m] for ix in per_class], dim=1).reshape(-1)[:n]  # class i % k at row i

@@ -25,6 +25,7 @@ from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
 from .checkpoint import CheckpointError, list_checkpoints, load_latest, read_meta, save_checkpoint
 from .components import balanced_labels, build, fit_network, reference_teacher_samples, teacher_samples, true_samples
+from .conditions import conditions_for
 from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
 
@@ -45,10 +46,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     local = dist.local_slice(cfg.batch_size)  # this process's share of every global batch
     teacher = load_teacher(cfg.teacher).to(device)  # a bad teacher fails before the run folder is made
     if cfg.guidance != 1.0:
-        if not teacher.num_classes or not hasattr(teacher, "guidance"):
-            raise ConfigError(f"guidance = {cfg.guidance} needs a class-conditional network teacher; "
+        if not (teacher.num_classes or getattr(teacher, "text", None)) or not hasattr(teacher, "guidance"):
+            raise ConfigError(f"guidance = {cfg.guidance} needs a class- or text-conditional network teacher; "
                               f"{cfg.teacher} is not one (leave guidance at 1)")
         teacher.guidance = cfg.guidance
+    conds = conditions_for(teacher, cfg.prompts)  # prompts are read and encoded before the run folder is made
     if len(teacher.shape) == 3 and teacher.network is None:  # only point teachers get a fitted MLP instead
         raise ConfigError(f"{cfg.teacher} is an image teacher without a network for the students to start from; "
                           "distill a teacher trained with `dibregman train-teacher` (net:<folder>) or a diffusers "
@@ -82,21 +84,28 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                                   "teacher's); this network does not support it")
             net.unet.enable_gradient_checkpointing()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    shape, bsz, num_classes = teacher.shape, cfg.batch_size, teacher.num_classes
+    shape, bsz, num_classes = teacher.shape, cfg.batch_size, conds.num_classes
     images = len(shape) == 3
-    reference = true_samples(teacher, cfg.eval_samples, cfg.seed + 2, split="test")
+    reference = true_samples(teacher, cfg.eval_samples, cfg.seed + 2, split="test", classes=num_classes)
     if reference is None:
-        reference = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 2, device).cpu()
-    pool = None
+        reference = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 2, device, conds).cpu()
+    pool, pool_idx = None, None
     if c.critic is not None:
-        pool = (teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1, device) if cfg.critic_data == "teacher"
-                else true_samples(teacher, cfg.teacher_pool, cfg.seed + 1))
-        if pool is None:
-            raise ConfigError("critic_data = 'data' needs a teacher that knows its data; use critic_data = teacher")
+        if cfg.critic_data == "teacher":
+            pool = teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1, device, conds)
+            pool_idx = conds.cycle(len(pool))
+        else:
+            pool = true_samples(teacher, cfg.teacher_pool, cfg.seed + 1, classes=num_classes)
+            if pool is None:
+                raise ConfigError("critic_data = 'data' needs a teacher that knows its data; use critic_data = teacher")
+            try:  # real images in class order i % classes, each paired with a condition asking for its class
+                pool_idx = conds.for_classes(balanced_labels(len(pool), num_classes))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         pool = pool.to(device)
-    pool_labels = balanced_labels(len(pool), num_classes, device) if pool is not None else None
     eval_z = torch.randn((cfg.eval_samples, *shape), generator=torch.Generator().manual_seed(cfg.seed + 4))
-    eval_y = balanced_labels(cfg.eval_samples, num_classes)
+    eval_idx = conds.cycle(cfg.eval_samples)
+    eval_y = conds.classes(eval_idx)  # what label accuracy (prompt adherence for text) is measured against
     score = make_evaluator(teacher, reference, cfg.classifier) if images else None
     gmm = teacher if hasattr(teacher, "log_prob") else None
 
@@ -132,8 +141,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     def sigmas(sampler: SigmaSampler) -> torch.Tensor:
         return sampler(bsz, g)[local].to(device)
 
-    def labels() -> torch.Tensor | None:  # a class-conditional teacher: uniform labels (no draw otherwise)
-        return torch.randint(num_classes, (bsz,), generator=g)[local].to(device) if num_classes else None
+    def condition() -> torch.Tensor | None:  # uniform labels or prompts (no draw for an unconditional teacher)
+        idx = conds.draw(bsz, g)
+        return conds.lookup(idx[local], device) if idx is not None else None
 
     def checkpoint() -> None:
         state = {"optimizers": c.optimizer_state(), "rng": g.get_state(), "torch_rng": torch.get_rng_state()}
@@ -145,8 +155,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     @torch.no_grad()
     def sample_ema() -> torch.Tensor:
         zs = eval_z.split(1024)  # bounded activations for image networks
-        ys = eval_y.split(1024) if eval_y is not None else (None,) * len(zs)
-        return torch.cat([c.ema.module(z.to(device), y if y is None else y.to(device)).cpu()
+        ys = eval_idx.split(1024) if eval_idx is not None else (None,) * len(zs)
+        return torch.cat([c.ema.module(z.to(device), conds.lookup(y, device)).cpu()
                           for z, y in zip(zs, ys, strict=True)])
 
     stats = Stats(out / "stats.jsonl", write=main, tensorboard=out / "tensorboard" if cfg.tensorboard else None)
@@ -158,7 +168,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             t0 = time.perf_counter()
             # Phase 1: K updates of the fake score (denoising student samples) and of the critic.
             for _ in range(cfg.fake_score_steps):
-                y = labels()
+                y = condition()
                 with torch.no_grad(), amp:
                     x = c.generator(draw(), y).float()
                 if c.generator_loss.mode == "score":  # the discriminator form never asks the fake score
@@ -171,7 +181,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                 if c.critic is not None:
                     idx = torch.randint(len(pool), (bsz,), generator=g)[local].to(device)
                     sigma = sigmas(c.generator_sigmas)
-                    y_pool = pool_labels[idx] if pool_labels is not None else None
+                    y_pool = conds.lookup(pool_idx[idx.cpu()], device) if pool_idx is not None else None
                     with amp:
                         loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre, y, y_pool)
                         loss = loss.float().mean()
@@ -179,7 +189,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                     stats.add({"loss/critic": loss.item()})
 
             # Phase 2: one generator update along omega(r) * (D_F - D_T).
-            y = labels()
+            y = condition()
             with amp:
                 x = c.generator(draw(), y)
                 sigma = sigmas(c.generator_sigmas)
@@ -228,7 +238,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     if not main:
         return out
     info = {"teacher": cfg.teacher, "divergence": c.generator_loss.divergence.name, "shape": list(shape),
-            "num_classes": num_classes, "steps": step}
+            "num_classes": teacher.num_classes, "steps": step}
+    if conds.text:  # what `dibregman sample --prompt` needs to encode new prompts for this generator
+        info["text"] = dict(teacher.text)
+        info["class_names"] = list(getattr(teacher, "class_names", ()))
     save_generator(out / "generator", c.ema.module, info)
     t0 = time.perf_counter()
     student = sample_ema()
@@ -236,7 +249,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     final = evaluate(student)
     truncate_jsonl(out / "metrics.jsonl", step - 1)  # finishing again (a resumed finished run): one final row
     append_jsonl(out / "metrics.jsonl", {"step": step, **final})
-    ref_teacher, teacher_s = reference_teacher_samples(teacher, cfg, device)
+    ref_teacher, teacher_s = reference_teacher_samples(teacher, cfg, device, conds)
     with atomic_open(out / "samples.npz") as f:
         extra = {"labels": eval_y.numpy()} if eval_y is not None else {}
         np.savez(f, student=student.numpy(), teacher=ref_teacher.numpy(), data=reference.numpy(), **extra)

