@@ -268,3 +268,28 @@ def test_unlabelled_prompts_with_real_data_for_the_critic_are_refused(tmp_path, 
     assert main(["distill", "--teacher", text_teacher, "--preset", "tiny-images", "--classifier", "none",
                  "--critic-data", "data", "--prompts", str(f), "--out", str(tmp_path / "r")]) == 2
     assert "name no classes" in capsys.readouterr().err
+
+
+def test_export_of_a_text_student_samples_what_the_generator_does(tmp_path, monkeypatch, text_run):
+    import sys
+
+    import diffusers.utils.dynamic_modules_utils as dyn
+    from diffusers import DiffusionPipeline
+
+    from dibregman.artifacts import load_generator
+    from dibregman.export import export_diffusers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # diffusers' module cache in tmp_path, not ~/.cache
+    monkeypatch.setattr(dyn, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    out = export_diffusers(text_run, tmp_path / "exported")
+    assert {"unet", "tokenizer", "text_encoder"} <= {p.name for p in out.iterdir()}
+    pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    assert type(pipe).__name__ == "DibregmanTextOneStepPipeline"
+    prompts = ["a photo of a 3", "someone's 8"]
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    got = pipe(prompts, num_images_per_prompt=2, latents=z, output_type="pt").images
+    gen, _ = load_generator(text_run)
+    hidden = load_text_encoder("minilm").encode(prompts).repeat_interleave(2, dim=0)
+    with torch.no_grad():
+        torch.testing.assert_close(got, ((gen(z, hidden) + 1) / 2).clamp(0, 1), rtol=1e-5, atol=1e-5)

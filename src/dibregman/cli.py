@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from .train.config import PRESETS, ConfigError, DistillConfig, TeacherConfig, resolve, to_dict
 
 DEMO_DIVERGENCES = ("reverse_kl", "hellinger")  # the baseline and the default Di-Bregman member
-DEMO_DATASETS = ("ring", "fashion-mnist")  # --dataset X runs the distill preset "demo" or X
+DEMO_DATASETS = ("ring", "fashion-mnist", "fashion-mnist-text")  # --dataset X runs the distill preset "demo" or X
 
 HELP = {
     "teacher": "gmm:<built-in or spec.json/.toml> (analytic mixture), net:<folder from train-teacher>, "
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated members to compare (default: {','.join(DEMO_DIVERGENCES)})")
     p.add_argument("--dataset", choices=DEMO_DATASETS, default="ring",
                    help="ring: the analytic 2-D test bed (about 2 min); fashion-mnist: images from the shipped "
-                        "teacher (about 12 min on 2 CPU cores)")
+                        "teacher (about 12 min on 2 CPU cores); fashion-mnist-text: text-to-image from the shipped "
+                        "caption-conditioned teacher (label_acc is prompt adherence)")
     _add_config_options(p, DistillConfig, "distill")
 
     p = sub.add_parser("train-teacher", help="train an MLP diffusion teacher on a toy set or a point cloud")

@@ -1,6 +1,7 @@
 """Export a U-Net one-step generator as a diffusers pipeline folder that loads without dibregman.
 
-The folder holds the student's ``UNet2DModel`` (``unet/``), ``model_index.json`` naming the custom pipeline
+The folder holds the student's ``UNet2DModel`` (``unet/``; a text student's ``UNet2DConditionModel`` with its
+``tokenizer/`` and ``text_encoder/``), ``model_index.json`` naming the custom pipeline
 class, that class's source (``dibregman_pipeline.py``, a copy of ``dibregman/pipeline.py``), the original
 ``generator.json`` (provenance) and a README. Load it with diffusers alone::
 
@@ -19,10 +20,12 @@ from pathlib import Path
 from . import pipeline as pipeline_module
 from .artifacts import load_generator
 from .io import writing
+from .nets.text_unet import TextUNet
 from .nets.unet import NOISE_SCALE, UNet
 
 MODULE = "dibregman_pipeline"  # a distinctive file name: diffusers caches local pipeline files by name
 CLASS = "DibregmanOneStepPipeline"
+TEXT_CLASS = "DibregmanTextOneStepPipeline"
 
 _README = """# One-step generator distilled with dibregman
 
@@ -31,7 +34,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{name}", trust_remote_code=True)
-images = pipe(batch_size=4, class_labels={labels}, generator=torch.Generator().manual_seed(0)).images
+images = pipe({usage}, generator=torch.Generator().manual_seed(0)).images
 ```
 
 One U-Net evaluation per image: `x = D(sigma_g z, sigma_g)` with EDM preconditioning
@@ -42,7 +45,8 @@ One U-Net evaluation per image: `x = D(sigma_g z, sigma_g)` with EDM preconditio
 
 def _is_export(folder: Path) -> bool:
     try:
-        return json.loads((folder / "model_index.json").read_text()).get("_class_name") == [MODULE, CLASS]
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name") in (
+            [MODULE, CLASS], [MODULE, TEXT_CLASS])
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -55,17 +59,28 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
     """
     gen, info = load_generator(generator_folder)
     backbone = gen.denoiser.backbone
-    if not isinstance(backbone, UNet):
+    if not isinstance(backbone, UNet | TextUNet):
         kind = info.get("arch", {}).get("kind", "mlp")
         why = (" (a student of a diffusers teacher keeps that teacher's timestep and prediction conventions, which "
                "the exported EDM pipeline does not implement)") if kind == "diffusers" else ""
-        raise ValueError(f"{generator_folder} holds a generator with a {kind!r} backbone; only U-Net (kind 'unet') "
-                         f"generators export to diffusers{why}")
+        raise ValueError(f"{generator_folder} holds a generator with a {kind!r} backbone; only U-Net (kinds 'unet', "
+                         f"'text_unet') generators export to diffusers{why}")
     out = Path(out_folder)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
         raise FileExistsError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
-    pipe = pipeline_module.DibregmanOneStepPipeline(unet=backbone.unet, sigma_data=gen.denoiser.sigma_data,
-                                                    sigma_g=gen.sigma_g, noise_scale=NOISE_SCALE)
+    conventions = {"sigma_data": gen.denoiser.sigma_data, "sigma_g": gen.sigma_g, "noise_scale": NOISE_SCALE}
+    if isinstance(backbone, TextUNet):
+        from .text import load_text_encoder
+
+        encoder = load_text_encoder(info["text"]["encoder"], info["text"].get("length"))
+        cls = pipeline_module.DibregmanTextOneStepPipeline
+        pipe = cls(unet=backbone.unet, tokenizer=encoder.tokenizer, text_encoder=encoder.model,
+                   max_length=encoder.max_length, **conventions)
+        usage = 'prompt=["a photo of an ankle boot", "someone\'s bag"]'
+    else:
+        cls = pipeline_module.DibregmanOneStepPipeline
+        pipe = cls(unet=backbone.unet, **conventions)
+        usage = f"batch_size=4, class_labels={'0' if backbone.num_classes else 'None'}"
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # mkdir, not mkdtemp: usual (not 0700) permissions
@@ -75,13 +90,12 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
             pipe.save_pretrained(tmp)
             index_path = tmp / "model_index.json"
             index = json.loads(index_path.read_text())
-            index["_class_name"] = [MODULE, CLASS]  # diffusers' convention for "the class is in <MODULE>.py here"
+            index["_class_name"] = [MODULE, cls.__name__]  # diffusers: "the class is in <MODULE>.py here"
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             shutil.copyfile(pipeline_module.__file__, tmp / f"{MODULE}.py")
             (tmp / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-            (tmp / "README.md").write_text(_README.format(
-                name=out.name, labels="0" if backbone.num_classes else "None", sigma_data=gen.denoiser.sigma_data,
-                sigma_g=gen.sigma_g))
+            readme = _README.format(name=out.name, usage=usage, sigma_data=gen.denoiser.sigma_data, sigma_g=gen.sigma_g)
+            (tmp / "README.md").write_text(readme)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)

@@ -1,4 +1,6 @@
-"""A diffusers pipeline for a distilled one-step generator: ``x = D(sigma_g z, sigma_g, label)``, one U-Net call.
+"""Diffusers pipelines for distilled one-step generators: ``x = D(sigma_g z, sigma_g, cond)``, one U-Net call;
+``DibregmanOneStepPipeline`` for class-conditional or unconditional students, ``DibregmanTextOneStepPipeline``
+for text students (with their tokenizer and text encoder).
 
 This file is standalone on purpose (only torch, numpy and diffusers): ``dibregman.export`` copies it into
 every exported folder as ``dibregman_pipeline.py``, so the folder loads without dibregman installed::
@@ -57,16 +59,7 @@ class DibregmanOneStepPipeline(DiffusionPipeline):
 
     def denoise(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """``D(x, sigma_g)``: the EDM-preconditioned U-Net at the generator's noise level."""
-        cfg = self.config
-        sigma = torch.full((x.shape[0],), cfg.sigma_g, dtype=x.dtype, device=x.device)
-        sd2 = cfg.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * cfg.sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1 / (sigma**2 + sd2).sqrt()
-        c_noise = sigma.log() / 4
-        view = (-1,) + (1,) * (x.ndim - 1)
-        out = self.unet(c_in.view(view) * x, cfg.noise_scale * c_noise, class_labels=labels).sample
-        return c_skip.view(view) * x + c_out.view(view) * out
+        return _edm_denoise(self.unet, self.config, x, class_labels=labels)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels: int | Sequence[int] | torch.Tensor | None = None,
@@ -78,23 +71,88 @@ class DibregmanOneStepPipeline(DiffusionPipeline):
         ``latents``: the noise z ~ N(0, I) to use instead of drawing it with ``generator``.
         ``output_type``: "pil" (list of images), "np" (``[B, H, W, C]`` floats) or "pt" (``[B, C, H, W]``), in [0, 1].
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
         if batch_size == 1 and latents is None and class_labels is not None:
             batch_size = max(torch.as_tensor(class_labels).numel(), 1)  # a scalar label stays one image
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
-        dtype = self.unet.dtype
-        if latents is None:
-            z = randn_tensor((batch_size, cfg.in_channels, *size), generator=generator, device=self.device, dtype=dtype)
-        else:
-            z = latents.to(device=self.device, dtype=dtype)
+        z = _noise(self, batch_size, generator, latents)
         labels = self._labels(class_labels, z.shape[0])
         x = self.denoise(self.config.sigma_g * z, labels)
-        image = ((x.float() + 1) / 2).clamp(0, 1)
-        self.maybe_free_model_hooks()
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
-        return ImagePipelineOutput(images=image) if return_dict else (image,)
+        return _output(self, x, output_type, return_dict)
+
+
+class DibregmanTextOneStepPipeline(DiffusionPipeline):
+    """A text student: ``unet`` (a ``UNet2DConditionModel`` reading the text's token states by cross-attention
+    and their mean as its class embedding), with the ``tokenizer`` and ``text_encoder`` it was distilled with.
+    Prompts are padded to ``max_length`` tokens; an empty prompt list is refused."""
+
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet, tokenizer, text_encoder, sigma_data: float = 0.5, sigma_g: float = 2.5,
+                 noise_scale: float = 250.0, max_length: int = 16):
+        super().__init__()
+        self.register_modules(unet=unet, tokenizer=tokenizer, text_encoder=text_encoder)
+        self.register_to_config(sigma_data=float(sigma_data), sigma_g=float(sigma_g), noise_scale=float(noise_scale),
+                                max_length=int(max_length))
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The text encoder's last hidden states ``[N, max_length, dim]`` (as dibregman computes them)."""
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.config.max_length, return_tensors="pt")
+        args = {"input_ids": tok["input_ids"].to(self.device)}
+        if "attention_mask" in tok and "clip" not in type(self.text_encoder).__name__.lower():
+            args["attention_mask"] = tok["attention_mask"].to(self.device)  # BERT-style; CLIP attends causally
+        return self.text_encoder(**args).last_hidden_state.to(self.unet.dtype)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str], num_images_per_prompt: int = 1,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        """One image per prompt (``num_images_per_prompt`` each, prompt-major); ``latents`` and
+        ``output_type`` as in ``DibregmanOneStepPipeline``."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        hidden = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
+        z = _noise(self, len(hidden), generator, latents)
+        if len(z) != len(hidden):
+            raise ValueError(f"got {len(z)} latents for {len(hidden)} prompts x images")
+        x = _edm_denoise(self.unet, self.config, self.config.sigma_g * z, encoder_hidden_states=hidden,
+                         class_labels=hidden.mean(1))
+        return _output(self, x, output_type, return_dict)
+
+
+def _edm_denoise(unet, cfg, x: torch.Tensor, **cond) -> torch.Tensor:
+    """``D(x, sigma_g) = c_skip x + c_out F(c_in x, noise_scale c_noise, cond)`` (EDM preconditioning)."""
+    sigma = torch.full((x.shape[0],), cfg.sigma_g, dtype=x.dtype, device=x.device)
+    sd2 = cfg.sigma_data**2
+    c_skip = sd2 / (sigma**2 + sd2)
+    c_out = sigma * cfg.sigma_data / (sigma**2 + sd2).sqrt()
+    c_in = 1 / (sigma**2 + sd2).sqrt()
+    c_noise = sigma.log() / 4
+    view = (-1,) + (1,) * (x.ndim - 1)
+    out = unet(c_in.view(view) * x, cfg.noise_scale * c_noise, **cond).sample
+    return c_skip.view(view) * x + c_out.view(view) * out
+
+
+def _noise(pipe: DiffusionPipeline, batch_size: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
+    """z ~ N(0, I) of the U-Net's sample shape (or the given ``latents``)."""
+    cfg = pipe.unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+    if latents is not None:
+        return latents.to(device=pipe.device, dtype=pipe.unet.dtype)
+    return randn_tensor((batch_size, cfg.in_channels, *size), generator=generator, device=pipe.device,
+                        dtype=pipe.unet.dtype)
+
+
+def _output(pipe: DiffusionPipeline, x: torch.Tensor, output_type: str, return_dict: bool):
+    """[-1, 1] samples as [0, 1] images of ``output_type``."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
+    image = ((x.float() + 1) / 2).clamp(0, 1)
+    pipe.maybe_free_model_hooks()
+    if output_type != "pt":
+        image = image.cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
+        if output_type == "pil":
+            image = pipe.numpy_to_pil(image)
+    return ImagePipelineOutput(images=image) if return_dict else (image,)
