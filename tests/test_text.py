@@ -34,7 +34,7 @@ FMNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shir
 
 def test_captions_use_natural_nouns_and_articles():
     assert caption("a photo of {a}", "Ankle boot") == "a photo of an ankle boot"
-    assert caption("{a}", "Trouser") == "a pair of trousers"
+    assert caption("{a}", "Trouser") == "a trouser"
     assert caption("someone's {noun}", "Bag") == "someone's bag"
     assert caption("a photo of {a}", "Cat") == "a photo of a cat"  # any data set: the class name, lower case
 
@@ -293,3 +293,28 @@ def test_export_of_a_text_student_samples_what_the_generator_does(tmp_path, monk
     hidden = load_text_encoder("minilm").encode(prompts).repeat_interleave(2, dim=0)
     with torch.no_grad():
         torch.testing.assert_close(got, ((gen(z, hidden) + 1) / 2).clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_text_demo_and_presets_resolve(capsys):
+    assert main(["demo", "--dataset", "fashion-mnist-text", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["teacher"] == "net:fashion-mnist-text" and cfg["guidance"] == 2.0 and cfg["prompts"] == ""
+    assert main(["train-teacher", "--preset", "fashion-mnist-text", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["text_encoder"] == "minilm"
+
+
+def test_shipped_text_teacher_matches_its_provenance(minilm):
+    import hashlib
+
+    from dibregman.assets import shipped
+
+    folder = shipped("fashion-mnist-text", "teacher")
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert digest in (folder / "README.md").read_text()  # the recorded weights are the shipped ones
+    t = load_teacher("net:fashion-mnist-text")
+    assert t.shape == (1, 28, 28) and t.text["encoder"] == "minilm"
+    assert t.class_names == tuple(c.lower() for c in FMNIST)  # the data set's names, as its captions use them
+    cond = minilm.encode(["a photo of a trouser", "a photo of a bag"])
+    d = t(80 * torch.randn(2, 1, 28, 28), torch.full((2,), 80.0), cond)
+    # at sigma_max the denoiser returns about the mean image of the caption's class: trousers are narrow
+    assert d.abs().mean() < 1 and (d[0] - d[1]).abs().mean() > 0.1

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "caption-conditioned teacher (label_acc is prompt adherence)")
     _add_config_options(p, DistillConfig, "distill")
 
-    p = sub.add_parser("train-teacher", help="train an MLP diffusion teacher on a toy set or a point cloud")
+    p = sub.add_parser("train-teacher", help="train a diffusion teacher: an MLP on a toy set or a point cloud, a U-Net "
+                       "on images (class- or caption-conditioned)")
     _add_config_options(p, TeacherConfig, "teacher")
 
     p = sub.add_parser("distill", help="distill a teacher into a one-step generator")

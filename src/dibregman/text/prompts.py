@@ -12,11 +12,6 @@ from pathlib import Path
 
 import torch
 
-# what a caption calls each Fashion-MNIST class (the data set's names are catalogue labels)
-NOUNS = {"T-shirt/top": "t-shirt", "Trouser": "pair of trousers", "Pullover": "pullover", "Dress": "dress",
-         "Coat": "coat", "Sandal": "sandal", "Shirt": "shirt", "Sneaker": "sneaker", "Bag": "bag",
-         "Ankle boot": "ankle boot"}
-
 # the teacher is trained on these ...
 TRAIN_TEMPLATES = ("a photo of {a}", "a picture of {a}", "{a}", "an image of {a}", "a grayscale photo of {a}",
                    "a small photo of {a}", "a product photo of {a}", "{noun}")
@@ -25,13 +20,10 @@ UNSEEN_TEMPLATES = ("a low-resolution photo of {a}", "this is {a}", "{a} on a bl
                     "a close-up shot of {a}", "someone's {noun}")
 
 
-def noun(class_name: str) -> str:
-    return NOUNS.get(class_name, class_name.lower())
-
-
 def caption(template: str, class_name: str) -> str:
-    """``template`` filled in: ``{noun}`` the class's noun, ``{a}`` the noun with its article."""
-    n = noun(class_name)
+    """``template`` filled in: ``{noun}`` the class name in lower case, ``{a}`` the same with its article
+    ("a photo of {a}" -> "a photo of an ankle boot")."""
+    n = class_name.lower()
     return template.format(noun=n, a=("an " if n[0] in "aeiou" else "a ") + n)
 
 
