@@ -298,7 +298,7 @@ def test_export_of_a_text_student_samples_what_the_generator_does(tmp_path, monk
 def test_text_demo_and_presets_resolve(capsys):
     assert main(["demo", "--dataset", "fashion-mnist-text", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert cfg["teacher"] == "net:fashion-mnist-text" and cfg["guidance"] == 2.0 and cfg["prompts"] == ""
+    assert cfg["teacher"] == "net:fashion-mnist-text" and cfg["guidance"] == 1.0 and cfg["prompts"] == ""
     assert main(["train-teacher", "--preset", "fashion-mnist-text", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["text_encoder"] == "minilm"
 
