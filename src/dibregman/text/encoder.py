@@ -61,8 +61,11 @@ class TextEncoder(nn.Module):
 
 def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder:
     """``minilm`` or a local folder (see the module docstring); a clear ValueError when it cannot be read."""
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging
+    try:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging
+    except ImportError:
+        raise ValueError("text encoders need the transformers package: pip install 'dibregman[text]'") from None
 
     logging.disable_progress_bar()  # a progress bar per load is noise in a training log
 
