@@ -73,3 +73,21 @@ def test_image_teacher_training_two_processes_match_one(tmp_path):
     assert diff.max() < 2 * 1e-3 * 4  # lr 1e-3, 4 steps
     assert (tmp_path / "two" / "teacher" / "teacher.json").is_file()
     assert two.stdout.count("teacher folder:") == 1
+
+
+def test_text_distillation_two_processes_match_one(tmp_path):
+    """Prompt conditions under torchrun: every process draws the global batch's prompt indices and looks up
+    its slice, and real images are paired with prompts of their class the same way."""
+    teacher = run(tmp_path / "teacher", 1, args=["train-teacher", "--preset", "tiny-images", "--text-encoder",
+                                                "minilm", "--no-progress"])
+    assert teacher.returncode == 0, teacher.stderr
+    args = ["distill", "--teacher", f"net:{tmp_path / 'teacher' / 'teacher'}", "--preset", "tiny-images",
+            "--classifier", "none", "--critic-data", "data", "--no-progress"]
+    one, two = run(tmp_path / "one", 1, args=args), run(tmp_path / "two", 2, args=args)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr[-2000:]
+    rows_a, rows_b = read_jsonl(tmp_path / "one" / "stats.jsonl"), read_jsonl(tmp_path / "two" / "stats.jsonl")
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] and rows_a
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in ("loss/generator", "loss/fake_score", "loss/critic"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), key
