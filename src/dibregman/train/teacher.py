@@ -36,6 +36,7 @@ from ..sampling import nfe, sample
 from ..schedules import LogNormal
 from ..stats import Stats, truncate_jsonl
 from ..teachers.trained import save_teacher
+from ..text.encoder import BUILTIN
 from ..text.prompts import TRAIN_TEMPLATES
 from .checkpoint import load_latest, save_checkpoint
 from .config import ConfigError, TeacherConfig, channel_mult, check_resumable, validate
@@ -179,7 +180,9 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
             grid_cond = captions[0, torch.arange(cfg.eval_samples, device=device) % num_classes]
         grid = _image_samples(ema.module, shape, num_classes, gen, cfg.eval_samples, device, grid_cond)
         if captions is not None:
-            meta["text"] = {"encoder": cfg.text_encoder, "length": captions.shape[-2],
+            builtin = cfg.text_encoder in BUILTIN  # a folder by absolute path: distilled from other directories
+            meta["text"] = {"encoder": cfg.text_encoder if builtin else str(Path(cfg.text_encoder).resolve()),
+                            "length": captions.shape[-2],
                             "templates": list(TRAIN_TEMPLATES)}
         meta["metrics"] = {"eval_nfe": nfe("heun", 18)}
     else:
