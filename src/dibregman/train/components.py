@@ -167,16 +167,21 @@ def _critic(head: str, teacher: Teacher, base: Precond, fake_score: Precond, cfg
     return FeatureCritic(fake_score, feature_head(channels, spatial))
 
 
+def generator_loss(cfg: DistillConfig) -> GeneratorLoss:
+    """The generator's update as ``cfg`` sets it (``.needs_critic`` says whether a critic is trained)."""
+    return GeneratorLoss(
+        divergence_from_spec(cfg.divergence), weighting=cfg.weighting,
+        log_r_clip=(math.log(cfg.r_clip_min), math.log(cfg.r_clip_max)), normalize=cfg.omega_normalize,
+        gan_weight=cfg.gan_weight, mode=cfg.generator_mode)
+
+
 def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.device) -> Components:
     """Generator and fake score start as copies of ``base`` (the teacher's network, or its fit)."""
     # copies of a teacher's network: trainable whatever the teacher's own flags were
     generator = OneStepGenerator.from_teacher(base, cfg.sigma_g).to(device).requires_grad_(True).train()
     fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
     gsig = KarrasUniform(teacher.sigma_min, teacher.sigma_max, cfg.generator_t_min, cfg.generator_t_max)
-    gen_loss = GeneratorLoss(
-        divergence_from_spec(cfg.divergence), weighting=cfg.weighting,
-        log_r_clip=(math.log(cfg.r_clip_min), math.log(cfg.r_clip_max)), normalize=cfg.omega_normalize,
-        gan_weight=cfg.gan_weight, mode=cfg.generator_mode)
+    gen_loss = generator_loss(cfg)
     critic = None
     if gen_loss.needs_critic:
         critic = _critic(cfg.critic_head, teacher, base, fake_score, cfg).to(device)

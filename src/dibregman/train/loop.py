@@ -24,7 +24,15 @@ from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
 from .checkpoint import CheckpointError, list_checkpoints, load_latest, read_meta, save_checkpoint
-from .components import balanced_labels, build, fit_network, reference_teacher_samples, teacher_samples, true_samples
+from .components import (
+    balanced_labels,
+    build,
+    fit_network,
+    generator_loss,
+    reference_teacher_samples,
+    teacher_samples,
+    true_samples,
+)
 from .conditions import conditions_for
 from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
@@ -51,6 +59,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                               f"{cfg.teacher} is not one (leave guidance at 1)")
         teacher.guidance = cfg.guidance
     conds = conditions_for(teacher, cfg.prompts)  # prompts are read and encoded before the run folder is made
+    if conds.text and cfg.critic_data == "data" and generator_loss(cfg).needs_critic:
+        try:  # the critic's real images are paired with prompts asking for their class
+            conds.for_classes(torch.arange(max(conds.num_classes, 1)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if len(teacher.shape) == 3 and teacher.network is None:  # only point teachers get a fitted MLP instead
         raise ConfigError(f"{cfg.teacher} is an image teacher without a network for the students to start from; "
                           "distill a teacher trained with `dibregman train-teacher` (net:<folder>) or a diffusers "
@@ -98,10 +111,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             pool = true_samples(teacher, cfg.teacher_pool, cfg.seed + 1, classes=num_classes)
             if pool is None:
                 raise ConfigError("critic_data = 'data' needs a teacher that knows its data; use critic_data = teacher")
-            try:  # real images in class order i % classes, each paired with a condition asking for its class
-                pool_idx = conds.for_classes(balanced_labels(len(pool), num_classes))
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            # real images in class order i % classes, each paired with a condition asking for its class
+            pool_idx = conds.for_classes(balanced_labels(len(pool), num_classes))
         pool = pool.to(device)
     eval_z = torch.randn((cfg.eval_samples, *shape), generator=torch.Generator().manual_seed(cfg.seed + 4))
     eval_idx = conds.cycle(cfg.eval_samples)
