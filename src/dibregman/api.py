@@ -52,18 +52,18 @@ def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = N
 
 
 def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = None,
-           prompts: str | list[str] | None = None) -> Tensor:
+           prompts: str | list[str] | Conditions | None = None) -> Tensor:
     """``num`` one-step samples from a finished run; sample ``i`` depends only on ``(seed, i)`` and its
     condition: a class-conditional generator's label (default ``i % num_classes``, see ``balanced_labels``),
-    a text generator's prompt ``i % len(prompts)`` (a list, a prompt file, ``unseen``; default: the
-    teacher's training captions)."""
+    a text generator's prompt ``i % len(prompts)`` (a list, a prompt file, ``unseen``, or an encoded
+    ``Conditions`` table; default: the teacher's training captions)."""
     gen, info = load_generator(run)
     z = noise_from_seeds(range(seed * 1_000_003, seed * 1_000_003 + num), info["shape"])
     cond = None
     if info.get("text"):
         if labels is not None:
             raise ValueError("this generator is text-conditional: pass prompts, not labels")
-        conds = generator_conditions(info, prompts)
+        conds = prompts if isinstance(prompts, Conditions) else generator_conditions(info, prompts)
         cond = conds.lookup(conds.cycle(num))
     elif prompts is not None:
         raise ValueError("prompts are for text-conditional generators; this one takes "
@@ -130,7 +130,7 @@ def evaluate_run(run: str | Path, num: int = 2000, seed: int = 0, teacher: str |
     conds = conditions_for(the_teacher, prompts)
     score = _scorer(the_teacher, num, seed, classifier, conds)
     t0 = time.perf_counter()
-    x = sample(run, num, seed, prompts=(prompts or None) if info.get("text") else None)
+    x = sample(run, num, seed, prompts=conds if info.get("text") else None)  # the scorer's table, encoded once
     seconds = time.perf_counter() - t0
     return {"method": f"student ({info['divergence']}, 1 NFE)", "nfe": 1, **score(x), "sample_s": seconds}
 
