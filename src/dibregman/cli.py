@@ -19,26 +19,94 @@ from typing import Any, NoReturn
 from .train.config import PRESETS, ConfigError, DistillConfig, TeacherConfig, resolve, to_dict
 
 DEMO_DIVERGENCES = ("reverse_kl", "hellinger")  # the baseline and the default Di-Bregman member
-DEMO_DATASETS = ("ring", "fashion-mnist", "fashion-mnist-text")  # --dataset X runs the distill preset "demo" or X
+# demo --dataset X: the teacher it distills and the preset it starts from (another --preset keeps the teacher)
+DEMO_DATASETS = {"ring": ("gmm:ring8_imbalanced", "demo"), "fashion-mnist": ("net:fashion-mnist", "fashion-mnist"),
+                 "fashion-mnist-text": ("net:fashion-mnist-text", "fashion-mnist-text")}
 
-HELP = {
-    "teacher": "gmm:<built-in or spec.json/.toml> (analytic mixture), net:<folder from train-teacher>, "
-               "net:fashion-mnist (shipped), diffusers:<local folder>, edm:<EDM network-snapshot .pkl>",
+HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones train-teacher reads otherwise
+    "teacher": "what to distill: gmm:<built-in or spec.json/.toml> (analytic mixture), net:<folder from "
+               "train-teacher>, net:fashion-mnist or net:fashion-mnist-text (shipped), diffusers:<local folder>, "
+               "edm:<EDM network-snapshot .pkl>",
+    "guidance": "classifier-free guidance scale w of a class- or text-conditional teacher, D_u + w (D_c - D_u); "
+                "a number >= 0, 1 = none",
+    "prompts": "text teachers: the prompts to distill on: empty (the teacher's training captions), unseen "
+               "(held-out caption templates) or a prompt file, one per line",
     "divergence": "generator divergence: reverse_kl (DMD), forward_kl, pearson, logistic, power:<alpha>, "
                   "hellinger, jeffreys, softened_rkl, or your own convex h as py:<module>:<function>",
-    "critic_loss": "Bregman density-ratio loss of the critic (logistic = the usual classifier)",
-    "critic_data": "what stands for the teacher law in the critic: teacher (its 35-NFE samples) or data",
-    "fake_score_steps": "K: fake-score and critic updates per generator update",
-    "weighting": "time weighting of the update: dmd (1/mean|x - D_T|), sigma2, none",
-    "r_clip_min": "lower clip of the ratio r = q/p", "r_clip_max": "upper clip of the ratio r = q/p",
-    "omega_normalize": "normalise omega by its batch mean, by per-noise-bin running means, or not",
-    "gan_weight": "weight of an added non-saturating GAN term (0: off)",
+    "critic_loss": "Bregman density-ratio loss of the critic: a divergence name as for --divergence "
+                   "(logistic = the usual classifier)",
+    "critic_data": "what stands for the teacher law in the critic: teacher (a pool of its 35-NFE samples, "
+                   "data-free) or data (real data)",
+    "teacher_pool": "size of that pool: teacher samples (critic_data teacher) or data points (data); integer >= 1",
+    "critic_head": "the critic: standalone (its own network), fake_score or teacher (a head on that "
+                   "network's bottleneck features)",
+    "classifier": "images: feature network of FD/KID/precision/recall/label accuracy: auto (the shipped one "
+                  "for the data, else Inception when the fid extra is installed), none, or a train-classifier "
+                  "folder; the teacher-feature metrics tnet_* are always computed",
+    "steps": "generator updates; integer >= 1",
+    "batch_size": "samples per batch of the generator, fake score and critic (the global batch under "
+                  "torchrun); integer >= 1",
+    "fake_score_steps": "K: fake-score and critic updates per generator update; integer >= 1",
+    "lr_generator": "Adam learning rate of the generator; > 0 (the default suits toy MLPs, U-Nets want ~1e-4)",
+    "lr_fake_score": "Adam learning rate of the fake score; > 0",
+    "lr_critic": "Adam learning rate of the critic; > 0",
+    "beta1": "Adam beta1 of all three optimisers; in [0, 1)",
+    "beta2": "Adam beta2 of all three optimisers; in [0, 1)",
+    "ema_decay": "EMA decay of the saved generator; in [0, 1)",
+    "grad_clip": "max global gradient norm per network; >= 0, 0 disables",
+    "sigma_g": "the generator's fixed noise level: G(z) = D(sigma_g z, sigma_g); > 0",
+    "generator_t_min": "generator (and critic) updates draw sigma from Karras-uniform t in [t_min, t_max]; "
+                       "in [0, 1), t = 0 is sigma_max",
+    "generator_t_max": "upper end of that t range; in (t_min, 1], t = 1 is sigma_min",
+    "weighting": "time weighting of the update: dmd (1/mean|x - D_T|), sigma2 or none",
+    "r_clip_min": "lower clip of the ratio r = q/p; > 0 and < 1",
+    "r_clip_max": "upper clip of the ratio r = q/p; > 1",
+    "omega_normalize": "normalise omega: batch (by its batch mean), bins (per-noise-bin running means) or none",
+    "gan_weight": "weight of an added non-saturating GAN term; >= 0, 0 = off (the dmd2 preset: 0.01)",
     "generator_mode": "score: omega * (D_F - D_T); discriminator: the critic-only form of the same gradient",
-    "fit_steps": "analytic teacher only: steps fitting the MLP the students start from",
+    "hidden": "MLP width: the fitted start network of an analytic teacher and a standalone critic; integer >= 1",
+    "depth": "MLP residual blocks of the same networks; integer >= 1",
+    "fit_steps": "analytic teacher only: steps fitting the MLP the students start from; integer >= 0",
+    "seed": "seed of every random draw of the run; integer",
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N",
+    "precision": "fp32, or bf16 (autocast of the forward passes; weights and optimisers stay fp32)",
+    "grad_checkpointing": "U-Nets: recompute activations in backward, less memory, more time; true or false",
+    "tensorboard": "also write the stats as TensorBoard scalars to <out>/tensorboard; true or false",
+    "log_every": "steps per line of stats.jsonl (values averaged over the window); integer >= 1",
+    "eval_every": "steps between evaluations written to metrics.jsonl (the final one is always written); "
+                  "integer >= 1",
+    "eval_samples": "samples per evaluation (student, reference and teacher); integer >= 1",
+    "checkpoint_every": "steps between checkpoints (the last step is always saved); integer >= 1",
+    "keep_checkpoints": "how many of the newest checkpoints are kept; integer >= 1",
     "nonfinite": "strict: stop at a NaN/inf loss or gradient; skip: drop such steps and count them",
-    "data": "toy set (moons, swiss_roll, checkerboard, spirals, grid25, ring8) or a .npy/.csv point cloud",
     "out": "run folder (refused if it already holds a run, unless --resume)",
-    "device": "auto, cpu, cuda or cuda:N",
+}
+TEACHER_HELP = {
+    "data": "toy set (moons, swiss_roll, checkerboard, spirals, grid25, ring8) or a .npy/.csv point cloud "
+            "(an MLP teacher), or image data (fashion-mnist, mnist, digits, cifar10:<dir>, folder:<dir>, "
+            "file.npz: a U-Net teacher)",
+    "num_points": "points drawn from a toy set (a file uses all its rows); integer >= 1",
+    "steps": "training steps; integer >= 1",
+    "batch_size": "points or images per step (the global batch under torchrun); integer >= 1",
+    "lr": "Adam learning rate; > 0",
+    "ema_decay": "EMA decay of the saved weights; in [0, 1)",
+    "hidden": "MLP width (point teachers); integer >= 1",
+    "depth": "MLP residual blocks (point teachers); integer >= 1",
+    "base_channels": "U-Net: channels of the first level; integer >= 1",
+    "channel_mult": "U-Net: channel multiplier per level, comma separated (e.g. 1,2,2); each level after the "
+                    "first halves the resolution",
+    "layers_per_block": "U-Net: residual blocks per level; integer >= 1",
+    "attention": "U-Net: self-attention in the bottleneck; true or false",
+    "conditional": "class-conditional when the images have labels; true or false",
+    "text_encoder": "condition on captions of the labels instead: minilm or a local tokenizer + text encoder "
+                    "folder; empty = labels",
+    "label_dropout": "share of labels (or captions) dropped to no label (trains classifier-free guidance); "
+                     "in [0, 1)",
+    "seed": "seed of every random draw (data, weights, batches, noise, evaluation); integer",
+    "eval_samples": "points: samples of the final energy distance to the data; images: samples in the "
+                    "teacher folder's samples.png; integer >= 1",
+    "keep_checkpoints": "how many of the newest checkpoints are kept; integer >= 1",
+    "out": "run folder; the teacher is written to <out>/teacher (refused if it holds a run, unless --resume)",
 }
 
 
@@ -56,17 +124,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_options(p: argparse.ArgumentParser, cls: type, kind: str) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS[kind]), help="start from a named preset")
+    p.add_argument("--preset", choices=sorted(PRESETS[kind]), metavar="NAME",
+                   help=f"start from a named set of option values: {', '.join(PRESETS[kind])} "
+                        "(`dibregman list` shows them; docs/usage.md lists their values)")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of options (flags override it)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: only on a terminal)")
+                   help="show a progress bar on stderr (default: only on a terminal)")
     group = p.add_argument_group("options (also valid as keys of --config files)")
+    texts = {**HELP, **TEACHER_HELP} if kind == "teacher" else HELP
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         group.add_argument(flag, dest=f.name, default=None, metavar=type(f.default).__name__.upper(),
-                           help=f"{HELP.get(f.name, '')} (default: {f.default})".strip())
+                           help=f"{texts.get(f.name, '')} (default: {str(f.default) or 'empty'})".strip())
 
 
 def _resolve(args: argparse.Namespace, cls: type) -> Any:
@@ -83,11 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "8-mode ring (or --dataset fashion-mnist: from the shipped teacher), equal budget; prints the "
                        "table and writes a report")
     p.add_argument("--divergences", default=",".join(DEMO_DIVERGENCES),
-                   help=f"comma-separated members to compare (default: {','.join(DEMO_DIVERGENCES)})")
-    p.add_argument("--dataset", choices=DEMO_DATASETS, default="ring",
-                   help="ring: the analytic 2-D test bed (about 2 min); fashion-mnist: images from the shipped "
-                        "teacher (about 12 min on 2 CPU cores); fashion-mnist-text: text-to-image from the shipped "
-                        "caption-conditioned teacher (label_acc is prompt adherence)")
+                   help="comma-separated divergences to compare at equal budget, each as for --divergence "
+                        f"(default: {','.join(DEMO_DIVERGENCES)}; demo ignores --divergence)")
+    p.add_argument("--dataset", choices=tuple(DEMO_DATASETS), default=None,
+                   help="the teacher to compare on, with its preset: ring (default; the analytic 2-D test bed, "
+                        "about 2 min), fashion-mnist (images from the shipped teacher, about 12 min on 2 CPU "
+                        "cores), fashion-mnist-text (text-to-image from the shipped caption-conditioned teacher; "
+                        "label_acc is prompt adherence). --preset changes the schedule, not the teacher")
     _add_config_options(p, DistillConfig, "distill")
 
     p = sub.add_parser("train-teacher", help="train a diffusion teacher: an MLP on a toy set or a point cloud, a U-Net "
@@ -145,9 +218,9 @@ def run(argv: list[str] | None = None) -> int:
 
     if args.command in ("demo", "distill", "train-teacher"):
         cls = TeacherConfig if args.command == "train-teacher" else DistillConfig
-        if args.command == "demo" and args.preset is None:
-            args.preset = "demo" if args.dataset == "ring" else args.dataset
-        cfg = _resolve(args, cls)
+        cfg = _resolve_demo(args) if args.command == "demo" else _resolve(args, cls)
+        if args.command == "distill":
+            _check_preset_teacher(args.preset, cfg.teacher)
         if args.dry_run:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
@@ -166,8 +239,6 @@ def run(argv: list[str] | None = None) -> int:
             print(format_table(rows, markdown=False))
             print(f"run folder: {out} (report: {out / 'report.md'})")
         else:
-            if args.dataset != "ring" and args.out is None:
-                cfg.out = f"runs/demo-{args.dataset}"
             divs = [d.strip() for d in args.divergences.split(",") if d.strip()]
             opts = {k: v for k, v in to_dict(cfg).items() if k not in ("divergence", "out")}
             rows, _ = api.compare(divs, cfg.out, resume=args.resume, progress=args.progress, **opts)
@@ -215,6 +286,60 @@ def run(argv: list[str] | None = None) -> int:
             api.evaluate_run(args.run, args.num, args.seed, args.teacher, args.classifier, args.prompts)]
     print(json.dumps(rows, indent=2) if args.json else format_table(rows, markdown=False))
     return 0
+
+
+def _named_teacher(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The teacher the command line, the config file or the preset names, and where (highest first)."""
+    from .train.config import read_file
+
+    if args.teacher is not None:
+        return args.teacher, "--teacher"
+    if args.config is not None and "teacher" in (values := read_file(args.config)):
+        return str(values["teacher"]), f"--config {args.config}"
+    if args.preset is not None and "teacher" in PRESETS["distill"].get(args.preset, {}):
+        return PRESETS["distill"][args.preset]["teacher"], f"--preset {args.preset}"
+    return None
+
+
+def _resolve_demo(args: argparse.Namespace) -> DistillConfig:
+    """``demo``'s config. The rule: ``--dataset`` names the teacher (ring: gmm:ring8_imbalanced,
+    fashion-mnist: net:fashion-mnist, fashion-mnist-text: net:fashion-mnist-text) and its preset;
+    another ``--preset`` changes the schedule but never the teacher, and a preset, file or flag naming
+    another teacher is refused. Without ``--dataset`` the teacher that a flag, file or preset names is
+    compared (none named: the ring). The run folder is ``--out`` (flag or file), else ``runs/demo`` or
+    ``runs/demo-<dataset>``."""
+    from .train.config import read_file
+
+    named = _named_teacher(args)
+    dataset = args.dataset
+    if dataset is None and named is None:
+        dataset = "ring"
+    if dataset is not None:
+        want, preset = DEMO_DATASETS[dataset]
+        if named is not None and named[0] != want:
+            raise ConfigError(f"demo --dataset {dataset} distills {want}, but {named[1]} names teacher "
+                              f"{named[0]!r}; drop one of them (without --dataset, demo compares the teacher "
+                              "you name)")
+        args.preset = args.preset or preset
+        cfg = _resolve(args, DistillConfig)
+        cfg.teacher = want
+    else:
+        args.preset = args.preset or "demo"
+        cfg = _resolve(args, DistillConfig)
+    _check_preset_teacher(args.preset, cfg.teacher)
+    out_named = args.out is not None or (args.config is not None and "out" in read_file(args.config))
+    if not out_named:
+        dataset = dataset or next((d for d, (t, _) in DEMO_DATASETS.items() if t == cfg.teacher), "ring")
+        cfg.out = "runs/demo" if dataset == "ring" else f"runs/demo-{dataset}"
+    return cfg
+
+
+def _check_preset_teacher(preset: str | None, teacher: str) -> None:
+    """An image preset (``tiny-images``) on a point teacher would distill the 2-D ring: refuse it."""
+    if preset is not None and preset.endswith("-images") and teacher.startswith("gmm:"):
+        raise ConfigError(f"preset {preset!r} is sized for image teachers and names none, so it would distill "
+                          f"the point mixture {teacher}; add --teacher net:<image teacher> (e.g. net:fashion-mnist "
+                          "or a train-teacher folder) or use --preset tiny for a point teacher")
 
 
 def listing() -> str:
