@@ -59,8 +59,9 @@ def save_checkpoint(folder: str | Path, step: int, modules: dict[str, nn.Module]
     target = final  # the file being written, named as it will appear (not its temporary path)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # left by a killed process
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
+            if not _alive(stale.name.rpartition("-")[2]):  # left by a killed process (or by this one)
+                shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         for name, module in modules.items():
             target = final / f"{name}.safetensors"
@@ -92,6 +93,20 @@ def save_checkpoint(folder: str | Path, step: int, modules: dict[str, nn.Module]
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _alive(pid: str) -> bool:
+    """Whether ``pid`` (a temporary folder's suffix) is another process that is still running: its folder
+    may be a checkpoint in progress (the run-folder lock keeps a second run out; this is a second guard)."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

@@ -52,20 +52,76 @@ def deferred_signals() -> Iterator[dict[str, int | None]]:
             signal.signal(s, h)
 
 
+_LOCKS: dict[str, int] = {}  # run folder (resolved) -> the open descriptor whose flock holds it
+
+
 def prepare_run_dir(out: Path, resume: bool) -> Path:
-    """Create the run folder, refusing to write over a finished or started run unless resuming."""
+    """Create the run folder and lock it, refusing to write over a finished or started run unless resuming.
+
+    The lock (``flock`` on the folder itself, so nothing is added to it) is taken before the "already
+    holds a run" check and held until the run ends (``holds_run_lock``) or the process exits: a second
+    process on the same folder, started at any moment, is refused while the first is alive, with or
+    without ``--resume``. A lock left by a killed process goes with it (the kernel drops it)."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a folder; choose another --out")
-    started = out.is_dir() and any((out / f).exists() for f in ("config.json", "checkpoints"))
-    if started and not resume:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
+    _lock(out)
+    started = any((out / f).exists() for f in ("config.json", "checkpoints"))
+    if started and not resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if not os.access(out, os.W_OK):
         raise ConfigError(f"output folder {out} is not writable; choose a writable --out")
     return out
+
+
+def _lock(out: Path) -> None:
+    key = str(out.resolve())
+    if key in _LOCKS:  # this process holds it already (a run inside a run is the caller's business)
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{out} is in use by another running dibregman process (it holds the folder's lock); "
+                          "wait for it to finish, or choose another --out") from None
+    except OSError as e:  # a file system without locks (some network mounts): carry on unlocked
+        os.close(fd)
+        import sys
+
+        print(f"warning: cannot lock {out} ({e.strerror}); make sure no other process uses it", file=sys.stderr)
+        return
+    _LOCKS[key] = fd
+
+
+def release_run_lock(out: Path) -> None:
+    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def holds_run_lock(fn):
+    """Release the run-folder locks ``fn`` took (via ``prepare_run_dir``) when it returns or raises."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_LOCKS) - before:
+                release_run_lock(Path(key))
+
+    return wrapper
 
 
 class NonFiniteGuard:

@@ -35,11 +35,12 @@ from .components import (
 )
 from .conditions import conditions_for
 from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
-from .guard import Interrupted, NonFiniteGuard, deferred_signals, prepare_run_dir
+from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock, prepare_run_dir
 
 GRID = 80  # images per sample grid: 8 per class for 10 classes
 
 
+@holds_run_lock
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None) -> Path:
     """Distill ``cfg.teacher`` into a one-step generator; returns the run folder.
 
