@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.image import imread
 
 from dibregman.report import format_table, write_comparison_report, write_run_report
@@ -151,3 +152,112 @@ def test_format_table() -> None:
     assert len({len(line) for line in mlines}) == 1
     assert mlines[2].rstrip(" |").endswith("-")
     assert format_table([], columns=["a"], markdown=False).splitlines()[0] == "a"
+
+
+# ------------------------------------------------------------------ what a reader sees (issue: figures)
+def _border_is_blank(path: Path, px: int = 2) -> bool:
+    """Nothing drawn touches the image's edge: no tick label or title is cut off."""
+    img = imread(path)[..., :3]
+    edges = np.concatenate([img[:px].reshape(-1, 3), img[-px:].reshape(-1, 3),
+                            img[:, :px].reshape(-1, 3), img[:, -px:].reshape(-1, 3)])
+    return bool((edges > 0.99).all())
+
+
+def test_log_scale_labels_are_not_cut(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "cut", critic=True)
+    stats = [{"step": s, "loss/critic": 1.39 + 0.001 * s, "loss/fake_score": 0.86 - 0.01 * s,
+              "loss/generator": 1e-3 * 10 ** (s / 10)} for s in range(1, 40)]  # narrow, narrow, 4 decades
+    _write_jsonl(run / "stats.jsonl", stats)
+    write_run_report(run)
+    for name in ("losses.png", "metrics.png", "samples.png"):
+        assert _border_is_blank(run / name), name
+
+
+def test_metric_curves_carry_the_teacher_reference(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from dibregman import report
+
+    drawn: list[float] = []
+    orig = Figure.savefig
+
+    def spy(self, *args, **kwargs):  # the dashed reference lines of every axis, before saving
+        for ax in self.axes:
+            drawn.extend(float(line.get_ydata()[0]) for line in ax.get_lines() if line.get_linestyle() == "--")
+        return orig(self, *args, **kwargs)
+
+    run = make_run(tmp_path, "ref")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["teacher_metrics"] = {"energy": 0.0123, "mmd": 0.00042, "w1": 0.0777}
+    (run / "summary.json").write_text(json.dumps(summary))
+    Figure.savefig = spy
+    try:
+        report._line_panels({"": report._read_jsonl(run / "metrics.jsonl")}, ["energy", "mmd", "w1", "mode_tv"],
+                            run / "m.png", "range", summary["teacher_metrics"])
+    finally:
+        Figure.savefig = orig
+    assert sorted(drawn) == sorted([0.0123, 0.00042, 0.0777])  # one per metric the teacher has
+    assert "dashed: the teacher's 35-NFE samples" in write_run_report(run).read_text()
+
+
+def test_omega_is_drawn_normalised_with_the_clip_bounds() -> None:
+    from dibregman.report import _omega_bounds
+    from dibregman.train.config import divergence_from_spec
+
+    cfg = {"divergence": "hellinger", "r_clip_min": 0.1, "r_clip_max": 20.0}
+    lo, hi = _omega_bounds(cfg)
+    om = divergence_from_spec("hellinger").omega(torch.log(torch.tensor([0.1, 20.0], dtype=torch.float64)))
+    assert (lo, hi) == tuple(sorted(om.tolist())) and lo < 1 < hi
+    assert _omega_bounds({"divergence": "reverse_kl", "r_clip_min": 0.1, "r_clip_max": 20.0}) == (1.0, 1.0)
+
+
+def test_mixture_runs_get_the_per_mode_share_plot(tmp_path: Path) -> None:
+    from dibregman.teachers import load_teacher
+
+    gmm = load_teacher("gmm:ring8_imbalanced")
+    runs = {}
+    for name in ("reverse_kl", "hellinger"):
+        run = make_run(tmp_path, name, critic=name != "reverse_kl")
+        cfg = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**cfg, "teacher": "gmm:ring8_imbalanced",
+                                                     "divergence": name, "r_clip_min": 0.1, "r_clip_max": 20}))
+        if name == "reverse_kl":  # omega = h''(r) r = 1 for every sample
+            _write_jsonl(run / "stats.jsonl", [{"step": s, "ratio/omega_min": 1.0, "ratio/omega_mean": 1.0,
+                                                "ratio/omega_max": 1.0} for s in range(0, 40, 2)])
+        x = gmm.sample(500, torch.Generator().manual_seed(0)).numpy()
+        np.savez(run / "samples.npz", teacher=x, student=x[::-1].copy(), data=x)
+        runs[name] = run
+    md = write_run_report(runs["hellinger"]).read_text()
+    assert "modes.png" in linked_pngs(md)
+    check_png(runs["hellinger"] / "modes.png")
+    md = write_comparison_report(tmp_path / "cmp", [{"method": "teacher", "nfe": 35}], runs).read_text()
+    assert {"comparison_modes.png", "comparison_ratio.png"} <= linked_pngs(md)
+    assert "reverse_kl: omega is constant, not drawn" in md
+
+
+def test_dmd2_runs_are_labelled_dmd2() -> None:
+    from dibregman.report import method_label
+
+    assert method_label({"divergence": "reverse_kl", "gan_weight": 0.01}) == "reverse_kl+GAN (DMD2)"
+    assert method_label({"divergence": "reverse_kl", "gan_weight": 0.0}) == "reverse_kl"
+    assert method_label({"divergence": "hellinger", "gan_weight": 0.1}) == "hellinger+GAN 0.1"
+
+
+def test_image_grids_are_labelled_with_class_and_caption(tmp_path: Path) -> None:
+    from dibregman.report import _grid_labels
+
+    labels = np.arange(80) % 10
+    cols, rows, note = _grid_labels({"teacher": "net:fashion-mnist"}, labels, 10, 80)
+    assert cols[:2] == ["t-shirt/top", "trouser"] and not rows and "column" in note
+    cols, rows, note = _grid_labels({"teacher": "net:fashion-mnist-text", "prompts": ""}, labels, 10, 80)
+    assert cols[9] == "ankle boot" and rows[0] == "a photo of …" and len(rows) == 8 and "caption" in note
+    run = make_run(tmp_path, "img")
+    rng = np.random.default_rng(0)
+    imgs = rng.uniform(-1, 1, size=(80, 1, 8, 8))
+    np.savez(run / "samples.npz", teacher=imgs, student=imgs, data=imgs, labels=labels)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "teacher": "net:fashion-mnist"}))
+    md = write_run_report(run).read_text()
+    assert "each column asks for the class above it" in md
+    check_png(run / "samples.png")
+    assert _border_is_blank(run / "samples.png")

@@ -1,9 +1,10 @@
 """dibregman: one-step generators from diffusion teachers by Bregman density-ratio matching."""
 
-from .api import distill, evaluate_run, sample, teacher_row, train_teacher
+from .api import distill, evaluate_run, read_run, sample, teacher_row, train_teacher
+from .artifacts import load_generator
 from .divergences import Divergence, from_h, get_divergence
 from .train.config import DistillConfig, TeacherConfig
 
 __all__ = ["DistillConfig", "Divergence", "TeacherConfig", "distill", "evaluate_run", "from_h",
-           "get_divergence", "sample", "teacher_row", "train_teacher"]
+           "get_divergence", "load_generator", "read_run", "sample", "teacher_row", "train_teacher"]
 __version__ = "0.1.0"

@@ -26,6 +26,8 @@ from .train.loop import distill as _distill
 
 Tensor = torch.Tensor
 
+__all__ = ["compare", "distill", "evaluate_run", "load_generator", "read_run", "sample", "teacher_row", "train_teacher"]
+
 
 def _layered(cls: type, config: Any, preset: str | None, options: dict[str, Any]) -> Any:
     """A config object already holds every field, so a preset beside it would be silently overridden."""
@@ -52,12 +54,19 @@ def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = N
 
 
 def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = None,
-           prompts: str | list[str] | Conditions | None = None) -> Tensor:
+           prompts: str | list[str] | Conditions | None = None, device: str | torch.device = "cpu",
+           batch_size: int = 1024) -> Tensor:
     """``num`` one-step samples from a finished run; sample ``i`` depends only on ``(seed, i)`` and its
     condition: a class-conditional generator's label (default ``i % num_classes``, see ``balanced_labels``),
     a text generator's prompt ``i % len(prompts)`` (a list, a prompt file, ``unseen``, or an encoded
-    ``Conditions`` table; default: the teacher's training captions)."""
+    ``Conditions`` table; default: the teacher's training captions). ``device``: where the generator runs
+    (``cpu``, ``cuda``, ``cuda:N``, ``auto``; the noise is drawn on the CPU, so the samples are the same on
+    any device up to float rounding); the result is on ``device``, in ``batch_size`` network calls."""
+    from .dist import resolve_device
+
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     gen, info = load_generator(run)
+    gen = gen.to(device)
     z = noise_from_seeds(range(seed * 1_000_003, seed * 1_000_003 + num), info["shape"])
     cond = None
     if info.get("text"):
@@ -71,7 +80,8 @@ def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = Non
     else:
         cond = labels if labels is not None else balanced_labels(num, int(info.get("num_classes", 0)))
     with torch.no_grad():
-        return torch.cat([gen(zb, yb) for zb, yb in zip(z.split(1024), _split(cond, 1024, len(z)), strict=True)])
+        return torch.cat([gen(zb.to(device), yb.to(device) if yb is not None else None)
+                          for zb, yb in zip(z.split(batch_size), _split(cond, batch_size, len(z)), strict=True)])
 
 
 def generator_conditions(info: dict[str, Any], prompts: str | list[str] | None = None) -> Conditions:
@@ -132,7 +142,35 @@ def evaluate_run(run: str | Path, num: int = 2000, seed: int = 0, teacher: str |
     t0 = time.perf_counter()
     x = sample(run, num, seed, prompts=conds if info.get("text") else None)  # the scorer's table, encoded once
     seconds = time.perf_counter() - t0
-    return {"method": f"student ({info['divergence']}, 1 NFE)", "nfe": 1, **score(x), "sample_s": seconds}
+    label = method_label(_run_config(run), info["divergence"])
+    return {"method": f"student ({label}, 1 NFE)", "nfe": 1, **score(x), "sample_s": seconds}
+
+
+def read_run(run: str | Path) -> dict[str, Any]:
+    """A run folder's records: ``config``, ``summary`` (dicts), ``stats`` and ``metrics`` (lists of
+    dicts, one per line of ``stats.jsonl`` / ``metrics.jsonl``, each with its ``step``) and ``samples``
+    (the arrays of ``samples.npz``); what is missing is empty. See ``report.read_run``."""
+    from .report import read_run as _read
+
+    return _read(run)
+
+
+def method_label(config: dict[str, Any], divergence: str | None = None) -> str:
+    from .report import method_label as _label
+
+    return _label(config, divergence)
+
+
+def _run_config(run: str | Path) -> dict[str, Any]:
+    """The run's ``config.json`` (``run`` may be its ``generator/`` subfolder), or ``{}``."""
+    import json
+
+    for folder in (Path(run), Path(run).parent):
+        try:
+            return json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
 
 
 def compare(divergences: list[str], out: str | Path, *, preset: str | None = None, resume: bool = False,
@@ -161,7 +199,8 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
              "sample_s": first.get("teacher_sample_s")}]
     for name, folder in runs.items():
         summary = json.loads((folder / "summary.json").read_text())
-        rows.append({"method": f"student {name} (1 NFE)", "nfe": 1, **summary["metrics"],
+        label = method_label(json.loads((folder / "config.json").read_text()), name)
+        rows.append({"method": f"student {label} (1 NFE)", "nfe": 1, **summary["metrics"],
                      "sample_s": summary.get("student_sample_s"), "step_time_s": summary["step_time_s"]})
     reference = first.get("protocol") or ("the law the teacher models (exact mixture samples for an analytic "
                                           "teacher, its data for a trained one)")

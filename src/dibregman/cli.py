@@ -235,7 +235,8 @@ def run(argv: list[str] | None = None) -> int:
                 return 0
             summary = json.loads((out / "summary.json").read_text())
             rows = [{"method": "teacher (Heun, 35 NFE)", **summary["teacher_metrics"]},
-                    {"method": f"student {summary['divergence']} (1 NFE)", **summary["metrics"]}]
+                    {"method": f"student {api.method_label(to_dict(cfg), summary['divergence'])} (1 NFE)",
+                     **summary["metrics"]}]
             print(format_table(rows, markdown=False))
             print(f"run folder: {out} (report: {out / 'report.md'})")
         else:

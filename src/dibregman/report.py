@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
-__all__ = ["format_table", "write_comparison_report", "write_run_report"]
+__all__ = ["format_table", "method_label", "read_run", "write_comparison_report", "write_run_report"]
 
-METRIC_ORDER = ("energy", "mmd", "w1", "mode_tv", "off_mode", "nll", "fd", "kid", "precision", "recall", "label_acc")
+METRIC_ORDER = ("energy", "mmd", "w1", "mode_tv", "off_mode", "nll", "fd", "kid", "precision", "recall", "label_acc",
+                "tnet_fd", "tnet_kid", "tnet_precision", "tnet_recall", "inception_fd", "inception_kid")
+TEACHER_LABEL = "teacher (35 NFE)"
 MAX_POINTS = 4000  # per scatter panel; keeps figures light and fast
 
 
@@ -123,6 +125,33 @@ def _metric_keys(recs: list[dict[str, Any]]) -> list[str]:
     return [k for k in METRIC_ORDER if k in found] + [k for k in found if k not in METRIC_ORDER]
 
 
+def method_label(config: dict[str, Any], divergence: str | None = None) -> str:
+    """How tables name a run's method: its divergence, and ``+GAN (DMD2)`` for reverse KL with a GAN term
+    (the ``dmd2`` preset), so a DMD2 run never reads as plain DMD."""
+    div = divergence or str(config.get("divergence", "?"))
+    gan = config.get("gan_weight") or 0
+    if gan and div == "reverse_kl":
+        return "reverse_kl+GAN (DMD2)"
+    return f"{div}+GAN {gan:g}" if gan else div
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run folder's records as plain Python values: ``config`` and ``summary`` (dicts, ``{}`` when
+    missing), ``stats`` and ``metrics`` (lists of dicts with a ``step`` key, one per line of
+    ``stats.jsonl`` / ``metrics.jsonl``; a torn last line of a run still writing is skipped), and
+    ``samples`` (the arrays of ``samples.npz`` by name, ``{}`` before the run finished)."""
+    run_dir = Path(run_dir)
+    samples: dict[str, np.ndarray] = {}
+    try:
+        with np.load(run_dir / "samples.npz") as z:
+            samples = {k: np.asarray(z[k]) for k in z.files}
+    except (OSError, ValueError):
+        pass
+    return {"config": _read_json(run_dir / "config.json"), "summary": _read_json(run_dir / "summary.json"),
+            "stats": _read_jsonl(run_dir / "stats.jsonl"), "metrics": _read_jsonl(run_dir / "metrics.jsonl"),
+            "samples": samples}
+
+
 def _load_samples(run_dir: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(run_dir / "samples.npz") as z:
@@ -143,9 +172,10 @@ def _figure(n: int, ncols: int = 3, size: tuple[float, float] = (4.0, 3.0)) -> t
     nrows = max(1, math.ceil(n / ncols))
     w, h = size[0] * ncols, size[1] * nrows
     fig = Figure(figsize=(w, h))
-    # fixed margins in inches: a layout engine (constrained/tight) costs about half the drawing time
+    # fixed margins in inches: a layout engine (constrained/tight) costs about half the drawing time;
+    # the saved file is cropped to what was drawn (bbox_inches="tight" in _save), so no label is cut
     fig.subplots_adjust(left=0.75 / w, right=1 - 0.15 / w, bottom=0.55 / h, top=1 - 0.5 / h,
-                        wspace=0.4, hspace=0.6)
+                        wspace=0.45, hspace=0.6)
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(nrows * ncols)]
     for ax in axes[n:]:
@@ -154,7 +184,7 @@ def _figure(n: int, ncols: int = 3, size: tuple[float, float] = (4.0, 3.0)) -> t
 
 
 def _save(fig: Figure, path: Path) -> str:
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)
     return path.name
 
 
@@ -177,34 +207,109 @@ def _scatter_figure(panels: list[tuple[str, np.ndarray]], ref: np.ndarray, path:
     lo, hi = np.quantile(allp, [0.002, 0.998], axis=0)  # robust to a few far outliers
     mid, half = (lo + hi) / 2, 0.55 * max(float((hi - lo).max()), 1e-6)  # square limits: equal aspect fills
     fig, axes = _figure(len(pts), ncols=4, size=(3.6, 3.6))
+    students = 0
     for ax, (title, p) in zip(axes, pts, strict=True):
-        color = "C0" if "teacher" in title else "C2" if title == "data" else "C1"
-        ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.35, linewidths=0, color=color)
-        ax.set(xlim=(mid[0] - half, mid[0] + half), ylim=(mid[1] - half, mid[1] + half), title=title)
+        students += not (title.startswith("teacher") or title == "data")
+        color = _colour(title, max(students, 1))
+        size = float(np.clip(8000 / max(len(p), 1), 2, 12))  # few points: larger dots, still visible
+        ax.scatter(p[:, 0], p[:, 1], s=size, alpha=0.5 if len(p) < 1000 else 0.35, linewidths=0, color=color)
+        ax.set(xlim=(mid[0] - half, mid[0] + half), ylim=(mid[1] - half, mid[1] + half),
+               title=f"{title}, {len(p)} samples")
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.set_aspect("equal", adjustable="box")
     return _save(fig, path), note
 
 
-def _image_figure(panels: list[tuple[str, np.ndarray]], path: Path, count: int = 80) -> tuple[str, str]:
+def _colour(title: str, i: int) -> str:
+    """One colour per role in every figure: the teacher blue, the data grey, student i colour C<i>."""
+    return "C0" if title.startswith("teacher") else "C7" if title == "data" else f"C{i}"
+
+
+def _teacher_meta(spec: str | None) -> dict[str, Any]:
+    """``teacher.json`` of a ``net:`` teacher (class names, caption templates) without loading weights."""
+    if not isinstance(spec, str) or not spec.startswith("net:"):
+        return {}
+    arg = spec[4:]
+    folder = Path(arg)
+    if not folder.exists():
+        from .assets import shipped
+
+        folder = shipped(arg, "teacher") or folder
+    return _read_json(folder / "teacher.json")
+
+
+def _grid_labels(config: dict[str, Any], labels: np.ndarray | None, ncols: int,
+                 count: int) -> tuple[list[str], list[str], str]:
+    """Column labels (the class each column asks for), row labels (a caption set's template per row)
+    and the caption note of an image grid of ``count`` samples, ``ncols`` per row."""
+    meta = _teacher_meta(config.get("teacher"))
+    names = list(meta.get("class_names") or [])
+    cols: list[str] = []
+    if labels is not None and len(labels) >= ncols and labels.ndim == 1:
+        lab = labels[:count].astype(int)
+        if all((lab[i::ncols] == lab[i]).all() for i in range(ncols)):  # each column one class
+            cols = [names[k] if 0 <= k < len(names) else f"class {k}" for k in lab[:ncols]]
+    rows: list[str] = []
+    text = meta.get("text") or {}
+    prompts = str(config.get("prompts", "") or "")
+    note = f" (first {count}; same seeds in every panel"
+    if text:
+        from .text.prompts import UNSEEN_TEMPLATES
+
+        templates = list(text.get("templates") or []) if prompts == "" else (
+            list(UNSEEN_TEMPLATES) if prompts == "unseen" else [])
+        k = len(names)
+        if templates and k == ncols:  # caption j = template j // K filled with class j % K: one row per template
+            rows = [templates[(r * ncols // k) % len(templates)].replace("{a}", "…").replace("{noun}", "…")
+                    for r in range(-(-count // ncols))]
+            note += "; sample i has caption i mod N: the row's template with the column's class"
+        else:
+            note += f"; sample i has prompt i mod N of {prompts or 'the training captions'}"
+    elif cols:
+        note += "; each column asks for the class above it"
+    return cols, rows, note + ")"
+
+
+def _image_figure(panels: list[tuple[str, np.ndarray]], path: Path, config: dict[str, Any] | None = None,
+                  labels: np.ndarray | None = None, count: int = 80) -> tuple[str, str]:
     """Image sets ``[N, C, H, W]`` in [-1, 1] as grids side by side (the first ``count`` of each: the same
-    seeds and labels in every panel)."""
+    seeds and conditions in every panel), columns labelled with their class, rows with their caption
+    template for a text run."""
     import torch
 
     from .grids import image_grid
 
-    fig, axes = _figure(len(panels), ncols=len(panels), size=(4.5, 4.0))
-    for ax, (title, x) in zip(axes, panels, strict=False):
-        grid = image_grid(torch.as_tensor(x[:count]), nrow=10)
+    config = config or {}
+    h, w = panels[0][1].shape[2:]
+    num_classes = len(set(labels.tolist())) if labels is not None and labels.ndim == 1 else 0
+    ncols = num_classes if 2 <= num_classes <= 16 else 10
+    cols, rows, note = _grid_labels(config, labels, ncols, count)
+    nrows = -(-min(count, len(panels[0][1])) // ncols)
+    cell = 0.42 if h <= 16 else 0.5  # inches per image: a 28x28 image at 100 dpi is about 0.5 inch
+    fig, axes = _figure(len(panels), ncols=len(panels), size=(cell * ncols + 0.4, cell * nrows + 0.6))
+    for i, (ax, (title, x)) in enumerate(zip(axes, panels, strict=False)):
+        grid = image_grid(torch.as_tensor(x[:count]), nrow=ncols)
         ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    return _save(fig, path), f" (first {count}, sample i has label i mod 10 when class-conditional)"
+        ax.set_title(title, fontsize=10, pad=40 if cols else 6)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        if cols:
+            ax.set_xticks([2 + (w + 2) * c + w / 2 for c in range(ncols)], cols, fontsize=6, rotation=60,
+                          ha="left")
+            ax.xaxis.tick_top()
+            ax.tick_params(length=0)
+        if rows and i == 0:
+            ax.set_yticks([2 + (h + 2) * r + h / 2 for r in range(len(rows))], rows, fontsize=6)
+            ax.tick_params(length=0)
+    return _save(fig, path), note
 
 
-def _sample_figure(panels: list[tuple[str, np.ndarray]], ref: np.ndarray, path: Path) -> tuple[str, str]:
-    return _image_figure(panels, path) if ref.ndim == 4 else _scatter_figure(panels, ref, path)
+def _sample_figure(panels: list[tuple[str, np.ndarray]], ref: np.ndarray, path: Path,
+                   config: dict[str, Any] | None = None, labels: np.ndarray | None = None) -> tuple[str, str]:
+    return _image_figure(panels, path, config, labels) if ref.ndim == 4 else _scatter_figure(panels, ref, path)
 
 
 def scatter_png(path: str | Path, x: np.ndarray, title: str = "samples") -> Path:
@@ -214,57 +319,177 @@ def scatter_png(path: str | Path, x: np.ndarray, title: str = "samples") -> Path
     return path
 
 
-def _line_panels(runs: dict[str, list[dict[str, Any]]], keys: list[str], path: Path, log: str) -> str | None:
-    """One panel per key, one line per run (a run labelled "" gets no legend)."""
+def _mixture(config: dict[str, Any]) -> Any:
+    """The analytic teacher of a ``gmm:`` run (exact weights and modes), or None."""
+    spec = config.get("teacher")
+    if not isinstance(spec, str) or not spec.startswith("gmm:"):
+        return None
+    try:
+        from .teachers import load_teacher
+
+        return load_teacher(spec)
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _mode_figure(gmm: Any, sets: list[tuple[str, np.ndarray]], path: Path) -> str | None:
+    """Share of each set's samples in each mode (nearest component by likelihood) beside the mixture's
+    weights, modes in decreasing weight, with +-2 binomial standard errors: the resampling spread of a
+    share measured on that many samples."""
+    import torch
+
+    sets = [(t, a) for t, a in sets if a.ndim == 2 and a.shape[1] == gmm.means.shape[1] and len(a)]
+    if not sets:
+        return None
+    w = gmm.weights.double().cpu().numpy()
+    order = np.argsort(-w, kind="stable")
+    k = len(w)
+    fig, (ax,) = _figure(1, size=(max(6.0, 0.9 * k + 1.5), 3.6))
+    width = 0.8 / len(sets)
+    x = np.arange(k)
+    students = 0
+    for i, (title, a) in enumerate(sets):
+        students += not (title.startswith("teacher") or title == "data")
+        idx = gmm.assign(torch.as_tensor(a, dtype=torch.float64)).numpy()
+        share = np.bincount(idx, minlength=k)[order] / len(a)
+        se = np.sqrt(np.clip(share * (1 - share), 0, None) / len(a))
+        tv = 0.5 * np.abs(share - w[order]).sum()
+        color = _colour(title, students)
+        ax.bar(x - 0.4 + width * (i + 0.5), share, width, yerr=2 * se, color=color, alpha=0.75,
+               error_kw={"lw": 0.8, "capsize": 1.5}, label=f"{title} (mode_tv {tv:.3f}, n={len(a)})")
+    ax.hlines(w[order], x - 0.45, x + 0.45, colors="k", lw=1.6, label="mixture weight")
+    ax.set_xticks(x, [f"mode {j}\nw={w[j]:.3f}" for j in order], fontsize=8)
+    ax.set(ylabel="share of samples", title="samples per mode against the mixture's weights (bars: +-2 s.e.)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def _short(v: float, _pos: Any = None) -> str:
+    return f"{v:.3g}"
+
+
+def _short_25(v: float, _pos: Any = None) -> str:
+    """Minor log ticks: only 2x and 5x a power of ten get a label (no crowding near the decades)."""
+    return f"{v:.3g}" if v > 0 and f"{v:.0e}"[0] in "25" else ""
+
+
+def _line_panels(runs: dict[str, list[dict[str, Any]]], keys: list[str], path: Path, log: str,
+                 reference: dict[str, Any] | None = None) -> str | None:
+    """One panel per key, one line per run (a run labelled "" gets no legend); ``reference`` values
+    (the teacher's own metrics) are drawn as a dashed line on their panel."""
     keys = [k for k in keys if any(_series(recs, k)[0].size for recs in runs.values())]
     if not keys:
         return None
+    reference = {k: v for k, v in (reference or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
     fig, axes = _figure(len(keys))
     for ax, k in zip(axes, keys, strict=True):
         ys = []
         for i, (label, recs) in enumerate(runs.items()):
             x, y = _series(recs, k)
             if x.size:
-                ax.plot(x, y, lw=1.2, color=f"C{i}", label=label, marker="." if x.size < 30 else None)
+                ax.plot(x, y, lw=1.2, color=f"C{i + 1}", label=label or "student",
+                        marker="." if x.size < 30 else None)
                 ys.append(y)
+        if k in reference:
+            ax.axhline(reference[k], color="k", ls="--", lw=1.0, label=TEACHER_LABEL)
+            ys.append(np.array([reference[k]]))
         _maybe_log(ax, np.concatenate(ys), log)
         ax.set(title=k, xlabel="step")
         ax.grid(alpha=0.3)
-        if any(runs) and ax is axes[0]:
+        if ax is axes[0] and (any(runs) or reference):
             ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def _maybe_log(ax: Any, y: np.ndarray, mode: str) -> None:
-    """``mode="positive"``: log-y if all finite values are > 0; ``"range"``: and they span > 10x."""
+    """``mode="positive"``: log-y if all finite values are > 0; ``"range"``: and they span > 10x. Tick
+    labels are short plain numbers (0.82, 1.4, 1e-03), minor ones only where no two decades show."""
     f = y[np.isfinite(y)]
     if f.size and (f > 0).all() and (mode == "positive" or f.max() > 10 * f.min()):
         ax.set_yscale("log")
-        if f.max() > 100 * f.min():  # two decade ticks exist: drop the crowded minor labels
-            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(_short))
+        few = f.max() <= 100 * f.min()  # fewer than two decade ticks may show: label 2x and 5x too
+        ax.yaxis.set_minor_formatter(FuncFormatter(_short_25) if few else NullFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
-def _band(ax: Any, recs: list[dict[str, Any]], stem: str, color: str, label: str) -> None:
-    """Line for ``{stem}_mean`` and a shaded ``{stem}_min``..``{stem}_max`` band where both are logged."""
+def _band(ax: Any, recs: list[dict[str, Any]], stem: str, color: str, label: str,
+          scale: np.ndarray | None = None) -> None:
+    """Line for ``{stem}_mean`` and a shaded ``{stem}_min``..``{stem}_max`` band where both are logged;
+    ``scale`` (per logged step) divides all three (omega after normalisation)."""
     x, mean = _series(recs, f"{stem}_mean")
     if not x.size:
         return
-    ax.plot(x, mean, color=color, lw=1.2, label=f"{label} mean")
+    div = scale if scale is not None and scale.shape == mean.shape else 1.0
+    ax.plot(x, mean / div, color=color, lw=1.2, label=f"{label} mean")
     xl, lo = _series(recs, f"{stem}_min")
     xh, hi = _series(recs, f"{stem}_max")
-    if xl.size and xl.size == xh.size and np.array_equal(xl, xh):
-        ax.fill_between(xl, lo, hi, color=color, alpha=0.2, lw=0, label=f"{label} min-max")
+    if xl.size and xl.size == xh.size and np.array_equal(xl, xh) and np.array_equal(xl, x):
+        ax.fill_between(xl, lo / div, hi / div, color=color, alpha=0.2, lw=0, label=f"{label} min-max")
 
 
-def _ratio_figure(recs: list[dict[str, Any]], path: Path) -> str | None:
-    stems = [(s, t) for s, t in (("ratio/omega", "omega (generator weight)"), ("ratio/log_r", "log r"))
-             if _series(recs, f"{s}_mean")[0].size]
-    if not stems:
+def _omega_bounds(config: dict[str, Any]) -> tuple[float, float] | None:
+    """``omega`` at the ratio clip ``[r_clip_min, r_clip_max]``: the bounds its values sit between
+    (before normalisation), or None when the divergence cannot be read."""
+    try:
+        import torch
+
+        from .train.config import divergence_from_spec
+
+        div = divergence_from_spec(str(config["divergence"]))
+        lr = torch.log(torch.tensor([float(config["r_clip_min"]), float(config["r_clip_max"])], dtype=torch.float64))
+        lo, hi = sorted(div.omega(lr).tolist())
+    except (ImportError, KeyError, TypeError, ValueError):
         return None
-    fig, axes = _figure(len(stems), size=(5.0, 3.2))
-    for ax, (stem, title) in zip(axes, stems, strict=True):
-        _band(ax, recs, stem, "C0", stem.split("/")[1])
-        ax.set(title=title, xlabel="step")
+    return lo, hi
+
+
+def _omega_panel(ax: Any, recs: list[dict[str, Any]], config: dict[str, Any], color: str, label: str) -> None:
+    """omega after normalisation: divided by the logged batch mean (exact for ``omega_normalize =
+    batch``; for ``bins`` the running bin means differ a little), raw for ``none``; the clip bounds
+    ``omega(r_clip_min)``, ``omega(r_clip_max)`` after the same division as dashed lines."""
+    x, mean = _series(recs, "ratio/omega_mean")
+    norm = str(config.get("omega_normalize", "batch"))
+    scale = mean if norm != "none" and x.size and (mean > 0).all() else None
+    _band(ax, recs, "ratio/omega", color, label, scale)
+    bounds = _omega_bounds(config)
+    if bounds is not None and x.size:
+        clip = f"[{config['r_clip_min']:g}, {config['r_clip_max']:g}]"
+        for i, b in enumerate(bounds):
+            ax.plot(x, b / (scale if scale is not None else 1.0), color=color, ls="--", lw=0.8,
+                    label=None if i else f"omega at the r clip {clip}")
+    what = {"batch": "omega / batch mean", "bins": "omega / batch mean (bins normalise per noise bin)",
+            "none": "omega (not normalised)"}.get(norm, "omega")
+    ax.set(title=f"{what}: mean, min-max", xlabel="step")
+
+
+def _constant_omega(recs: list[dict[str, Any]]) -> bool:
+    """omega the same for every sample and step (reverse KL: omega = 1): nothing to draw."""
+    vals = np.concatenate([_series(recs, f"ratio/omega_{k}")[1] for k in ("min", "max", "mean")])
+    return bool(vals.size) and float(np.ptp(vals)) <= 1e-9 * max(1.0, float(np.abs(vals).max()))
+
+
+def _ratio_figure(recs: list[dict[str, Any]], path: Path, config: dict[str, Any] | None = None) -> str | None:
+    config = config or {}
+    has = {s: _series(recs, f"{s}_mean")[0].size > 0 for s in ("ratio/omega", "ratio/log_r")}
+    if not any(has.values()):
+        return None
+    fig, axes = _figure(sum(has.values()), size=(5.0, 3.2))
+    it = iter(axes)
+    if has["ratio/omega"]:
+        ax = next(it)
+        _omega_panel(ax, recs, config, "C0", "omega")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if has["ratio/log_r"]:
+        ax = next(it)
+        _band(ax, recs, "ratio/log_r", "C0", "log r")
+        for key in ("r_clip_min", "r_clip_max"):
+            if isinstance(config.get(key), (int, float)) and config[key] > 0:
+                ax.axhline(math.log(config[key]), color="k", ls="--", lw=0.8,
+                           label=f"clip: log {config[key]:g}")
+        ax.set(title="log r (critic's estimate, after clipping)", xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -287,11 +512,21 @@ def _figure_md(figs: dict[str, str | None]) -> list[str]:
 
 def _doc_lines(keys: list[str]) -> list[str]:
     """One explanatory line per documented metric; without the metrics module the tables show names only."""
-    try:
-        from dibregman.metrics.toy import METRIC_DOC  # lazy: keeps torch out of a plain report import
+    try:  # lazy: keeps torch out of a plain report import
+        from dibregman.metrics.images import IMAGE_METRIC_DOC
+        from dibregman.metrics.toy import METRIC_DOC
     except ImportError:
         return []
-    return [f"- **{k}**: {METRIC_DOC[k]}" for k in keys if k in METRIC_DOC]
+    docs = {**METRIC_DOC, **IMAGE_METRIC_DOC}
+    return [f"- **{k}**: {docs[k]}" for k in keys if k in docs]
+
+
+def _labels(run_dir: Path) -> np.ndarray | None:
+    try:
+        with np.load(run_dir / "samples.npz") as z:
+            return np.asarray(z["labels"]) if "labels" in z.files else None
+    except (OSError, ValueError):
+        return None
 
 
 def write_run_report(run_dir: str | Path) -> Path:
@@ -302,22 +537,28 @@ def write_run_report(run_dir: str | Path) -> Path:
     stats = _read_jsonl(run_dir / "stats.jsonl")
     mrecs = _read_jsonl(run_dir / "metrics.jsonl")
     samples = _load_samples(run_dir)
+    labels = _labels(run_dir)
     name = summary.get("name") or config.get("name") or run_dir.name
+    label = method_label(config, summary.get("divergence"))
 
     figs: dict[str, str | None] = {}
     if "teacher" in samples and "student" in samples:
         panels = [("data", samples["data"])] if "data" in samples else []
-        panels += [("teacher (35 NFE)", samples["teacher"]), ("student (1 NFE)", samples["student"])]
-        png, note = _sample_figure(panels, samples["teacher"], run_dir / "samples.png")
+        panels += [(TEACHER_LABEL, samples["teacher"]), (f"student {label} (1 NFE)", samples["student"])]
+        png, note = _sample_figure(panels, samples["teacher"], run_dir / "samples.png", config, labels)
         figs["Samples" + note] = png
-    figs["Losses"] = _line_panels({"": stats}, _keys(stats, "loss/"), run_dir / "losses.png", "positive")
-    figs["Density ratio"] = _ratio_figure(stats, run_dir / "ratio.png")
-    figs["Metrics"] = _line_panels({"": mrecs}, _metric_keys(mrecs), run_dir / "metrics.png", "range")
+        gmm = _mixture(config) if samples["teacher"].ndim == 2 else None
+        if gmm is not None:
+            figs["Samples per mode"] = _mode_figure(gmm, panels, run_dir / "modes.png")
+    figs["Losses"] = _line_panels({"": stats}, _keys(stats, "loss/"), run_dir / "losses.png", "range")
+    figs["Density ratio"] = _ratio_figure(stats, run_dir / "ratio.png", config)
+    figs["Metrics (dashed: the teacher's 35-NFE samples, same metric)"] = _line_panels(
+        {"": mrecs}, _metric_keys(mrecs), run_dir / "metrics.png", "range", summary.get("teacher_metrics"))
 
     final = dict(summary.get("metrics") or {}) or {k: v for k, v in (mrecs[-1] if mrecs else {}).items()
                                                      if k != "step"}
     lines = [f"# Run report: {name}", ""]
-    facts = [("divergence", summary.get("divergence", config.get("divergence"))),
+    facts = [("method", label),
              ("nfe", summary.get("nfe")), ("step time (s)", summary.get("step_time_s")),
              ("last logged step", stats[-1]["step"] if stats else None)]
     lines += [" · ".join(f"{k}: {_cell(v, '.4g')}" for k, v in facts if v is not None), ""]
@@ -325,10 +566,11 @@ def write_run_report(run_dir: str | Path) -> Path:
         cfg = [{"key": k, "value": v} for k, v in _flatten(config).items()]
         lines += ["## Config", "", format_table(cfg, ["key", "value"], floatfmt=".4g"), ""]
     if final:
-        rows = [{"method": "student (1 NFE)", **final}]
+        rows = [{"method": f"student {label} (1 NFE)", **final}]
         if summary.get("teacher_metrics"):  # the reference row: the teacher's own 35-NFE sampler
             rows.insert(0, {"method": "teacher (Heun, 35 NFE)", **summary["teacher_metrics"]})
-        lines += ["## Final metrics", "", format_table(rows), "", *_doc_lines(list(final)), ""]
+        lines += ["## Final metrics", "", format_table(rows), "",
+                  *([summary["protocol"], ""] if summary.get("protocol") else []), *_doc_lines(list(final)), ""]
     if any(figs.values()):
         lines += ["## Figures", "", *_figure_md(figs)]
     path = run_dir / "report.md"
@@ -355,26 +597,44 @@ def write_comparison_report(
     samples = {label: _load_samples(d) for label, d in runs.items()}
     stats = {label: _read_jsonl(d / "stats.jsonl") for label, d in runs.items()}
     mrecs = {label: _read_jsonl(d / "metrics.jsonl") for label, d in runs.items()}
+    configs = {label: _read_json(d / "config.json") for label, d in runs.items()}
+    summaries = {label: _read_json(d / "summary.json") for label, d in runs.items()}
+    first = next(iter(configs.values()), {})
+    reference = next((s["teacher_metrics"] for s in summaries.values() if s.get("teacher_metrics")), None)
 
     figs: dict[str, str | None] = {}
     teacher = next((s["teacher"] for s in samples.values() if "teacher" in s), None)
-    students = [(f"{label} (1 NFE)", s["student"]) for label, s in samples.items() if "student" in s]
+    students = [(f"{method_label(configs[label], label)} (1 NFE)", s["student"])
+                for label, s in samples.items() if "student" in s]
     if teacher is not None and students:
-        png, note = _sample_figure([("teacher (35 NFE)", teacher), *students], teacher,
-                                   out_dir / "comparison_samples.png")
+        labels = next((lab for lab in (_labels(d) for d in runs.values()) if lab is not None), None)
+        panels = [(TEACHER_LABEL, teacher), *students]
+        png, note = _sample_figure(panels, teacher, out_dir / "comparison_samples.png", first, labels)
         figs["Samples" + note] = png
+        gmm = _mixture(first) if teacher.ndim == 2 else None
+        if gmm is not None:
+            figs["Samples per mode (the mode-weight metric mode_tv, drawn)"] = _mode_figure(
+                gmm, panels, out_dir / "comparison_modes.png")
 
     keys = list(dict.fromkeys(k for recs in mrecs.values() for k in _metric_keys(recs)))
-    figs["Metrics over training"] = _line_panels(mrecs, keys, out_dir / "comparison_metrics.png", "range")
+    figs["Metrics over training (dashed: the teacher's 35-NFE samples)"] = _line_panels(
+        mrecs, keys, out_dir / "comparison_metrics.png", "range", reference)
 
-    if any(_series(recs, "ratio/omega_mean")[0].size for recs in stats.values()):
-        fig, (ax,) = _figure(1, size=(6.0, 3.5))
-        for i, (label, recs) in enumerate(stats.items()):  # same colour per run as in the metrics figure
-            _band(ax, recs, "ratio/omega", f"C{i}", label)
-        ax.set(title="generator weight omega: mean and min-max", xlabel="step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        figs["Density ratio"] = _save(fig, out_dir / "comparison_ratio.png")
+    with_omega = [label for label, recs in stats.items() if _series(recs, "ratio/omega_mean")[0].size]
+    constant = [label for label in with_omega if _constant_omega(stats[label])]
+    with_omega = [label for label in with_omega if label not in constant]
+    if with_omega:
+        fig, axes = _figure(len(with_omega), ncols=min(len(with_omega), 3), size=(4.6, 3.2))
+        colour = {label: f"C{i + 1}" for i, label in enumerate(stats)}  # as in the metrics figure
+        for ax, label in zip(axes, with_omega, strict=True):
+            _omega_panel(ax, stats[label], configs[label], colour[label], label)
+            ax.set_title(f"{label}: {ax.get_title()}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        caption = "Generator weight omega after normalisation, with the ratio clip's bounds"
+        if constant:
+            caption += f" ({', '.join(constant)}: omega is constant, not drawn)"
+        figs[caption] = _save(fig, out_dir / "comparison_ratio.png")
 
     metric_cols = [k for k in METRIC_ORDER if any(k in r for r in rows)]
     other = [k for r in rows for k in r if k not in ("method", "nfe", "step_time_s", *metric_cols)]
