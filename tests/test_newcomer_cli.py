@@ -70,3 +70,8 @@ def test_every_option_has_a_help_text_with_its_values(command):
             continue
         text = (action.help or "").split(" (default:")[0].strip()
         assert len(text) > 12, f"{command} {action.option_strings}: no help text"
+
+
+def test_an_unknown_divergence_names_the_form_the_cli_takes(capsys):
+    err = refused(capsys, "distill", "--divergence", "hellingr")
+    assert "py:<module>:<function>" in err and "hellinger" in err

@@ -185,7 +185,8 @@ def get_divergence(spec: str | Divergence | Fn) -> Divergence:
     name, params = parse_spec(spec)
     if name not in REGISTRY:
         raise ValueError(f"unknown divergence {spec!r}; choose one of {', '.join(REGISTRY)} "
-                         "(power takes a parameter: 'power:0.5'), or pass a convex callable h")
+                         "(power takes a parameter: 'power:0.5'), or your own convex h as py:<module>:<function> "
+                         "(in Python, a callable h works too)")
     if params and name != "power":
         raise ValueError(f"divergence {name!r} takes no parameter; got {spec!r}")
     return REGISTRY[name](**params)
