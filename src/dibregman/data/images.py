@@ -36,7 +36,8 @@ import torch
 
 Tensor = torch.Tensor
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # the Debian package dataset-fashion-mnist
+FASHION_MNIST_ENV = "DIBREGMAN_FASHION_MNIST"  # or a folder of the four *-ubyte.gz files named here
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle boot")
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
@@ -120,7 +121,12 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def fashion_mnist(split: str = "train", root: Path | None = None) -> ImageSet:
-    root = FASHION_MNIST_DIR if root is None else Path(root)
+    """The four ``*-ubyte.gz`` files in ``root``, else in ``$DIBREGMAN_FASHION_MNIST``, else at the
+    Debian package's path (``FASHION_MNIST_DIR``)."""
+    import os
+
+    env = os.environ.get(FASHION_MNIST_ENV)
+    root = Path(root) if root is not None else Path(env).expanduser() if env else FASHION_MNIST_DIR
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise ValueError(f"fashion-mnist split must be train or test; got {split!r}")
@@ -128,7 +134,9 @@ def fashion_mnist(split: str = "train", root: Path | None = None) -> ImageSet:
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"Fashion-MNIST file {p} is missing: install the Debian package with "
-                                    "`apt-get install dataset-fashion-mnist` (as root)")
+                                    "`apt-get install dataset-fashion-mnist` (as root), or set "
+                                    f"{FASHION_MNIST_ENV}=<folder holding {prefix}-images-idx3-ubyte.gz and the "
+                                    "other three files>")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.shape != images.shape[:1] or labels.max(initial=0) >= 10:
         raise ValueError(f"Fashion-MNIST files in {root} disagree: images {images.shape}, labels {labels.shape} "
