@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from torch import nn
 
 from .generator import OneStepGenerator
 from .io import atomic_save_safetensors, read_tagged_json, write_json
 from .nets import arch_of as nets_arch_of
-from .nets import build_backbone
+from .nets import build_backbone, image_shape
 from .precond import Precond
 from .teachers.diffusers import ARCH_KIND as DIFFUSERS_KIND
 from .teachers.diffusers import DiffusersDenoiser
-from .train.checkpoint import CheckpointError, load_module
+from .train.checkpoint import INTEGRITY, MANIFEST, CheckpointError, load_module, verify_manifest, write_manifest
 
 FORMAT = "dibregman-generator"
 _REMAKE = "re-create it with `dibregman distill --resume` on its run folder (it rewrites generator/)"
+MAX_SAMPLE_VALUES = 1 << 26  # values in one sample (64 Mi: a 4096x4096x4 image); a larger `shape` is damage
 
 
 def build_precond(arch: dict[str, Any], sigma_data: float) -> Precond | DiffusersDenoiser:
@@ -41,7 +45,8 @@ def save_generator(folder: str | Path, generator: OneStepGenerator, meta: dict[s
     atomic_save_safetensors(folder / "model.safetensors", tensors)
     write_json(folder / "generator.json", {
         "format": FORMAT, "version": 1, "arch": arch_of(generator.denoiser),
-        "sigma_data": generator.denoiser.sigma_data, "sigma_g": generator.sigma_g, **meta})
+        "sigma_data": generator.denoiser.sigma_data, "sigma_g": generator.sigma_g, **meta, INTEGRITY: MANIFEST})
+    write_manifest(folder, ["model.safetensors", "generator.json"])  # last: checksums, verified on load
     return folder
 
 
@@ -55,13 +60,76 @@ def load_generator(folder: str | Path) -> tuple[OneStepGenerator, dict[str, Any]
         raise FileNotFoundError(f"{folder} holds no generator.json: pass a run folder written by "
                                 "`dibregman distill` or its generator/ subfolder")
     info = read_tagged_json(info_path, FORMAT, _REMAKE)
+    try:  # before anything is built from it: a changed digit is damage, not a different model
+        verified = verify_manifest(folder, ("model.safetensors", "generator.json"), what="generator folder")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {_REMAKE}") from None
+    if info.get(INTEGRITY) is not None and not verified:
+        raise CheckpointError(f"{folder / MANIFEST} is missing (generator.json says it has one); {_REMAKE}")
+    _check_numbers(info, info_path)
     try:  # a hand-edited or damaged file: name it rather than fail with a KeyError deep inside
-        gen = OneStepGenerator(build_precond(info["arch"], info["sigma_data"]), info["sigma_g"])
-        info["shape"] = [int(s) for s in info["shape"]]
-    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        _check_size(info, folder / "model.safetensors", info_path)
+        with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten: leave the caller's RNG alone
+            gen = OneStepGenerator(build_precond(info["arch"], info["sigma_data"]), info["sigma_g"])
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{info_path} is damaged (bad or missing entry {e}); {_REMAKE}") from None
     try:
-        load_module(gen, folder / "model.safetensors")
+        load_module(gen, folder / "model.safetensors", verify=False)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {_REMAKE}") from None
     return gen.eval().requires_grad_(False), info
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_numbers(info: dict[str, Any], path: Path) -> None:
+    """The numbers of ``generator.json`` that shape every sample: finite and in range (a NaN ``sigma_g``
+    would give all-NaN samples that look like a working generator)."""
+    arch = info.get("arch")
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{path} is damaged (bad or missing entry 'arch'); {_REMAKE}")
+    for key in ("sigma_g", "sigma_data"):
+        if key not in info:
+            raise CheckpointError(f"{path} is damaged (bad or missing entry {key!r}); {_REMAKE}")
+        if not _positive(info[key]):
+            raise CheckpointError(f"{path} is damaged: {key} must be a finite number > 0; got {info[key]!r}; "
+                                  f"{_REMAKE}")
+    shape = info.get("shape")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+            or math.prod(shape) > MAX_SAMPLE_VALUES):
+        raise CheckpointError(f"{path} is damaged: shape must be 1 to 3 positive integers of at most "
+                              f"{MAX_SAMPLE_VALUES} values in all; got {shape!r}; {_REMAKE}")
+    k = info.get("num_classes", 0)
+    if k is None:
+        k = 0
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 1_000_000:
+        raise CheckpointError(f"{path} is damaged: num_classes must be an integer >= 0; got {k!r}; {_REMAKE}")
+    expected = image_shape(arch) if arch.get("kind") != "diffusers" else None
+    dim = arch.get("dim") if arch.get("kind", "mlp") == "mlp" else None
+    if (expected is not None and shape != expected) or (dim is not None and math.prod(shape) != dim):
+        raise CheckpointError(f"{path} is damaged: shape {shape} does not match its arch "
+                              f"({expected or f'dim {dim}'}); {_REMAKE}")
+
+
+def _check_size(info: dict[str, Any], weights: Path, path: Path) -> None:
+    """Build the network ``arch`` describes on the meta device (no memory) and compare its number of values
+    with the weight file's header: a hand-edited ``hidden: 10**9`` is refused before it is allocated."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - not a dict
+    except Exception:  # unreadable: load_module names it
+        return
+    try:
+        with torch.device("meta"):
+            described = sum(t.numel() for t in OneStepGenerator(
+                build_precond(info["arch"], info["sigma_data"]), info["sigma_g"]).state_dict().values())
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise
+    except Exception:  # a network that cannot be built on the meta device: load_module compares the tensors
+        return
+    if described != stored:
+        raise CheckpointError(f"{path} describes a network of {described} values but {weights.name} holds "
+                              f"{stored}; {_REMAKE}")

@@ -136,6 +136,7 @@ class NonFiniteGuard:
 
     def __init__(self, policy: str, resume_hint: str | None = "--resume --nonfinite skip"):
         self.policy, self.skipped, self.resume_hint = policy, 0, resume_hint
+        self.resumed_from: Path | None = None  # the checkpoint a resumed run loaded
 
     def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, net: nn.Module, name: str, step: int,
              max_norm: float, run_dir: Path) -> bool:
@@ -157,7 +158,7 @@ class NonFiniteGuard:
             if not _finite(net):
                 raise NonFiniteError(f"non-finite {name} weights after the update at step {step} (finite loss "
                                      "and gradient: the step overflowed); stopped, the update cannot be undone "
-                                     f"({self._last_good(run_dir)}). Start a new run (another --out) with a "
+                                     f"({self._last_good(run_dir, step)}). Start a new run (another --out) with a "
                                      "lower learning rate or a gradient clip")
             return True
         opt.zero_grad(set_to_none=True)
@@ -165,11 +166,14 @@ class NonFiniteGuard:
             self.skipped += 1
             return False
         hint = f", or continue with {self.resume_hint} to drop such steps and count them" if self.resume_hint else ""
-        raise NonFiniteError(f"non-finite {name} {bad} at step {step}; stopped ({self._last_good(run_dir)}). "
+        raise NonFiniteError(f"non-finite {name} {bad} at step {step}; stopped ({self._last_good(run_dir, step)}). "
                              f"Start a new run (another --out) with a lower learning rate{hint}")
 
-    @staticmethod
-    def _last_good(run_dir: Path) -> str:
+    def _last_good(self, run_dir: Path, step: int) -> str:
+        resumed = self.resumed_from
+        if resumed is not None and resumed.name == f"step-{step - 1:08d}":  # the first update after a resume
+            return (f"this is the first update after resuming from {resumed}, which may be damaged: move it aside "
+                    f"(rename it to damaged-{resumed.name}) and --resume again to fall back to the one before it")
         last = latest_checkpoint(run_dir / "checkpoints")
         return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 

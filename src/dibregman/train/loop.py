@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import statistics
 import sys
@@ -23,7 +22,7 @@ from ..metrics.toy import evaluate as evaluate_points
 from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
-from .checkpoint import CheckpointError, list_checkpoints, load_latest, read_meta, save_checkpoint
+from .checkpoint import check_any, entry, list_checkpoints, load_latest, save_checkpoint
 from .components import (
     balanced_labels,
     build,
@@ -77,8 +76,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     dist.barrier()
     resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
     if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
-        with contextlib.suppress(CheckpointError):  # a damaged newest one is handled by load_latest
-            check_resumable(read_meta(list_checkpoints(out / "checkpoints")[-1]).get("config", {}), cfg, str(out))
+        check_any(out / "checkpoints", lambda meta: check_resumable(meta.get("config", {}), cfg, str(out)))
     torch.manual_seed(cfg.seed)  # network initialisations
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from g
 
@@ -127,16 +125,20 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         return evaluate_points(x, reference, gmm)
 
     step, guard = 0, NonFiniteGuard(cfg.nonfinite)
-    loaded = load_latest(out / "checkpoints", c.modules(),
-                         lambda meta: check_resumable(meta.get("config", {}), cfg, str(out))) if resuming else None
-    if loaded is not None:
-        _, state, meta = loaded
+
+    def restore(state: dict, meta: dict) -> None:  # a missing or mistyped entry is damage (load_latest)
+        nonlocal step
         for name, opt in c.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        g.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step, guard.skipped = meta["step"], meta.get("nonfinite_skipped", 0)
-        c.ema.num_updates = meta["ema_updates"]
+            opt.load_state_dict(entry(entry(state, "optimizers", dict, "state.pt"), name, dict, "state.pt"))
+        g.set_state(entry(state, "rng", torch.Tensor, "state.pt"))
+        torch.set_rng_state(entry(state, "torch_rng", torch.Tensor, "state.pt"))
+        step, guard.skipped = meta["step"], entry(meta, "nonfinite_skipped", int, "state.json", 0)
+        c.ema.num_updates = entry(meta, "ema_updates", int, "state.json")
+
+    loaded = load_latest(out / "checkpoints", c.modules(), lambda meta: check_resumable(
+        meta.get("config", {}), cfg, str(out)), restore) if resuming else None
+    if loaded is not None:
+        guard.resumed_from = loaded[0]  # a non-finite first step then says the checkpoint may be damaged
     if main:
         if resume:  # rows logged after the checkpoint (all of them, if none loaded) belong to no run now
             for log in ("stats.jsonl", "metrics.jsonl"):

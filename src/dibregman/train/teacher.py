@@ -38,7 +38,7 @@ from ..stats import Stats, truncate_jsonl
 from ..teachers.trained import save_teacher
 from ..text.encoder import BUILTIN
 from ..text.prompts import TRAIN_TEMPLATES
-from .checkpoint import load_latest, save_checkpoint
+from .checkpoint import INTEGRITY, MANIFEST, entry, load_latest, save_checkpoint, write_manifest
 from .config import ConfigError, TeacherConfig, channel_mult, check_resumable, validate
 from .ema import EMA
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock, prepare_run_dir
@@ -107,15 +107,20 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     guard = NonFiniteGuard("strict", resume_hint=None)  # no skip mode for teachers
 
     step = 0
+
+    def restore(state: dict, meta: dict) -> None:  # a missing or mistyped entry is damage (load_latest)
+        nonlocal step
+        opt.load_state_dict(entry(state, "optimizer", dict, "state.pt"))
+        gen.set_state(entry(state, "rng", torch.Tensor, "state.pt"))
+        step, ema.num_updates = meta["step"], entry(meta, "ema_updates", int, "state.json")
+
     loaded = load_latest(out / "checkpoints", {"teacher": net, "ema": ema.module},
-                         lambda meta: check_resumable(meta.get("config", {}), cfg, str(out))) if resume else None
+                         lambda meta: check_resumable(meta.get("config", {}), cfg, str(out)),
+                         restore) if resume else None
     if loaded is not None:
-        start, state, meta = loaded
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"])
-        step, ema.num_updates = meta["step"], meta["ema_updates"]
+        guard.resumed_from = loaded[0]
         if main:
-            print(f"resuming from {start} (step {step})", file=sys.stderr)
+            print(f"resuming from {loaded[0]} (step {step})", file=sys.stderr)
     if main:
         if resume:  # rows after the checkpoint (all, if none loaded) belong to no run now
             truncate_jsonl(out / "stats.jsonl", step)
@@ -190,7 +195,9 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         meta["metrics"] = _evaluate(ema.module, points, gen, cfg.eval_samples)
     if command is not None:
         meta["command"] = command
+    meta[INTEGRITY] = MANIFEST  # checksums of the files a distillation loads, verified there (checkpoint.py)
     folder = save_teacher(out / "teacher", ema.module, meta)
+    write_manifest(folder, ["model.safetensors", "teacher.json"])
     if images:
         save_grid(folder / "samples.png", grid, nrow=max(num_classes, 8))
     return folder
