@@ -134,7 +134,7 @@ def test_a_changed_config_in_a_folder_without_checksums_falls_back_when_an_older
 
     path, _, _ = load_latest(root, {"net": _linear()}, check=same_tag)
     assert path.name == "step-00000002" and "while an older checkpoint matches" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="tag 20 differs"):  # every one differs (the newest named): no fallback, nothing moved
+    with pytest.raises(ConfigError, match="tag 20 differs"):  # none matches: the newest named, nothing moved
         load_latest(root, {"net": _linear()}, check=lambda m: same_tag({"tag": m["tag"] * 10}))
     with pytest.raises(CheckpointMismatch):
         load_latest(root, {"net": _linear(n=4)})
@@ -290,3 +290,18 @@ def test_any_changed_byte_is_damage_many(saved, tmp_path, name, position, xor):
 
 
 
+
+
+def test_a_classifier_folder_with_a_flipped_bit_is_refused(tmp_path):
+    from test_classifier import _saved
+
+    from dibregman.train.classifier import load_classifier
+
+    _, folder = _saved(tmp_path)
+    load_classifier(folder)
+    flip(folder / "model.safetensors", 9)
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its SHA-256.*re-create"):
+        load_classifier(folder)
+    (folder / MANIFEST).unlink()
+    with pytest.raises(ValueError, match=r"manifest\.json is missing"):
+        load_classifier(folder)

@@ -334,12 +334,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load_module(module: nn.Module, file: str | Path,
                 hint: str = "the checkpoint comes from another config", verify: bool = True) -> None:
     """Load safetensors weights into ``module`` (every checkpoint, teacher and generator goes through
-    here). Damage (unreadable, NaN/inf, not matching the folder's ``manifest.json``: with ``verify``, every
-    file it lists is checked) raises ``CheckpointError``; weights of another model raise
+    here). Damage (unreadable, NaN/inf, then, with ``verify``, any file of the folder's ``manifest.json`` that
+    does not match it) raises ``CheckpointError``; weights of another model raise
     ``CheckpointMismatch`` naming each missing, unexpected or misshapen tensor, then ``hint``."""
     file = Path(file)
-    if verify:
-        verify_manifest(file.parent, (file.name,), what="folder")
     require_regular(file, "folder")
     try:
         tensors = load_file(str(file))
@@ -356,6 +354,8 @@ def load_module(module: nn.Module, file: str | Path,
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{file}: tensors {bad[:5]} hold NaN or inf; the file is damaged or its run diverged")
+    if verify:  # after the structural checks, whose messages are more precise; before anything is loaded
+        verify_manifest(file.parent, (file.name,), what="folder")
     module.load_state_dict(tensors)
 
 

@@ -179,9 +179,12 @@ def save_classifier(folder: str | Path, model: Classifier, info: dict[str, Any])
     names = info.get("class_names")
     if not isinstance(names, list) or len(names) != model.num_classes:
         raise ValueError(f"info['class_names'] must list {model.num_classes} names; got {names!r}")
-    doc = {**info, "format": FORMAT, "version": VERSION, "arch": model.arch()}
+    from .checkpoint import INTEGRITY, MANIFEST, write_manifest
+
+    doc = {**info, "format": FORMAT, "version": VERSION, "arch": model.arch(), INTEGRITY: MANIFEST}
     atomic_save_safetensors(folder / WEIGHTS_FILE, model.state_dict(), metadata={"format": FORMAT})
     write_json(folder / META_FILE, doc)
+    write_manifest(folder, [WEIGHTS_FILE, META_FILE])  # last: checksums, verified by load_module
     return folder
 
 
@@ -193,6 +196,8 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[Classifier
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
     fix = "re-create the classifier folder with train_classifier"
     info = read_tagged_json(meta_path, FORMAT, fix)
+    if info.get("integrity") is not None and not (folder / "manifest.json").is_file():
+        raise ValueError(f"{folder / 'manifest.json'} is missing ({META_FILE} says it has one); {fix}")
     if info.get("version") != VERSION:
         raise ValueError(f"{str(meta_path)!r} has classifier format version {info.get('version')!r}; this dibregman "
                          f"reads version {VERSION}: upgrade dibregman or {fix}")
