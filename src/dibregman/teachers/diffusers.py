@@ -2,7 +2,7 @@
 
 The folder is a saved pipeline (``unet/`` and ``scheduler/`` subfolders) or a folder holding both
 ``config.json`` + weights of the UNet and ``scheduler_config.json``. Nothing is downloaded: a Hub id must be
-fetched into a folder first (e.g. ``huggingface-cli download <id> --local-dir <folder>``).
+fetched into a folder first (e.g. ``hf download <id> --local-dir <folder>``).
 
 Everything is converted at the edge (METHOD.md section 7) so the caller sees an EDM denoiser
 ``D(x_sigma, sigma, cond) ~ E[x0 | x_sigma]`` with ``x_sigma = x0 + sigma n``:
@@ -388,8 +388,8 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"diffusers teacher folder {str(folder)!r} does not exist; only local folders are "
-                                "read (nothing is downloaded): fetch a Hub model first, e.g. `huggingface-cli "
-                                "download <id> --local-dir <folder>`, and pass that folder")
+                                "read (nothing is downloaded): fetch a Hub model first, e.g. `hf download <id> "
+                                "--local-dir <folder>`, and pass that folder")
     sched_dir = _find(folder, "scheduler", SCHEDULER_FILE)
     if sched_dir is None:
         raise FileNotFoundError(f"diffusers teacher folder {str(folder)!r} has no scheduler config: expected "
