@@ -250,7 +250,7 @@ def test_image_grids_are_labelled_with_class_and_caption(tmp_path: Path) -> None
     cols, rows, note = _grid_labels({"teacher": "net:fashion-mnist"}, labels, 10, 80)
     assert cols[:2] == ["t-shirt/top", "trouser"] and not rows and "column" in note
     cols, rows, note = _grid_labels({"teacher": "net:fashion-mnist-text", "prompts": ""}, labels, 10, 80)
-    assert cols[9] == "ankle boot" and rows[0] == "a photo of …" and len(rows) == 8 and "caption" in note
+    assert cols[9] == "ankle boot" and rows[0] == "a photo of a(n) …" and len(rows) == 8 and "caption" in note
     run = make_run(tmp_path, "img")
     rng = np.random.default_rng(0)
     imgs = rng.uniform(-1, 1, size=(80, 1, 8, 8))

@@ -261,8 +261,8 @@ def _grid_labels(config: dict[str, Any], labels: np.ndarray | None, ncols: int,
             list(UNSEEN_TEMPLATES) if prompts == "unseen" else [])
         k = len(names)
         if templates and k == ncols:  # caption j = template j // K filled with class j % K: one row per template
-            rows = [templates[(r * ncols // k) % len(templates)].replace("{a}", "…").replace("{noun}", "…")
-                    for r in range(-(-count // ncols))]
+            rows = [templates[(r * ncols // k) % len(templates)].replace("{a}", "a(n) …")
+                    .replace("{noun}", "… (class name alone)") for r in range(-(-count // ncols))]
             note += "; sample i has caption i mod N: the row's template with the column's class"
         else:
             note += f"; sample i has prompt i mod N of {prompts or 'the training captions'}"
@@ -287,22 +287,28 @@ def _image_figure(panels: list[tuple[str, np.ndarray]], path: Path, config: dict
     cols, rows, note = _grid_labels(config, labels, ncols, count)
     nrows = -(-min(count, len(panels[0][1])) // ncols)
     cell = 0.42 if h <= 16 else 0.5  # inches per image: a 28x28 image at 100 dpi is about 0.5 inch
-    fig, axes = _figure(len(panels), ncols=len(panels), size=(cell * ncols + 0.4, cell * nrows + 0.6))
+    gw, gh, gap = cell * ncols, cell * nrows * (h + 2) / (w + 2), 0.35  # one grid's size, inches
+    fig = Figure(figsize=(len(panels) * (gw + gap), gh + 0.2))
+    FigureCanvasAgg(fig)
+    width = len(panels) * (gw + gap)
+    axes = [fig.add_axes(((gap / 2 + i * (gw + gap)) / width, 0.0, gw / width, gh / (gh + 0.2)))
+            for i in range(len(panels))]  # grids side by side; titles and labels outside are kept by _save
+    rotate = max((len(c) for c in cols), default=0) > 2
     for i, (ax, (title, x)) in enumerate(zip(axes, panels, strict=False)):
         grid = image_grid(torch.as_tensor(x[:count]), nrow=ncols)
         ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=10, pad=40 if cols else 6)
+        ax.set_title(title, fontsize=10, pad=(44 if rotate else 14) if cols else 6)
         ax.set_xticks([])
         ax.set_yticks([])
         for side in ax.spines.values():
             side.set_visible(False)
         if cols:
-            ax.set_xticks([2 + (w + 2) * c + w / 2 for c in range(ncols)], cols, fontsize=6, rotation=60,
-                          ha="left")
+            ax.set_xticks([2 + (w + 2) * c + w / 2 for c in range(ncols)], cols, fontsize=7,
+                          rotation=60 if rotate else 0, ha="left" if rotate else "center")
             ax.xaxis.tick_top()
-            ax.tick_params(length=0)
+            ax.tick_params(length=0, pad=2)
         if rows and i == 0:
-            ax.set_yticks([2 + (h + 2) * r + h / 2 for r in range(len(rows))], rows, fontsize=6)
+            ax.set_yticks([2 + (h + 2) * r + h / 2 for r in range(len(rows))], rows, fontsize=7)
             ax.tick_params(length=0)
     return _save(fig, path), note
 
