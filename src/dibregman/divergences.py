@@ -1,4 +1,4 @@
-"""The Bregman / f-divergence family (METHOD.md section 4).
+"""The Bregman / f-divergence family (docs/divergences.md).
 
 Every member is a convex ``h`` on the density ratio ``r = q/p`` (student over teacher). The generator
 only needs the weight ``omega(r) = h''(r) r``, which each member gives exactly in log space (it is fed

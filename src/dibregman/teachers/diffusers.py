@@ -4,7 +4,7 @@ The folder is a saved pipeline (``unet/`` and ``scheduler/`` subfolders) or a fo
 ``config.json`` + weights of the UNet and ``scheduler_config.json``. Nothing is downloaded: a Hub id must be
 fetched into a folder first (e.g. ``hf download <id> --local-dir <folder>``).
 
-Everything is converted at the edge (METHOD.md section 7) so the caller sees an EDM denoiser
+Everything is converted at the edge (docs/concepts.md, "Noise convention") so the caller sees an EDM denoiser
 ``D(x_sigma, sigma, cond) ~ E[x0 | x_sigma]`` with ``x_sigma = x0 + sigma n``:
 
 * discrete VP (DDPM, DDIM, EulerDiscrete): ``alpha_bar`` comes from the scheduler itself, the model input is
