@@ -80,7 +80,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared by the tests/test_hardening_*.py modules
 def finished(tmp_path_factory) -> Path:
     """One uninterrupted tiny run: the reference that resumed runs must match bit for bit."""
     n = torch.get_num_threads()

@@ -257,6 +257,7 @@ def run(argv: list[str] | None = None) -> int:
         print(listing())
         return 0
     if args.command == "sample":
+        _check_sample_args(args)  # before any sampling: sizes, seed, label and output name
         labels = None
         if args.label is not None:
             import torch
@@ -282,6 +283,10 @@ def run(argv: list[str] | None = None) -> int:
         print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}, "
               "trust_remote_code=True))")
         return 0
+    if args.num is not None and not 1 <= args.num <= 10**7:  # eval: bounded pairwise sums
+        raise UserError(f"--num must be an integer in 1..10000000; got {args.num}")
+    if not 0 <= args.seed < 2**40:
+        raise UserError(f"--seed must be an integer in [0, 2**40); got {args.seed}")
     rows = [api.teacher_row(args.teacher or _run_teacher(args.run), args.num, args.seed, args.classifier,
                             args.prompts, args.guidance),
             api.evaluate_run(args.run, args.num, args.seed, args.teacher, args.classifier, args.prompts)]
@@ -370,6 +375,35 @@ def _run_teacher(run_dir: str) -> str:
     if not isinstance(teacher, str):
         raise UserError(f"{run_dir} does not record its teacher; pass --teacher")
     return teacher
+
+
+def _check_sample_args(args: argparse.Namespace) -> None:
+    """``sample``'s options, checked against the generator before anything is drawn."""
+    import math
+
+    from .artifacts import load_generator
+    from .sampling import _memory_bytes
+    from .train.config import MAX_SEED
+
+    if Path(args.out).suffix not in (".npz", ".png"):
+        raise UserError(f"--out must end in .npz or .png; got {args.out}")
+    if args.num < 1:
+        raise UserError(f"--num must be a positive integer; got {args.num}")
+    if not 0 <= args.seed < MAX_SEED:
+        raise UserError(f"--seed must be an integer in [0, 2**40); got {args.seed}")
+    info = load_generator(args.run)[1]
+    need = 2 * args.num * math.prod(info["shape"]) * 4  # the noise and the samples, float32
+    if need > _memory_bytes():
+        raise UserError(f"--num {args.num} needs {need / 2**30:.1f} GiB for noise and samples of shape "
+                        f"{info['shape']}, "
+                        f"more than this machine's {_memory_bytes() / 2**30:.1f} GiB; draw fewer (several calls with "
+                        "other --seed values give other samples)")
+    if args.label is not None:
+        k = int(info.get("num_classes") or 0)
+        if not k:
+            raise UserError(f"--label is for class-conditional generators; {args.run} has no classes (leave it out)")
+        if not 0 <= args.label < k:
+            raise UserError(f"--label must be a class number in 0..{k - 1}; got {args.label}")
 
 
 def _write_samples(path: Path, x: Any, labels: Any = None) -> None:

@@ -6,6 +6,8 @@ does not depend on the batch it was drawn in, nor on the number of processes.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
@@ -17,10 +19,44 @@ Tensor = torch.Tensor
 Denoiser = Callable[..., Tensor]
 
 
+MAX_NOISE_BYTES = 1 << 36  # 64 GiB: more noise than this in one call is refused (also bounded by the RAM)
+
+
 def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device: str | torch.device = "cpu") -> Tensor:
-    """One standard normal tensor of ``shape`` per seed, stacked: ``[len(seeds), *shape]``."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
+    """One standard normal tensor of ``shape`` per seed, stacked: ``[len(seeds), *shape]``.
+
+    Row ``i`` is ``torch.randn(shape, generator=torch.Generator().manual_seed(seeds[i]))``, drawn into the
+    output in place with one re-seeded generator (``manual_seed`` resets its whole state), so memory is the
+    output alone, moved to ``device`` in chunks. A request larger than the machine's memory (or
+    ``MAX_NOISE_BYTES``) is a ``ValueError`` before anything is allocated."""
+    shape = tuple(int(s) for s in shape)
+    n = len(seeds)
+    if n < 0 or any(s < 0 for s in shape):
+        raise ValueError(f"noise needs a count and a shape of sizes >= 0; got {n} of {list(shape)}")
+    need = n * math.prod(shape) * 4
+    limit = min(MAX_NOISE_BYTES, _memory_bytes())
+    if need > limit:
+        raise ValueError(f"noise for {n} samples of shape {list(shape)} needs {need / 2**30:.1f} GiB, more than "
+                         f"{limit / 2**30:.1f} GiB (this machine's memory or the limit); ask for fewer samples")
+    device = torch.device(device)
+    out = torch.empty((n, *shape), device=device)
+    g = torch.Generator()
+    chunk = max(1, (1 << 24) // max(1, math.prod(shape)))  # ~64 MB of CPU noise at a time
+    for start in range(0, n, chunk):
+        block = out[start:start + chunk] if device.type == "cpu" else torch.empty((min(chunk, n - start), *shape))
+        for j, s in enumerate(seeds[start:start + chunk]):  # indexing: iterating a tensor makes every row's view
+            g.manual_seed(int(s))
+            block[j].normal_(generator=g)
+        if device.type != "cpu":
+            out[start:start + len(block)] = block.to(device)
+    return out
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: the fixed limit alone
+        return MAX_NOISE_BYTES
 
 
 @torch.no_grad()

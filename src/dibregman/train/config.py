@@ -221,6 +221,13 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
             raise ConfigError(f"option {key!r} must be below {_FLOAT32_MAX:.3g} (float32); got {value}")
         if key in _UNIT and not 0 <= value < 1:
             raise ConfigError(f"option {key!r} must be in [0, 1); got {value}")
+    for key, top in _MAX_INT.items():  # sizes beyond these would exhaust memory or run for ever, mid-run
+        if key in d and d[key] > top:
+            raise ConfigError(f"option {key!r} must be at most {top}; got {d[key]}")
+    if not 0 <= cfg.seed < MAX_SEED:  # torch seeds are 64-bit, and seeds are offset and scaled per draw
+        raise ConfigError(f"option 'seed' must be an integer in [0, 2**40); got {cfg.seed}")
+    check_out(cfg.out)
+    check_device(cfg.device)
     if isinstance(cfg, TeacherConfig):
         channel_mult(cfg.channel_mult)
     if isinstance(cfg, DistillConfig):
@@ -237,6 +244,34 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
                 divergence_from_spec(getattr(cfg, key))
             except ValueError as e:
                 raise ConfigError(f"option {key!r}: {e}") from None
+
+
+MAX_SEED = 2**40
+_MAX_INT = {"batch_size": 2**20, "eval_samples": 10**7, "teacher_pool": 10**7, "num_points": 10**8,
+            "fake_score_steps": 1000, "hidden": 2**16, "depth": 1000, "base_channels": 4096, "layers_per_block": 64}
+
+
+def check_out(out: str, option: str = "out") -> None:
+    """A run folder name that can be made and written: not empty (``Path("")`` is the working folder), and
+    encodable (undecodable bytes from the command line fail only when the report is written)."""
+    if not str(out).strip():
+        raise ConfigError(f"option {option!r} is empty, which would write into the working folder; name a folder, "
+                          "e.g. --out runs/my-run")
+    try:
+        os.fsencode(out)
+        str(out).encode("utf-8")
+    except UnicodeError:
+        shown = str(out).encode("utf-8", "backslashreplace").decode()
+        raise ConfigError(f"option {option!r} ({shown}) is not valid UTF-8; choose a folder name in UTF-8") from None
+
+
+def check_device(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``: what ``dist.resolve_device`` can place a run on
+    (``meta`` holds no data; ``cpu:5`` names no device)."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
 
 
 def channel_mult(spec: str) -> tuple[int, ...]:
