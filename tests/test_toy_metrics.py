@@ -146,7 +146,7 @@ def test_evaluate_keys_and_values() -> None:
     assert set(out) == {"energy", "mmd", "w1", "mode_tv", "off_mode", "nll"} == set(METRIC_DOC)
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
     assert out["energy"] == pytest.approx(energy_distance(x, ref), abs=1e-5)
-    assert out["w1"] == pytest.approx(wasserstein1(x, ref, max_points=W1_MAX_POINTS), abs=1e-5)
+    assert out["w1"] == pytest.approx(wasserstein1(x[:W1_MAX_POINTS], ref), abs=1e-5)  # the first rows
     assert out["mode_tv"] == pytest.approx(mode_weight_tv(x, gmm), abs=1e-12)
     assert out["nll"] == pytest.approx(mean_nll(x, gmm), abs=1e-4)
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -16,12 +17,12 @@ import torch
 
 from .artifacts import load_generator
 from .metrics.toy import evaluate
-from .sampling import noise_from_seeds
+from .sampling import seeded_noise
 from .teachers import load_teacher
 from .text.prompts import PromptSet
 from .train.components import balanced_labels, teacher_samples, true_samples
 from .train.conditions import Conditions, conditions_for
-from .train.config import ConfigError, DistillConfig, TeacherConfig, resolve
+from .train.config import ConfigError, DistillConfig, TeacherConfig, eval_samples, resolve
 from .train.loop import distill as _distill
 
 Tensor = torch.Tensor
@@ -67,7 +68,7 @@ def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = Non
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     gen, info = load_generator(run)
     gen = gen.to(device)
-    z = noise_from_seeds(range(seed * 1_000_003, seed * 1_000_003 + num), info["shape"])
+    z = seeded_noise(seed, num, info["shape"])
     cond = None
     if info.get("text"):
         if labels is not None:
@@ -131,11 +132,25 @@ def teacher_row(teacher_spec: str, num: int, seed: int = 0, classifier: str = "a
     return {"method": "teacher (Heun, 35 NFE)", "nfe": 35, **score(x), "sample_s": seconds}
 
 
-def evaluate_run(run: str | Path, num: int = 2000, seed: int = 0, teacher: str | None = None,
+def run_eval_samples(run: str | Path) -> int:
+    """How many samples the run's own final evaluation used (its ``summary.json``), or the automatic count
+    for its generator's shape (``DistillConfig.eval_samples``): what ``evaluate_run`` draws by default."""
+    import json
+
+    summary = Path(run) / "summary.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads(summary.read_text())["eval_samples"])
+    return eval_samples(0, load_generator(run)[1]["shape"])
+
+
+def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher: str | None = None,
                  classifier: str = "auto", prompts: str = "") -> dict[str, Any]:
     """Metrics of a finished run's generator against the law its teacher models (a text generator on
-    ``prompts``: its teacher's training captions by default, ``unseen``, or a prompt file)."""
+    ``prompts``: its teacher's training captions by default, ``unseen``, or a prompt file). With the run's
+    seed and ``num`` (default: ``run_eval_samples(run)``) these are the samples and the reference set of the
+    run's own final evaluation, so its ``summary.json`` metrics come back."""
     info = load_generator(run)[1]
+    num = run_eval_samples(run) if num is None else num
     the_teacher = load_teacher(teacher or info["teacher"])
     conds = conditions_for(the_teacher, prompts)
     score = _scorer(the_teacher, num, seed, classifier, conds)
@@ -204,10 +219,11 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
                      "sample_s": summary.get("student_sample_s"), "step_time_s": summary["step_time_s"]})
     reference = first.get("protocol") or ("the law the teacher models (exact mixture samples for an analytic "
                                           "teacher, its data for a trained one)")
-    protocol = (f"Metrics of {cfg['eval_samples']} samples each against {reference}; students: EMA generator after "
+    n_eval = first.get("eval_samples", cfg["eval_samples"])
+    protocol = (f"Metrics of {n_eval} samples each against {reference}; students: EMA generator after "
                 f"{cfg['steps']} steps, same seed ({cfg['seed']}), batch ({cfg['batch_size']}), K "
                 f"({cfg['fake_score_steps']}) and starting network. `sample_s`: seconds to draw all "
-                f"{cfg['eval_samples']} samples on the run's device; `step_time_s`: median seconds per training "
+                f"{n_eval} samples on the run's device; `step_time_s`: median seconds per training "
                 "iteration.")
     order = ["method", "nfe", *METRIC_ORDER]  # the metric columns in one order, whatever summary.json's is
     rows = [dict(sorted(r.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))

@@ -75,7 +75,9 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "log_every": "steps per line of stats.jsonl (values averaged over the window); integer >= 1",
     "eval_every": "steps between evaluations written to metrics.jsonl (the final one is always written); "
                   "integer >= 1",
-    "eval_samples": "samples per evaluation (student, reference and teacher); integer >= 1",
+    "eval_samples": "samples per evaluation (student, reference and teacher); integer >= 1, or 0: 100000 for "
+                    "point teachers (mixture-exact metrics on all, energy/MMD/W1 on the first 5000/2000/2000), "
+                    "2000 for images",
     "checkpoint_every": "steps between checkpoints (the last step is always saved); integer >= 1",
     "keep_checkpoints": "how many of the newest checkpoints are kept; integer >= 1",
     "nonfinite": "strict: stop at a NaN/inf loss or gradient; skip: drop such steps and count them",
@@ -200,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="metrics of a finished run against its teacher, with the teacher's row")
     p.add_argument("run", help="run folder written by distill")
-    p.add_argument("--num", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=None, help="samples per model (default: as many as the run's own "
+                   "final evaluation, so with the run's --seed its summary.json numbers come back)")
+    p.add_argument("--seed", type=int, default=0, help="noise and reference draw; sample i depends on (seed, i)")
     p.add_argument("--teacher", default=None, help="evaluate against another teacher spec")
     p.add_argument("--classifier", default="auto", help="images: feature classifier folder (auto: the shipped one)")
     p.add_argument("--prompts", default="", help="text generators: evaluate on a prompt file (with classes), or "
@@ -283,13 +286,14 @@ def run(argv: list[str] | None = None) -> int:
         print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}, "
               "trust_remote_code=True))")
         return 0
+    num = api.run_eval_samples(args.run) if args.num is None else args.num
     if args.num is not None and not 1 <= args.num <= 10**7:  # eval: bounded pairwise sums
         raise UserError(f"--num must be an integer in 1..10000000; got {args.num}")
     if not 0 <= args.seed < 2**40:
         raise UserError(f"--seed must be an integer in [0, 2**40); got {args.seed}")
-    rows = [api.teacher_row(args.teacher or _run_teacher(args.run), args.num, args.seed, args.classifier,
+    rows = [api.teacher_row(args.teacher or _run_teacher(args.run), num, args.seed, args.classifier,
                             args.prompts, args.guidance),
-            api.evaluate_run(args.run, args.num, args.seed, args.teacher, args.classifier, args.prompts)]
+            api.evaluate_run(args.run, num, args.seed, args.teacher, args.classifier, args.prompts)]
     print(json.dumps(rows, indent=2) if args.json else format_table(rows, markdown=False))
     return 0
 

@@ -59,6 +59,14 @@ def _memory_bytes() -> int:
         return MAX_NOISE_BYTES
 
 
+def seeded_noise(seed: int, num: int, shape: Sequence[int], device: str | torch.device = "cpu") -> Tensor:
+    """The evaluation noise of the whole project: sample ``i`` of draw ``seed`` depends on ``(seed, i)``
+    alone, so a run's own evaluation, ``dibregman eval`` / ``sample`` and ``db.sample`` with the same seed
+    draw the same samples, and the first ``k`` of ``num`` are the draw of ``k``."""
+    start = int(seed) * 1_000_003
+    return noise_from_seeds(range(start, start + int(num)), shape, device)
+
+
 @torch.no_grad()
 def euler(denoise: Denoiser, noise: Tensor, sigmas: Tensor, cond: Tensor | None = None) -> Tensor:
     """Probability-flow ODE, first order: one network call per step. ``noise`` is unit-variance."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +17,14 @@ from ..artifacts import build_precond
 from ..divergences import Divergence
 from ..generator import OneStepGenerator
 from ..losses import GeneratorLoss, OmegaBinNormalizer, denoising_loss
+from ..metrics.exact import variety_diagnostics
 from ..nets.mlp import MLP
 from ..precond import Precond
 from ..ratio import Critic, FeatureCritic, feature_head
 from ..schedules import KarrasUniform, LogNormal
 from ..teachers import Teacher
 from .conditions import Conditions
-from .config import ConfigError, DistillConfig, divergence_from_spec
+from .config import ConfigError, DistillConfig, divergence_from_spec, eval_samples
 from .ema import EMA
 
 Tensor = torch.Tensor
@@ -60,10 +62,11 @@ def reference_teacher_samples(teacher: Teacher, cfg: DistillConfig, device: torc
     key holds a checksum of the teacher's weights and buffers, so a changed teacher is never reused."""
     tensors = [*teacher.parameters(), *teacher.buffers()] if isinstance(teacher, torch.nn.Module) else []
     checksum = float(sum(t.detach().double().sum() for t in tensors)) if tensors else None
-    key = (cfg.teacher, checksum, cfg.guidance, cfg.prompts, cfg.eval_samples, cfg.seed, str(device))
+    n = eval_samples(cfg.eval_samples, teacher.shape)
+    key = (cfg.teacher, checksum, cfg.guidance, cfg.prompts, n, cfg.seed, str(device))
     if key not in _TEACHER_ROWS:
         t0 = time.perf_counter()
-        x = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 5, device, conds).cpu()
+        x = teacher_samples(teacher, n, cfg.seed + 5, device, conds).cpu()
         _TEACHER_ROWS.clear()  # one teacher's samples at a time: bounded memory
         _TEACHER_ROWS[key] = (x, time.perf_counter() - t0)
     return _TEACHER_ROWS[key]
@@ -195,3 +198,22 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
         bins = OmegaBinNormalizer(teacher.sigma_min, teacher.sigma_max).to(device)
     return Components(generator, fake_score, critic, EMA(generator, cfg.ema_decay), opts, gen_loss,
                       divergence_from_spec(cfg.critic_loss), bins, gsig, LogNormal())
+
+
+DIAGNOSTIC_STUDENTS, DIAGNOSTIC_QUERIES = 8192, 1024  # the students define q; the queries probe it
+
+
+def variety_probe(teacher: Any, c: Components, seed: int) -> Callable[[], dict[str, float]]:
+    """For an analytic teacher: ``probe()`` measures the fake score and the critic of the *current* generator
+    against their exact targets (``metrics/exact.py``). Fixed noise (its own seeds, never the training
+    stream), so the numbers are comparable over training and the same after a resume."""
+    device = next(c.generator.parameters()).device
+    z = sampling.seeded_noise(seed + 7, DIAGNOSTIC_STUDENTS + DIAGNOSTIC_QUERIES, teacher.shape, device)
+
+    @torch.no_grad()
+    def probe() -> dict[str, float]:
+        x = c.generator(z)
+        return variety_diagnostics(x[:DIAGNOSTIC_STUDENTS], x[DIAGNOSTIC_STUDENTS:], teacher, teacher.log_prob,
+                                   c.fake_score, c.critic, generator=torch.Generator().manual_seed(seed + 8))
+
+    return probe

@@ -19,6 +19,7 @@ from ..io import atomic_open, write_json
 from ..losses import critic_loss, fake_score_loss
 from ..metrics.images import make_evaluator
 from ..metrics.toy import evaluate as evaluate_points
+from ..sampling import seeded_noise
 from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
@@ -31,9 +32,10 @@ from .components import (
     reference_teacher_samples,
     teacher_samples,
     true_samples,
+    variety_probe,
 )
 from .conditions import conditions_for
-from .config import ConfigError, DistillConfig, check_resumable, to_dict, validate
+from .config import ConfigError, DistillConfig, check_resumable, eval_samples, to_dict, validate
 from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock, prepare_run_dir
 
 GRID = 80  # images per sample grid: 8 per class for 10 classes
@@ -98,9 +100,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     shape, bsz, num_classes = teacher.shape, cfg.batch_size, conds.num_classes
     images = len(shape) == 3
-    reference = true_samples(teacher, cfg.eval_samples, cfg.seed + 2, split="test", classes=num_classes)
+    n_eval = eval_samples(cfg.eval_samples, shape)
+    reference = true_samples(teacher, n_eval, cfg.seed + 2, split="test", classes=num_classes)
     if reference is None:
-        reference = teacher_samples(teacher, cfg.eval_samples, cfg.seed + 2, device, conds).cpu()
+        reference = teacher_samples(teacher, n_eval, cfg.seed + 2, device, conds).cpu()
     pool, pool_idx = None, None
     if c.critic is not None:
         if cfg.critic_data == "teacher":
@@ -113,11 +116,12 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             # real images in class order i % classes, each paired with a condition asking for its class
             pool_idx = conds.for_classes(balanced_labels(len(pool), num_classes))
         pool = pool.to(device)
-    eval_z = torch.randn((cfg.eval_samples, *shape), generator=torch.Generator().manual_seed(cfg.seed + 4))
-    eval_idx = conds.cycle(cfg.eval_samples)
+    eval_z = seeded_noise(cfg.seed, n_eval, shape)  # the noise `dibregman eval --seed <seed>` draws too
+    eval_idx = conds.cycle(n_eval)
     eval_y = conds.classes(eval_idx)  # what label accuracy (prompt adherence for text) is measured against
     score = make_evaluator(teacher, reference, cfg.classifier) if images else None
     gmm = teacher if hasattr(teacher, "log_prob") else None
+    diagnose = variety_probe(gmm, c, cfg.seed) if gmm is not None else None
 
     def evaluate(x: torch.Tensor) -> dict[str, float]:
         if images:  # without a feature network an image run reports no numbers (make_evaluator said why)
@@ -224,6 +228,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             if res.log_r is not None:
                 stats.add({"ratio/log_r_mean": res.log_r.mean().item(), "ratio/log_r_min": res.log_r.min().item(),
                            "ratio/log_r_max": res.log_r.max().item()})
+            if diagnose is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                stats.add(diagnose())  # exact fake-score and ratio errors (every process: same numbers)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 stats.add({"nonfinite/skipped": guard.skipped})  # equal on every process: its mean is itself
                 stats.all_reduce()
@@ -271,7 +277,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         save_grid(out / "samples_student.png", student[:GRID], nrow=max(num_classes, 8))
         save_grid(out / "samples_teacher.png", ref_teacher[:GRID], nrow=max(num_classes, 8))
     write_json(out / "summary.json", {
-        "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": 1,
+        "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": 1, "eval_samples": n_eval,
         "protocol": score.protocol if score is not None else None,
         "teacher_metrics": evaluate(ref_teacher),
         "step_time_s": statistics.median(step_times) if step_times else None, "nonfinite_skipped": guard.skipped,
