@@ -75,3 +75,12 @@ def test_every_option_has_a_help_text_with_its_values(command):
 def test_an_unknown_divergence_names_the_form_the_cli_takes(capsys):
     err = refused(capsys, "distill", "--divergence", "hellingr")
     assert "py:<module>:<function>" in err and "hellinger" in err
+
+
+def test_list_says_which_teacher_each_preset_and_dataset_uses(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["list"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "fashion-mnist (teacher net:fashion-mnist)" in out and "tiny-images (names no teacher" in out
+    assert "demo --dataset: ring (gmm:ring8_imbalanced, preset demo)" in out and "tnet_*" in out

@@ -63,6 +63,8 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "r_clip_max": "upper clip of the ratio r = q/p; > 1",
     "omega_normalize": "normalise omega: batch (by its batch mean), bins (per-noise-bin running means) or none",
     "gan_weight": "weight of an added non-saturating GAN term; >= 0, 0 = off (the dmd2 preset: 0.01)",
+    "regression_weight": "weight of DMD's regression loss |G(z) - x_T(z)|^2 on teacher_pool pairs of noise and the "
+                         "teacher's 35-NFE ODE sample from it (paired once before training); >= 0, 0 = off",
     "generator_mode": "score: omega * (D_F - D_T); discriminator: the critic-only form of the same gradient",
     "hidden": "MLP width: the fitted start network of an analytic teacher and a standalone critic; integer >= 1",
     "depth": "MLP residual blocks of the same networks; integer >= 1",
@@ -368,7 +370,19 @@ def listing() -> str:
              + ", ".join(f"{name}:<folder>" if name in ("cifar10", "folder") else name for name in IMAGE_SOURCES)
              + ", <file>.npz",
              "shipped teachers (--teacher net:<name>): " + ", ".join(shipped_names("teacher"))]
-    lines += [f"{kind} presets: " + ", ".join(names) for kind, names in PRESETS.items()]
+    def what(name: str, values: dict[str, Any]) -> str:
+        if "teacher" in values:
+            return f"{name} (teacher {values['teacher']})"
+        if "data" in values:
+            return f"{name} (data {values['data']})"
+        return f"{name} (names no teacher: give --teacher)" if name.endswith("-images") else name
+
+    lines += [f"{kind} presets (--preset): " + ", ".join(what(n, v) for n, v in presets.items())
+              for kind, presets in PRESETS.items()]
+    lines.append("demo --dataset: " + ", ".join(f"{d} ({t}, preset {p})" for d, (t, p) in DEMO_DATASETS.items()))
+    lines.append("image metrics (--classifier): auto (the shipped classifier of the data set, else Inception on a GPU "
+                 "with the fid extra), none, a train-classifier folder; eval also takes inception; the teacher-feature "
+                 "tnet_* metrics are always computed")
     return "\n".join(lines)
 
 
@@ -393,6 +407,8 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         raise UserError(f"--out must end in .npz or .png; got {args.out}")
     if args.num < 1:
         raise UserError(f"--num must be a positive integer; got {args.num}")
+    if args.prompt and any(not p.strip() for p in args.prompt):  # as an empty line of a prompt file is refused
+        raise UserError("--prompt is empty; give the text of a prompt (or no --prompt: the training captions)")
     if not 0 <= args.seed < MAX_SEED:
         raise UserError(f"--seed must be an integer in [0, 2**40); got {args.seed}")
     info = load_generator(args.run)[1]
