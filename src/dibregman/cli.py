@@ -409,6 +409,8 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num must be a positive integer; got {args.num}")
     if args.prompt and any(not p.strip() for p in args.prompt):  # as an empty line of a prompt file is refused
         raise UserError("--prompt is empty; give the text of a prompt (or no --prompt: the training captions)")
+    if args.prompt and any(not p.strip() for p in args.prompt):  # as an empty line of a prompt file is refused
+        raise UserError("--prompt is empty; give the text of a prompt (or no --prompt: the training captions)")
     if not 0 <= args.seed < MAX_SEED:
         raise UserError(f"--seed must be an integer in [0, 2**40); got {args.seed}")
     info = load_generator(args.run)[1]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
+import os
 import pickle
 import struct
 import zlib
@@ -324,8 +325,13 @@ def image_folder(path: str) -> ImageSet:
         try:
             with Image.open(p) as im:
                 sizes[p], mode = im.size, im.mode
+        except Image.DecompressionBombError as e:  # a header claiming far more pixels than any data set image
+            raise ValueError(f"{p} claims {e}; resize it (at most {MAX_PIXELS} pixels) or remove it") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{p} is not a readable image ({e})") from e
+        if sizes[p][0] * sizes[p][1] > MAX_PIXELS:
+            raise ValueError(f"{p} is {_wh(sizes[p])}, more than {MAX_PIXELS} pixels; resize the images first "
+                             "(e.g. with Pillow's Image.resize)")
         if mode not in ("L", "1", "LA", "I;16", "I"):
             colour = True
         if sizes[p] != sizes[first]:
@@ -333,6 +339,10 @@ def image_folder(path: str) -> ImageSet:
                              f"{_wh(sizes[p])}; resize them to one size first (e.g. with Pillow's Image.resize)")
     w, h = sizes[first]
     channels = 3 if colour else 1
+    need = len(files) * channels * h * w * 5  # uint8 here, then float32 for training
+    if need > _memory_bytes():
+        raise ValueError(f"{len(files)} images of {_wh((w, h))} under {root} need {need / 2**30:.1f} GiB, more than "
+                         "this machine's memory; use fewer or smaller images")
     out = np.empty((len(files), channels, h, w), dtype=np.uint8)
     for i, p in enumerate(files):
         try:
@@ -430,6 +440,16 @@ SOURCES: dict[str, Callable[[str], ImageSet]] = {
     "cifar10": cifar10,
     "folder": image_folder,
 }
+
+
+MAX_PIXELS = 4096 * 4096  # per image of a folder: larger ones are refused before decoding
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
 
 
 def load_images(spec: str) -> ImageSet:

@@ -106,7 +106,31 @@ def load_points(spec: str, n: int, generator: torch.Generator) -> Tensor:
     return _check(arr, path)
 
 
+MAX_ABS = 1e6  # data beyond this scale is refused: EDM's noise levels span 0.002..80 around unit-scale data
+
+
+def _npy_header_fits(path: Path) -> None:
+    """The shape an ``.npy`` header claims must fit in the file: a header claiming (1e12, 2) would make
+    numpy allocate 16 TB before noticing that the bytes are not there."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError, TypeError):
+        return  # not a plain .npy: np.load names the problem
+    need = math.prod(shape) * dtype.itemsize
+    have = path.stat().st_size - offset
+    if dtype.hasobject:
+        return  # refused unread by np.load(allow_pickle=False)
+    if need > have:
+        raise ValueError(f"{str(path)!r} claims an array of shape {tuple(shape)} ({need} bytes) but holds {have} "
+                         "bytes after its header: the file is truncated or damaged; save it again with numpy.save")
+
+
 def _read_npy(path: Path) -> np.ndarray:
+    _npy_header_fits(path)
     try:
         arr = np.load(path, allow_pickle=False)  # never unpickle a data file
     except ValueError as e:
@@ -120,7 +144,11 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _read_csv(path: Path) -> np.ndarray:
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); save the CSV as UTF-8, "
+                         "or the points as a .npy array") from None
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     skip = 0
     if first is not None:
@@ -151,4 +179,12 @@ def _check(arr: np.ndarray, path: Path) -> Tensor:
         raise ValueError(f"{str(path)!r} has non-finite values (NaN, inf, or beyond float32 range) in "
                          f"{len(rows)} rows, first at row {rows[0]} (0-based, after any header); remove "
                          "or fix those rows")
+    top = float(np.abs(arr).max())
+    if top > MAX_ABS:
+        raise ValueError(f"{str(path)!r} holds values up to {top:.3g}; rescale the points to roughly unit scale "
+                         f"(|x| <= {MAX_ABS:g}): the diffusion noise levels are fixed (0.002 to 80) and its squares "
+                         "overflow float32")
+    if float(arr.std()) == 0:
+        raise ValueError(f"{str(path)!r} holds {len(arr)} identical points (standard deviation 0): there is no "
+                         "distribution to learn")
     return torch.from_numpy(arr)

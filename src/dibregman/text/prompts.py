@@ -56,7 +56,7 @@ def read_prompts(path: str | Path, class_names: tuple[str, ...] | list[str] = ()
     ``class_names``, case-insensitive). Blank lines and lines starting with ``#`` are skipped."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is no text
     except FileNotFoundError:
         raise ValueError(f"prompt file {str(path)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -250,7 +250,7 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
             raise ConfigError("gan_weight, grad_clip, fit_steps and guidance must be >= 0")
         for key in ("divergence", "critic_loss"):
             try:
-                divergence_from_spec(getattr(cfg, key))
+                divergence_from_spec(getattr(cfg, key), (cfg.r_clip_min, cfg.r_clip_max))
             except ValueError as e:
                 raise ConfigError(f"option {key!r}: {e}") from None
 
@@ -295,14 +295,21 @@ def channel_mult(spec: str) -> tuple[int, ...]:
     return mult
 
 
-def divergence_from_spec(spec: str) -> Divergence:
+def divergence_from_spec(spec: str, clip: tuple[float, float] = (0.1, 20.0)) -> Divergence:
     """A registered member (``forward_kl``, ``power:0.5``) or, for the user's own convex ``h``,
     ``py:<module>:<function>``: the function is imported (from the working directory too) and its
-    ``h''`` taken by autograd. The spec string is what a config file and a resumed run store."""
-    from ..divergences import from_h, get_divergence
+    ``h''`` taken by autograd. The spec string is what a config file and a resumed run store.
+
+    Either is checked on a dense grid of ratios over ``clip`` (the run's ``[r_clip_min, r_clip_max]``):
+    its weight ``omega = h''(r) r`` must be finite in float32, >= 0 (``h`` convex) and not 0 everywhere, and
+    its density-ratio loss finite (as a critic loss); a ``h`` that raises is a ValueError naming it."""
+    from ..divergences import from_h, get_divergence, parse_spec
 
     if not spec.startswith("py:"):
-        return get_divergence(spec)
+        params = parse_spec(spec)[1]
+        if any(not math.isfinite(v) for v in params.values()):
+            raise ValueError(f"the parameter of {spec!r} must be a finite number, e.g. 'power:0.5'")
+        return _checked(get_divergence(spec), spec, clip)
     module, _, name = spec[3:].rpartition(":")
     if not module or not name:
         raise ValueError(f"a custom divergence is 'py:<module>:<function>'; got {spec!r}")
@@ -317,9 +324,51 @@ def divergence_from_spec(spec: str) -> Divergence:
         raise ValueError(f"cannot import the convex h {spec!r}: {e}") from None
     if not callable(h):
         raise ValueError(f"{spec!r} is not callable; it must be a function h(r) on tensors")
-    div = from_h(h, name=spec)
-    div.omega(torch.linspace(-3, 3, 7, dtype=torch.float64))  # fails now, not hours later, if h is not convex
+    return _checked(from_h(h, name=spec), spec, clip)  # fails now, not hours later, if h is not convex
+
+
+def _checked(div: Divergence, spec: str, clip: tuple[float, float]) -> Divergence:
+    lo, hi = (float(c) for c in clip)
+    if not 0 < lo < hi or not math.isfinite(hi):
+        return div  # the clip itself is refused by validate
+    log_r = torch.linspace(math.log(lo), math.log(hi), 2001, dtype=torch.float64)  # h'' every ~0.2% of r
+    where = f"over the ratio clip [{lo:g}, {hi:g}]"
+    try:
+        omega = div.omega(log_r)
+        loss = div.dre_loss(log_r, log_r.flip(0))
+    except ValueError as e:
+        if "not convex" in str(e):  # from_h: h'' < 0
+            raise ValueError(f"{e} {where} (r_clip_min, r_clip_max)") from None
+        raise ValueError(f"{spec!r} failed on a tensor of ratios ({type(e).__name__}: {_first_line(e)}); it must "
+                         "map a float tensor r > 0 to a tensor of the same shape, e.g. lambda r: r * r.log()") from None
+    except Exception as e:  # a function that is no h: print, os.system, one that fails on tensors
+        if isinstance(e, RuntimeError) and "does not require grad" in str(e):  # autograd: h' is a constant
+            raise ValueError(f"divergence {spec!r}: h''(r) = 0 {where} (h is linear, or h' constant): every sample "
+                             "would get weight 0; use a strictly convex h") from None
+        raise ValueError(f"{spec!r} failed on a tensor of ratios ({type(e).__name__}: {_first_line(e)}); it must "
+                         "map a float tensor r > 0 to a tensor of the same shape, e.g. lambda r: r * r.log()") from None
+    if not isinstance(omega, torch.Tensor) or omega.shape != log_r.shape:
+        raise ValueError(f"{spec!r} does not return one value per ratio")
+    bad = ~torch.isfinite(omega.float())
+    if bool(bad.any()):
+        r = float(log_r[bad.nonzero()[0, 0]].exp())
+        raise ValueError(f"divergence {spec!r}: its weight omega = h''(r) r is not finite in float32 at r = {r:.4g} "
+                         f"{where}; choose another member or parameter, or a narrower clip")
+    if bool((omega < 0).any()):
+        r = float(log_r[(omega < 0).nonzero()[0, 0]].exp())
+        raise ValueError(f"divergence {spec!r}: h''(r) < 0 at r = {r:.4g}, so h is not convex {where}")
+    if not bool((omega > 0).any()):
+        raise ValueError(f"divergence {spec!r}: h''(r) = 0 {where} (h is linear, or h' constant): every sample would "
+                         "get weight 0; use a strictly convex h")
+    if not bool(torch.isfinite(loss.float()).all()):
+        raise ValueError(f"divergence {spec!r}: its density-ratio loss h'(r) r - h(r) - h'(r) is not finite in "
+                         f"float32 {where} (as a critic loss it would stop the critic)")
     return div
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:160] if text else "no message"
 
 
 def read_file(path: str | Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ an uninterrupted one on the same device.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -67,6 +68,13 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         if points.shape[2] != points.shape[3]:
             raise ConfigError(f"{cfg.data} has {points.shape[2]}x{points.shape[3]} images; the U-Net takes square "
                               "images: crop or resize them to one square size first")
+        halvings = len(channel_mult(cfg.channel_mult)) - 1  # each level after the first halves the resolution
+        res = points.shape[2]
+        if res % 2**halvings or res < 2**halvings:
+            raise ConfigError(f"{cfg.data} has {res}x{res} images; a U-Net with channel_mult {cfg.channel_mult} halves "
+                              f"them {halvings} times, so their size must be a multiple of {2**halvings} (e.g. "
+                              f"{max(2**halvings, 8 * 2**halvings // 2)}): resize them, or use fewer levels "
+                              "(e.g. --channel-mult 1,2)")
         labels = data.labels if cfg.conditional else None
         if cfg.text_encoder and labels is None:
             raise ConfigError(f"text_encoder = {cfg.text_encoder!r} captions the labels of {cfg.data}, which has none"
@@ -77,10 +85,14 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         points = load_points(cfg.data, cfg.num_points, gen)
     num_classes = len(class_names) if labels is not None else 0
     captions = _captions(cfg.text_encoder, class_names) if cfg.text_encoder else None  # [T, K, L, D]
+    sigma_data = float(points.std())
+    if not sigma_data > 1e-6 or not math.isfinite(sigma_data):  # constant images or points (float rounding)
+        raise ConfigError(f"{cfg.data} has standard deviation {sigma_data:g} (every value the same, or beyond "
+                          "float32): "
+                          "a diffusion teacher needs data that varies; check the data")
     out = prepare_run_dir(Path(cfg.out), resume) if main else Path(cfg.out)
     dist.barrier()
     num, shape = len(points), tuple(points.shape[1:])
-    sigma_data = float(points.std())
     with torch.random.fork_rng(devices=[]):  # layers initialise from the global RNG: seed it from ours
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
         if captions is not None:
