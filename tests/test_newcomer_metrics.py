@@ -67,3 +67,15 @@ def test_inception_metrics_on_request(teacher):
     row = score(real)
     assert row.keys() == TNET | {"inception_fd", "inception_kid"}
     assert row["inception_fd"] < 1e-3 and "inception-v3-pool3" in score.protocol
+
+
+def test_kid_of_whole_sets_is_computed_once():
+    import numpy as np
+
+    from dibregman.metrics.fid import _mmd2_poly_unbiased, kid
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(0.2, 1.0, size=(300, 16))
+    mean, std = kid(a, b, subsets=100, subset_size=1000)  # every subset would be the whole of both sets
+    assert std == 0.0 and abs(mean - _mmd2_poly_unbiased(a[::-1], b[::-1])) < 1e-12 * max(1.0, abs(mean))
+    assert kid(a, b, subsets=5, subset_size=100)[1] > 0  # real subsets still vary

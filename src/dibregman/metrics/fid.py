@@ -83,8 +83,10 @@ def _mmd2_poly_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 def kid(a: Any, b: Any, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): mean and std over ``subsets`` random subsets of
     the unbiased polynomial-kernel MMD^2. Each subset draws ``m = min(subset_size, len(a), len(b))`` rows
-    from each set without replacement; deterministic given ``seed``. Unbiased, so it can be slightly
-    negative when the laws agree. The std is over subsets (ddof 0), not a standard error."""
+    from each set without replacement; deterministic given ``seed``. When ``m`` is the size of both sets,
+    every subset is the whole of both (the MMD does not depend on the order), so it is computed once and
+    the std is 0. Unbiased, so it can be slightly negative when the laws agree. The std is over subsets
+    (ddof 0), not a standard error."""
     a, b = _as_features(a, "a"), _as_features(b, "b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
@@ -93,6 +95,8 @@ def kid(a: Any, b: Any, subsets: int = 100, subset_size: int = 1000, seed: int =
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
         raise ValueError("KID needs subsets of at least 2 samples per set")
+    if m == a.shape[0] == b.shape[0]:  # every "subset" is the whole of both sets: one value, no spread
+        return _mmd2_poly_unbiased(a, b), 0.0
     rng = np.random.default_rng(seed)
     vals = np.empty(subsets)
     for s in range(subsets):
