@@ -96,10 +96,26 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
             (tmp / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             readme = _README.format(name=out.name, usage=usage, sigma_data=gen.denoiser.sigma_data, sigma_g=gen.sigma_g)
             (tmp / "README.md").write_text(readme)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            _swap_in(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an earlier ``out`` is renamed aside first and put back if that fails, so
+    at every moment one complete export is there (only a crash between the two renames leaves it under
+    ``.<name>.old-<pid>`` beside the new name, never half of one)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    aside = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(out, aside)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

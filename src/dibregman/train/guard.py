@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,6 +126,11 @@ def holds_run_lock(fn):
     return wrapper
 
 
+# --nonfinite skip stops a run whose updates are mostly skipped: more than SKIP_RATIO of the last SKIP_WINDOW
+# updates (of every network; counted once SKIP_MIN_UPDATES were made), which is divergence, not a stray batch.
+SKIP_WINDOW, SKIP_MIN_UPDATES, SKIP_RATIO = 200, 50, 0.5
+
+
 class NonFiniteGuard:
     """Backward, clip and step, unless the loss or the gradient is not finite: then either stop
     (``strict``) or drop the update and count it (``skip``). Never zeroes NaNs in place.
@@ -137,6 +144,7 @@ class NonFiniteGuard:
     def __init__(self, policy: str, resume_hint: str | None = "--resume --nonfinite skip"):
         self.policy, self.skipped, self.resume_hint = policy, 0, resume_hint
         self.resumed_from: Path | None = None  # the checkpoint a resumed run loaded
+        self.recent: collections.deque[bool] = collections.deque(maxlen=SKIP_WINDOW)  # True: that update skipped
 
     def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, net: nn.Module, name: str, step: int,
              max_norm: float, run_dir: Path) -> bool:
@@ -154,6 +162,7 @@ class NonFiniteGuard:
             if not torch.isfinite(norm):
                 bad = "gradient"
         if bad is None:
+            self.recent.append(False)
             opt.step()
             if not _finite(net):
                 raise NonFiniteError(f"non-finite {name} weights after the update at step {step} (finite loss "
@@ -164,6 +173,17 @@ class NonFiniteGuard:
         opt.zero_grad(set_to_none=True)
         if self.policy == "skip":
             self.skipped += 1
+            self.recent.append(True)
+            if self.skipped == 1 and dist.is_main():
+                print(f"warning: non-finite {name} {bad} at step {step}: update skipped (--nonfinite skip); the run "
+                      f"stops if more than {SKIP_RATIO:.0%} of {SKIP_WINDOW} consecutive updates are skipped",
+                      file=sys.stderr)
+            bad_share = sum(self.recent) / len(self.recent)
+            if len(self.recent) >= SKIP_MIN_UPDATES and bad_share > SKIP_RATIO:
+                raise NonFiniteError(f"{sum(self.recent)} of the last {len(self.recent)} updates were non-finite and "
+                                     f"skipped ({self.skipped} in all, the last: {name} {bad} at step {step}): the run "
+                                     f"has diverged; stopped ({self._last_good(run_dir, step)}). Start a new run "
+                                     "(another --out) with a lower learning rate or a gradient clip")
             return False
         hint = f", or continue with {self.resume_hint} to drop such steps and count them" if self.resume_hint else ""
         raise NonFiniteError(f"non-finite {name} {bad} at step {step}; stopped ({self._last_good(run_dir, step)}). "

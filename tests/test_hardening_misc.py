@@ -1,0 +1,69 @@
+"""Issue 11, defects 15 and 19: a diverged skip-mode run stops; a re-export never leaves a half folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import tiny_generator
+from test_reliability import snapshot
+
+import dibregman.export as export_mod
+from dibregman.artifacts import save_generator
+from dibregman.export import export_diffusers
+from dibregman.train.guard import SKIP_MIN_UPDATES, SKIP_RATIO, SKIP_WINDOW, NonFiniteError, NonFiniteGuard
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _update(guard: NonFiniteGuard, net: torch.nn.Module, opt, finite: bool, step: int, tmp: Path) -> None:
+    loss = net(torch.ones(1, 2)).sum() * (1.0 if finite else float("nan"))
+    guard.step(opt, loss, net, "generator", step, 0.0, tmp)
+
+
+def test_skip_mode_warns_at_the_first_skip_and_stops_a_diverged_run(tmp_path, capsys):
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), 1e-3)
+    guard = NonFiniteGuard("skip")
+    for step in range(1, 31):
+        _update(guard, net, opt, True, step, tmp_path)
+    _update(guard, net, opt, False, 31, tmp_path)
+    err = capsys.readouterr().err
+    assert "warning: non-finite generator loss (nan) at step 31: update skipped" in err and err.count("\n") == 1
+    with pytest.raises(NonFiniteError, match=r"31 of the last 61 updates were non-finite and skipped .* has diverged"):
+        for step in range(32, 100):  # skipped share n / (30 + n): above 1/2 from the 31st skip on
+            _update(guard, net, opt, False, step, tmp_path)
+    assert guard.skipped == 31 and capsys.readouterr().err == ""  # the warning comes once
+    assert (SKIP_WINDOW, SKIP_MIN_UPDATES, SKIP_RATIO) == (200, 50, 0.5)  # as docs/reliability.md says
+
+
+def test_skip_mode_rides_out_stray_non_finite_updates(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), 1e-3)
+    guard = NonFiniteGuard("skip")
+    for step in range(1, 401):
+        _update(guard, net, opt, step % 5 != 0, step, tmp_path)  # 20% skipped: a run that still learns
+    assert guard.skipped == 80
+
+
+def test_a_failed_re_export_keeps_the_earlier_export(tmp_path, monkeypatch):
+    save_generator(tmp_path / "gen", tiny_generator(0), {"shape": [1, 8, 8]})
+    out = export_diffusers(tmp_path / "gen", tmp_path / "export")
+    before = snapshot(out)
+    real = Path.rename
+
+    def failing(self, target):
+        if Path(target) == out:
+            raise OSError(28, "No space left on device")
+        return real(self, target)
+
+    monkeypatch.setattr(export_mod.Path, "rename", failing)
+    with pytest.raises(OSError, match=r"no space left on device while writing .*export; free some space"):
+        export_diffusers(tmp_path / "gen", tmp_path / "export")
+    monkeypatch.undo()
+    assert snapshot(out) == before  # the earlier export, whole, where it was
+    assert sorted(os.listdir(tmp_path)) == ["export", "gen"]  # no temporary or aside folder left
+    export_diffusers(tmp_path / "gen", tmp_path / "export")  # and a later export replaces it
+    assert snapshot(out).keys() == before.keys()
