@@ -150,3 +150,21 @@ def test_an_empty_prompt_is_refused(tmp_path, capsys):
 
 
 
+
+
+@pytest.mark.parametrize("name, content, flags, needles", [
+    ("float.toml", "steps = 2.0\n", [], ["option 'steps' in", "must be an integer", "2.0"]),
+    ("string.json", '{"steps": "10"}', [], ["option 'steps' in", "must be an integer", "'10'"]),
+    ("overridden.json", '{"batch_size": [1]}', ["--batch-size", "8"], ["option 'batch_size'", "[1]"]),
+    ("latin1.json", None, [], ["latin1.json", "not UTF-8"]),
+])
+def test_config_files_hold_typed_values_and_utf8(tmp_path, capsys, monkeypatch, name, content, flags, needles):
+    f = tmp_path / name
+    if content is None:
+        f.write_bytes('{"out": "caf\xe9"}'.encode("latin-1"))
+    else:
+        f.write_text(content)
+    monkeypatch.setattr(loop_mod, "fit_network", _tripwire)
+    code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--config", f, "--out", tmp_path / "run", *flags)
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "run").exists()

@@ -137,7 +137,10 @@ def read_json_or_toml(path: PathLike, what: str = "file") -> Any:
     suffix = p.suffix.lower()
     if suffix not in (".json", ".toml"):
         raise ValueError(f"{what} must end in .json or .toml; got {p}")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {p} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     try:
         if suffix == ".json":
             return json.loads(text)

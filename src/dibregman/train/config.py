@@ -393,11 +393,30 @@ def resolve(cls: type, preset: str | None = None, file: str | Path | None = None
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS[kind])}")
         values.update(PRESETS[kind][preset])
     if file is not None:
-        values.update(read_file(file))
+        doc = read_file(file)
+        for key, value in doc.items():  # every key of the file, also one a flag overrides
+            coerce(cls, key, value)
+            _strict_type(cls, key, value, file)
+        values.update(doc)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     cfg = cls(**{k: coerce(cls, k, v) for k, v in values.items()})
     validate(cfg)
     return cfg
+
+
+def _strict_type(cls: type, key: str, value: Any, file: str | Path) -> None:
+    """A config file holds typed values: ``steps = 2.0`` or ``"steps": "10"`` is a mistake there (flags are
+    text, so the command line converts; a file does not)."""
+    want = field_types(cls)[key]
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, int | float) and not isinstance(value, bool),
+          bool: isinstance(value, bool), str: isinstance(value, str)}[want]
+    if not ok:
+        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[want]
+        hint = {int: "e.g. 10: no quotes, no decimal point", float: "e.g. 0.001, without quotes",
+                bool: "true or false, without quotes", str: "in quotes"}[want]
+        raise ConfigError(f"option {key!r} in {file} must be {kind}; got {value!r} ({type(value).__name__}); write "
+                          f"{hint}")
 
 
 # Options that may change between a run and its resumption without changing what is computed.
