@@ -261,3 +261,11 @@ def test_image_grids_are_labelled_with_class_and_caption(tmp_path: Path) -> None
     assert "each column asks for the class above it" in md
     check_png(run / "samples.png")
     assert _border_is_blank(run / "samples.png")
+
+
+def test_a_constant_omega_gets_no_figure(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "rkl", critic=False)
+    _write_jsonl(run / "stats.jsonl", [{"step": s, "loss/generator": 1.0 / (s + 1), "ratio/omega_min": 1.0,
+                                        "ratio/omega_mean": 1.0, "ratio/omega_max": 1.0} for s in range(10)])
+    md = write_run_report(run).read_text()
+    assert "ratio.png" not in linked_pngs(md) and "losses.png" in linked_pngs(md)

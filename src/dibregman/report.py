@@ -479,6 +479,7 @@ def _constant_omega(recs: list[dict[str, Any]]) -> bool:
 def _ratio_figure(recs: list[dict[str, Any]], path: Path, config: dict[str, Any] | None = None) -> str | None:
     config = config or {}
     has = {s: _series(recs, f"{s}_mean")[0].size > 0 for s in ("ratio/omega", "ratio/log_r")}
+    has["ratio/omega"] = has["ratio/omega"] and not _constant_omega(recs)  # reverse KL: omega = 1, nothing to see
     if not any(has.values()):
         return None
     fig, axes = _figure(sum(has.values()), size=(5.0, 3.2))
