@@ -44,6 +44,10 @@ VARIANTS: dict[str, dict] = {
     "batch1k": {"batch_size": 1024},
     "bins": {"omega_normalize": "bins"},
     "data": {"critic_data": "data"},
+    "reg0.25": {"regression_weight": 0.25},
+    "reg1": {"regression_weight": 1.0},
+    "reg4": {"regression_weight": 4.0},
+    "reg1_k5": {"regression_weight": 1.0, "fake_score_steps": 5},
 }
 
 

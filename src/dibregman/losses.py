@@ -52,6 +52,14 @@ def critic_loss(critic: Net, x_teacher: Tensor, x_student: Tensor, sigma: Tensor
     return dre.dre_loss(log_r_from_logit(l_p), log_r_from_logit(l_q))
 
 
+def regression_loss(generator: Net, z: Tensor, x_teacher: Tensor, cond: Tensor | None = None) -> Tensor:
+    """DMD's regression loss: ``mean_dims (G(z) - x_T(z))^2`` on pairs of unit noise ``z`` and the sample the
+    teacher's deterministic ODE sampler makes from it. It teaches the one-step map the teacher's own
+    noise-to-sample map, whose image keeps the teacher's mode shapes (a distribution-matching gradient alone
+    only sees them through the fake score's resolution at small sigma)."""
+    return _mean_dims((generator(z, cond) - x_teacher) ** 2)
+
+
 class OmegaBinNormalizer(nn.Module):
     """Divides ``omega`` by a running mean of ``omega`` in its noise bin (log-spaced in sigma), so
     that each noise level keeps its own scale. Its buffers are part of the training state."""

@@ -79,21 +79,23 @@ def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu"
 
 @torch.no_grad()
 def teacher_samples(teacher: Teacher, n: int, seed: int, device: torch.device, conds: Conditions | None = None,
-                    batch: int = 4096) -> Tensor:
+                    batch: int = 4096, return_noise: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The teacher's own 35-NFE Heun samples (what stands for p when no data is used), sample ``i`` with
-    condition ``i % K`` (``Conditions.cycle``; by default the teacher's classes)."""
+    condition ``i % K`` (``Conditions.cycle``; by default the teacher's classes). ``return_noise``: also the
+    unit noise each sample's deterministic ODE started from (the pairs of DMD's regression loss)."""
     g = torch.Generator().manual_seed(seed)
     conds = conds if conds is not None else Conditions(teacher.num_classes)
     idx = conds.cycle(n)
     if len(teacher.shape) == 3:
         batch = min(batch, 512)  # an image network: keep the activations of one call small
-    out = []
+    out, noises = [], []
     for i in range(0, n, batch):
         noise = torch.randn((min(batch, n - i), *teacher.shape), generator=g).to(device)
         cond = conds.lookup(idx[i:i + len(noise)], device) if idx is not None else None
         out.append(sampling.sample(teacher, noise, num_steps=18, sigma_min=teacher.sigma_min,
                                    sigma_max=teacher.sigma_max, cond=cond).float())
-    return torch.cat(out)
+        noises.append(noise)
+    return (torch.cat(out), torch.cat(noises)) if return_noise else torch.cat(out)
 
 
 def true_samples(teacher: Teacher, n: int, seed: int, split: str = "train", classes: int | None = None

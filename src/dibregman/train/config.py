@@ -56,6 +56,7 @@ class DistillConfig:
     r_clip_max: float = 20.0
     omega_normalize: str = "batch"  # batch | bins | none
     gan_weight: float = 0.0
+    regression_weight: float = 0.0  # DMD's regression loss |G(z) - ODE_T(z)|^2 on teacher_pool paired samples
     generator_mode: str = "score"  # score | discriminator
     # networks (MLPs for low-dimensional data)
     hidden: int = 128
@@ -246,8 +247,8 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
         if not cfg.r_clip_min < 1 < cfg.r_clip_max:
             raise ConfigError(f"the ratio clip [r_clip_min, r_clip_max] must contain 1; got "
                               f"[{cfg.r_clip_min}, {cfg.r_clip_max}]")
-        if cfg.gan_weight < 0 or cfg.grad_clip < 0 or cfg.fit_steps < 0 or cfg.guidance < 0:
-            raise ConfigError("gan_weight, grad_clip, fit_steps and guidance must be >= 0")
+        if min(cfg.gan_weight, cfg.regression_weight, cfg.grad_clip, cfg.fit_steps, cfg.guidance) < 0:
+            raise ConfigError("gan_weight, regression_weight, grad_clip, fit_steps and guidance must be >= 0")
         for key in ("divergence", "critic_loss"):
             try:
                 divergence_from_spec(getattr(cfg, key), (cfg.r_clip_min, cfg.r_clip_max))

@@ -16,7 +16,7 @@ from .. import dist
 from ..artifacts import build_precond, save_generator
 from ..grids import save_grid
 from ..io import atomic_open, write_json
-from ..losses import critic_loss, fake_score_loss
+from ..losses import critic_loss, fake_score_loss, regression_loss
 from ..metrics.images import make_evaluator
 from ..metrics.toy import evaluate as evaluate_points
 from ..sampling import seeded_noise
@@ -116,6 +116,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             # real images in class order i % classes, each paired with a condition asking for its class
             pool_idx = conds.for_classes(balanced_labels(len(pool), num_classes))
         pool = pool.to(device)
+    pairs = None
+    if cfg.regression_weight > 0:  # DMD's regression pairs: unit noise, and the teacher's ODE sample made from it
+        x_pairs, z_pairs = teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 6, device, conds, return_noise=True)
+        pairs = (z_pairs.to(device), x_pairs.to(device), conds.cycle(len(x_pairs)))
     eval_z = seeded_noise(cfg.seed, n_eval, shape)  # the noise `dibregman eval --seed <seed>` draws too
     eval_idx = conds.cycle(n_eval)
     eval_y = conds.classes(eval_idx)  # what label accuracy (prompt adherence for text) is measured against
@@ -214,6 +218,12 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                 res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, cond=y, bins=c.bins,
                                        reduce_sum=dist.all_reduce_sum)
                 loss = res.loss.float().mean()
+                if pairs is not None:
+                    j = torch.randint(len(pairs[0]), (bsz,), generator=g)[local].to(device)
+                    y_reg = conds.lookup(pairs[2][j.cpu()], device) if pairs[2] is not None else None
+                    reg = regression_loss(c.generator, pairs[0][j], pairs[1][j], y_reg).float().mean()
+                    loss = loss + cfg.regression_weight * reg
+                    stats.add({"loss/regression": reg.item()})
             guard.step(c.optimizers["generator"], loss, c.generator, "generator", step + 1, cfg.grad_clip, out)
 
             # Phase 3: EMA of the generator.
