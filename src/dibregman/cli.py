@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "final evaluation, so with the run's --seed its summary.json numbers come back)")
     p.add_argument("--seed", type=int, default=0, help="noise and reference draw; sample i depends on (seed, i)")
     p.add_argument("--teacher", default=None, help="evaluate against another teacher spec")
-    p.add_argument("--classifier", default="auto", help="images: feature classifier folder (auto: the shipped one)")
+    p.add_argument("--classifier", default="auto", help="images: auto (the shipped classifier of the data set), none, "
+                   "inception (FID Inception-v3, needs the fid extra) or a train-classifier folder; the teacher-"
+                   "feature tnet_* metrics are always computed")
     p.add_argument("--prompts", default="", help="text generators: evaluate on a prompt file (with classes), or "
                    "'unseen' (caption templates the teacher never saw); default: the training captions")
     p.add_argument("--guidance", type=float, default=1.0, help="the teacher row's classifier-free guidance scale")
@@ -407,8 +409,6 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         raise UserError(f"--out must end in .npz or .png; got {args.out}")
     if args.num < 1:
         raise UserError(f"--num must be a positive integer; got {args.num}")
-    if args.prompt and any(not p.strip() for p in args.prompt):  # as an empty line of a prompt file is refused
-        raise UserError("--prompt is empty; give the text of a prompt (or no --prompt: the training captions)")
     if args.prompt and any(not p.strip() for p in args.prompt):  # as an empty line of a prompt file is refused
         raise UserError("--prompt is empty; give the text of a prompt (or no --prompt: the training captions)")
     if not 0 <= args.seed < MAX_SEED:
