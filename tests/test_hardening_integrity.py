@@ -305,3 +305,18 @@ def test_a_classifier_folder_with_a_flipped_bit_is_refused(tmp_path):
     (folder / MANIFEST).unlink()
     with pytest.raises(ValueError, match=r"manifest\.json is missing"):
         load_classifier(folder)
+
+
+def test_eval_refuses_non_finite_samples_rather_than_scoring_them(finished, tmp_path, capsys):
+    """Defect 8: finite weights (so they load) whose samples overflow; the metrics would read as perfect."""
+    from dibregman.artifacts import save_generator
+
+    run = copy_run(finished, tmp_path / "run")
+    gen, info = load_generator(run)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.mul_(1e30)
+    save_generator(run / "generator", gen, {k: v for k, v in info.items()
+                                            if k not in ("format", "version", "arch", "sigma_data", "sigma_g")})
+    code, _, err = run_cli(capsys, "eval", run, "--num", "64")
+    assert_one_line_error(code, err, "samples of", "hold NaN or inf", "--resume")

@@ -157,6 +157,10 @@ def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher
     t0 = time.perf_counter()
     x = sample(run, num, seed, prompts=conds if info.get("text") else None)  # the scorer's table, encoded once
     seconds = time.perf_counter() - t0
+    bad = int((~torch.isfinite(x.reshape(len(x), -1)).all(1)).sum())
+    if bad:  # metrics of NaN samples can read as perfect (an all-NaN student scored w1 0): refuse instead
+        raise ValueError(f"{bad} of the {len(x)} samples of {run} hold NaN or inf: its generator is damaged or "
+                         "diverged; re-create it with `dibregman distill --resume` on its run folder, or retrain")
     label = method_label(_run_config(run), info["divergence"])
     return {"method": f"student ({label}, 1 NFE)", "nfe": 1, **score(x), "sample_s": seconds}
 
