@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,20 @@ def test_stale_temporary_folders_are_removed_only_when_their_process_is_dead(tmp
     save_checkpoint(root, 2, {"net": torch.nn.Linear(2, 2)}, {}, {})
     assert live.is_dir() and snapshot(live) == {"state.pt": snapshot(live)["state.pt"]}
     assert not gone.exists() and not mine.exists()
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_refused_folder_is_one_line_from_process_0(tmp_path):
+    """Defect 16: the other process stops quietly with the same code instead of a gloo traceback."""
+    held = tmp_path / "held"
+    (held / "checkpoints").mkdir(parents=True)  # a started run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dibregman",
+           "distill", "--preset", "tiny", "--no-progress", "--out", str(held)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.startswith("dibregman: error:")]
+    assert lines == [f"dibregman: error: {held} already holds a run; pass --resume to continue it, or choose "
+                     "another --out"], res.stderr
+    # no traceback of ours (torchrun's launcher still prints its own ChildFailedError summary, and exits 1)
+    assert "[rank" not in res.stderr and "dibregman/" not in res.stderr, res.stderr[-3000:]
+    assert re.search(r"exitcode\s*: 2", res.stderr), res.stderr[-3000:]

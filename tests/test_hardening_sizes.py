@@ -118,3 +118,15 @@ def test_bad_teacher_sizes_are_refused_before_the_run_folder(tmp_path, capsys, m
     code, _, err = run_cli(capsys, "train-teacher", "--preset", "tiny", "--out", tmp_path / "run", *extra)
     assert_one_line_error(code, err, *needles)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("label", ["10", "-1"])
+def test_a_label_outside_the_generators_classes_is_one_line(tmp_path, capsys, label):
+    from test_export import tiny_generator
+
+    from dibregman.artifacts import save_generator
+
+    folder = save_generator(tmp_path / "gen", tiny_generator(10), {"shape": [1, 8, 8], "num_classes": 10})
+    code, _, err = run_cli(capsys, "sample", folder, "--label", label, "--num", "4", "--out", tmp_path / "s.npz")
+    assert_one_line_error(code, err, f"--label must be a class number in 0..9; got {label}")
+    assert not (tmp_path / "s.npz").exists()

@@ -96,6 +96,37 @@ def average_gradients(net: nn.Module) -> None:
             offset += g.numel()
 
 
+class PeerStopped(RuntimeError):
+    """Process 0 stopped with an error (which it printed); the other processes of a torchrun stop quietly."""
+
+
+def reports() -> bool:
+    """Whether this process prints user errors: process 0 of a torchrun (known from the environment even
+    before the process group exists), or the only one."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def on_main(fn, default):
+    """``fn()`` on process 0 while the others wait, which get ``default``; if ``fn`` raises there, it raises
+    there and every other process raises ``PeerStopped`` (instead of a gloo/NCCL "connection closed" when
+    process 0 exits). With one process: ``fn()``."""
+    if world_size() == 1:
+        return fn()
+    error, result = None, default
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as e:
+            error = e
+    flag = torch.tensor([0.0 if error is None else 1.0], device=collective_device())
+    dist.broadcast(flag, src=0)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise PeerStopped("process 0 stopped; its message says why")
+    return result
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

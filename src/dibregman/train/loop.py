@@ -74,8 +74,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         from .classifier import load_classifier
 
         load_classifier(cfg.classifier)  # a bad classifier folder fails before the run folder is made
-    out = prepare_run_dir(Path(cfg.out), resume) if main else Path(cfg.out)
-    dist.barrier()
+    # process 0 makes and locks the folder; if it cannot, the others stop quietly (dist.PeerStopped)
+    out = dist.on_main(lambda: prepare_run_dir(Path(cfg.out), resume), Path(cfg.out))
     resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
     if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
         check_any(out / "checkpoints", lambda meta: check_resumable(meta.get("config", {}), cfg, str(out)))

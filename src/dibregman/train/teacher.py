@@ -90,8 +90,8 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         raise ConfigError(f"{cfg.data} has standard deviation {sigma_data:g} (every value the same, or beyond "
                           "float32): "
                           "a diffusion teacher needs data that varies; check the data")
-    out = prepare_run_dir(Path(cfg.out), resume) if main else Path(cfg.out)
-    dist.barrier()
+    # process 0 makes and locks the folder; if it cannot, the others stop quietly (dist.PeerStopped)
+    out = dist.on_main(lambda: prepare_run_dir(Path(cfg.out), resume), Path(cfg.out))
     num, shape = len(points), tuple(points.shape[1:])
     with torch.random.fork_rng(devices=[]):  # layers initialise from the global RNG: seed it from ours
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
