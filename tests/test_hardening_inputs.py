@@ -168,3 +168,14 @@ def test_config_files_hold_typed_values_and_utf8(tmp_path, capsys, monkeypatch, 
     code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--config", f, "--out", tmp_path / "run", *flags)
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_reads_a_mixture_spec_file_as_the_run_would(tmp_path, capsys):
+    """Defect 22: an unknown key in a spec file passed --dry-run and failed the run."""
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"weights": [1, 1], "means": [[0, 0], [1, 1]], "std": 0.1, "colour": "red"}')
+    code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--teacher", f"gmm:{spec}", "--dry-run")
+    assert_one_line_error(code, err, "spec.json", "unknown mixture spec keys ['colour']")
+    spec.write_text('{"weights": [1, 1], "means": [[0, 0], [1, 1]], "std": 0.1}')
+    code, out, _ = run_cli(capsys, "distill", "--preset", "tiny", "--teacher", f"gmm:{spec}", "--dry-run")
+    assert code == 0 and '"teacher"' in out

@@ -229,6 +229,10 @@ def run(argv: list[str] | None = None) -> int:
         if args.command == "distill":
             _check_preset_teacher(args.preset, cfg.teacher)
         if args.dry_run:
+            if isinstance(cfg, DistillConfig) and cfg.teacher.startswith("gmm:"):  # cheap: read it as the run would
+                from .teachers import load_teacher
+
+                load_teacher(cfg.teacher)
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
         if args.command == "train-teacher":
