@@ -67,3 +67,21 @@ def test_a_failed_re_export_keeps_the_earlier_export(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["export", "gen"]  # no temporary or aside folder left
     export_diffusers(tmp_path / "gen", tmp_path / "export")  # and a later export replaces it
     assert snapshot(out).keys() == before.keys()
+
+
+def test_a_full_disk_error_without_a_file_still_says_what_to_do(tmp_path, capsys, monkeypatch):
+    """Defect 9 in part: a library's ENOSPC without a file name (as matplotlib's for the report PNGs)."""
+    import errno
+
+    from test_reliability import assert_one_line_error
+
+    import dibregman.cli as cli_mod
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli_mod, "run", full)
+    with pytest.raises(SystemExit) as e:
+        cli_mod.main(["list"])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, "no space left on device while writing a run file",
+                          "free some space", "--resume")

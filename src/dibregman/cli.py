@@ -484,10 +484,16 @@ def main(argv: list[str] | None = None) -> None:
 def _os_message(e: OSError) -> str:
     """Our own OSErrors (RunIOError, FileNotFoundError with a message) read well as they are; a raw
     one from a library (``[Errno 28] No space left on device: 'x'``) gets its file and a fix."""
-    from .io import RunIOError, describe_write_error
+    from .io import _HINTS, RunIOError, describe_write_error
 
-    if isinstance(e, RunIOError) or e.errno is None or e.filename is None:
+    if isinstance(e, RunIOError) or e.errno is None:
         return str(e)
+    if e.filename is None:  # a library's write (matplotlib, PIL) that names no file: still say what to do
+        cause, fix = _HINTS.get(e.errno, (None, None))
+        if cause is None:
+            return str(e)
+        return (f"{cause} while writing a run file (the library did not name it); {fix}; a run that finished its "
+                "training keeps its checkpoints, and --resume redoes only its finish")
     if e.errno == errno.ENOENT:
         return f"{e.filename} does not exist; check the path"
     return describe_write_error(e, e.filename, doing="accessing")
