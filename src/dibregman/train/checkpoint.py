@@ -160,13 +160,19 @@ def verify_manifest(folder: str | Path, required: tuple[str, ...] = (), only: st
         return False
     require_regular(path, what)
     try:
-        doc = json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")  # bytes: read_text would turn a damaged "\r" into "\n"
+        doc = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is unreadable ({e}); the {what} is damaged") from None
-    files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT else None
+    # exactly as write_manifest writes it: a changed byte anywhere (a key, the version, white space) is damage
+    if text != json.dumps(doc, indent=2, sort_keys=True) + "\n" or not isinstance(doc, dict) \
+            or set(doc) != {"format", "version", "files"} or doc.get("version") != 1:
+        raise CheckpointError(f"{path} is not as dibregman writes it (an edited or damaged manifest); "
+                              f"the {what} is damaged")
+    files = doc.get("files") if doc.get("format") == MANIFEST_FORMAT else None
     if not isinstance(files, dict) or not all(
-            isinstance(n, str) and isinstance(e, dict) and isinstance(e.get("sha256"), str)
-            and isinstance(e.get("bytes"), int) for n, e in files.items()):
+            isinstance(n, str) and isinstance(e, dict) and set(e) == {"sha256", "bytes"}
+            and isinstance(e["sha256"], str) and isinstance(e["bytes"], int) for n, e in files.items()):
         raise CheckpointError(f"{path} is not a {MANIFEST_FORMAT} file (format, files, sha256, bytes); "
                               f"the {what} is damaged")
     missing = [n for n in required if n not in files]
