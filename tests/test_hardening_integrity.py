@@ -320,3 +320,61 @@ def test_eval_refuses_non_finite_samples_rather_than_scoring_them(finished, tmp_
                                             if k not in ("format", "version", "arch", "sigma_data", "sigma_g")})
     code, _, err = run_cli(capsys, "eval", run, "--num", "64")
     assert_one_line_error(code, err, "samples of", "hold NaN or inf", "--resume")
+
+
+# --- property-based: any value in any entry of generator.json loads or is one clear error ---------------------
+
+@pytest.fixture(scope="module")
+def generator_folder(tmp_path_factory) -> Path:
+    from dibregman.artifacts import save_generator
+    from dibregman.generator import OneStepGenerator
+    from dibregman.nets.mlp import MLP
+    from dibregman.precond import Precond
+
+    torch.manual_seed(0)
+    gen = OneStepGenerator(Precond(MLP(2, 16, 1), 0.5), 2.5)
+    return save_generator(tmp_path_factory.mktemp("gen") / "generator", gen,
+                          {"shape": [2], "teacher": "gmm:ring8", "divergence": "hellinger", "num_classes": 0})
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                        max_size=3), max_leaves=6)
+GEN_KEYS = st.sampled_from(["sigma_g", "sigma_data", "shape", "num_classes", "arch", "arch.dim", "arch.hidden",
+                            "arch.depth", "arch.kind", "format", "version"])
+
+
+def _gen_fuzz(generator_folder: Path, tmp: Path, key: str, value) -> None:
+    folder = tmp / "g"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(generator_folder, folder)
+
+    def edit(doc: dict) -> None:
+        if key.startswith("arch."):
+            doc["arch"][key[5:]] = value
+        else:
+            doc[key] = value
+
+    _edit_json(folder / "generator.json", edit)
+    resign(folder)  # checksums consistent: the entries themselves are what is checked
+    try:
+        gen, info = load_generator(folder)
+    except (CheckpointError, ValueError) as e:
+        assert str(e) and "\n" not in str(e).strip()
+        return
+    with torch.no_grad():  # it loaded: then it must be a working generator
+        x = gen(torch.randn(4, *info["shape"]), None)
+    assert torch.isfinite(x).all()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=GEN_KEYS, value=JSON_VALUES)
+def test_any_generator_json_entry_loads_or_is_one_clear_error(generator_folder, tmp_path, key, value):
+    _gen_fuzz(generator_folder, tmp_path, key, value)
+
+
+@pytest.mark.slow
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=GEN_KEYS, value=JSON_VALUES)
+def test_any_generator_json_entry_loads_or_is_one_clear_error_many(generator_folder, tmp_path, key, value):
+    _gen_fuzz(generator_folder, tmp_path, key, value)

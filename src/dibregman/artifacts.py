@@ -17,10 +17,20 @@ from .nets import build_backbone, image_shape
 from .precond import Precond
 from .teachers.diffusers import ARCH_KIND as DIFFUSERS_KIND
 from .teachers.diffusers import DiffusersDenoiser
-from .train.checkpoint import INTEGRITY, MANIFEST, CheckpointError, load_module, verify_manifest, write_manifest
+from .train.checkpoint import (
+    INTEGRITY,
+    MANIFEST,
+    CheckpointError,
+    _brief,
+    load_module,
+    verify_manifest,
+    write_manifest,
+)
 
 FORMAT = "dibregman-generator"
 _REMAKE = "re-create it with `dibregman distill --resume` on its run folder (it rewrites generator/)"
+# noise levels a generator can be built at: beyond these float32 preconditioning overflows or underflows
+SIGMA_RANGE = {"sigma_g": (1e-4, 1e4), "sigma_data": (1e-6, 1e6)}
 MAX_SAMPLE_VALUES = 1 << 26  # values in one sample (64 Mi: a 4096x4096x4 image); a larger `shape` is damage
 
 
@@ -72,7 +82,7 @@ def load_generator(folder: str | Path) -> tuple[OneStepGenerator, dict[str, Any]
         with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten: leave the caller's RNG alone
             gen = OneStepGenerator(build_precond(info["arch"], info["sigma_data"]), info["sigma_g"])
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{info_path} is damaged (bad or missing entry {e}); {_REMAKE}") from None
+        raise CheckpointError(f"{info_path} is damaged (bad or missing entry {_brief(e)}); {_REMAKE}") from None
     try:
         load_module(gen, folder / "model.safetensors", verify=False)
     except CheckpointError as e:
@@ -90,12 +100,12 @@ def _check_numbers(info: dict[str, Any], path: Path) -> None:
     arch = info.get("arch")
     if not isinstance(arch, dict):
         raise CheckpointError(f"{path} is damaged (bad or missing entry 'arch'); {_REMAKE}")
-    for key in ("sigma_g", "sigma_data"):
+    for key, (lo, hi) in SIGMA_RANGE.items():
         if key not in info:
             raise CheckpointError(f"{path} is damaged (bad or missing entry {key!r}); {_REMAKE}")
-        if not _positive(info[key]):
-            raise CheckpointError(f"{path} is damaged: {key} must be a finite number > 0; got {info[key]!r}; "
-                                  f"{_REMAKE}")
+        if not _positive(info[key]) or not lo <= info[key] <= hi:
+            raise CheckpointError(f"{path} is damaged: {key} must be a finite number > 0 (in [{lo:g}, {hi:g}]); "
+                                  f"got {info[key]!r}; {_REMAKE}")
     shape = info.get("shape")
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 3
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
@@ -128,8 +138,10 @@ def _check_size(info: dict[str, Any], weights: Path, path: Path) -> None:
                 build_precond(info["arch"], info["sigma_data"]), info["sigma_g"]).state_dict().values())
     except (KeyError, TypeError, AttributeError, ValueError):
         raise
-    except Exception:  # a network that cannot be built on the meta device: load_module compares the tensors
-        return
+    except Exception as e:
+        if info["arch"].get("kind", "mlp") in ("mlp", "unet", "text_unet"):  # ours build on meta: a bad arch
+            raise ValueError(f"cannot build its arch ({_brief(e)})") from None
+        return  # another library's network that cannot be built on the meta device: load_module compares tensors
     if described != stored:
         raise CheckpointError(f"{path} describes a network of {described} values but {weights.name} holds "
                               f"{stored}; {_REMAKE}")
