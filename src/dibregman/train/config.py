@@ -238,6 +238,8 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
         raise ConfigError(f"option 'seed' must be an integer in [0, 2**40); got {cfg.seed}")
     check_out(cfg.out)
     check_device(cfg.device)
+    if isinstance(cfg, DistillConfig) and not 1e-4 <= cfg.sigma_g <= 1e4:  # as artifacts.SIGMA_RANGE loads
+        raise ConfigError(f"option 'sigma_g' must be in [0.0001, 10000] (float32 preconditioning); got {cfg.sigma_g}")
     if isinstance(cfg, TeacherConfig):
         channel_mult(cfg.channel_mult)
     if isinstance(cfg, DistillConfig):
