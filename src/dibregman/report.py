@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -536,6 +537,35 @@ def _labels(run_dir: Path) -> np.ndarray | None:
         return None
 
 
+_DIAGNOSTICS = (("fake_score_err", "fake score error |D_F - D_q|^2\n/ |D_T - D_q|^2 (1: teacher copy)"),
+                ("update_cos", "cos(D_F - D_T, exact D_q - D_T)"),
+                ("log_r_corr", "corr(critic log r, true log r)"),
+                ("log_r_true", "true log r = log q/p at students"))
+
+
+def _diagnostics_figure(recs: list[dict[str, Any]], path: Path) -> str | None:
+    """The exact variety diagnostics of an analytic-teacher run (``metrics/exact.py``): one panel per
+    quantity, one line per noise level, over training."""
+    rows = [r for r in recs if any(k.startswith("diag/") for k in r)]
+    names = [(n, t) for n, t in _DIAGNOSTICS if any(k.startswith(f"diag/{n}@") for r in rows for k in r)]
+    if not names:
+        return None
+    levels = sorted({k.split("@")[1] for r in rows for k in r if k.startswith("diag/")}, key=float)
+    fig, axes = _figure(len(names), ncols=2)
+    for ax, (name, title) in zip(axes, names, strict=True):
+        for i, s in enumerate(levels):
+            x, y = _series(rows, f"diag/{name}@{s}")
+            if x.size:
+                ax.plot(x, y, lw=1.2, marker=".", color=colormaps["viridis"](i / max(len(levels) - 1, 1)),
+                        label=f"sigma {s}")
+        if name == "fake_score_err":
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_run_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and samples/losses/ratio/metrics PNGs into ``run_dir``; return the report path."""
     run_dir = Path(run_dir)
@@ -559,6 +589,8 @@ def write_run_report(run_dir: str | Path) -> Path:
             figs["Samples per mode"] = _mode_figure(gmm, panels, run_dir / "modes.png")
     figs["Losses"] = _line_panels({"": stats}, _keys(stats, "loss/"), run_dir / "losses.png", "range")
     figs["Density ratio"] = _ratio_figure(stats, run_dir / "ratio.png", config)
+    figs["Where variety is lost: fake score and critic against the student's exact denoiser and log r "
+         "(analytic teachers; docs/benchmarks.md)"] = _diagnostics_figure(stats, run_dir / "diagnostics.png")
     figs["Metrics (dashed: the teacher's 35-NFE samples, same metric)"] = _line_panels(
         {"": mrecs}, _metric_keys(mrecs), run_dir / "metrics.png", "range", summary.get("teacher_metrics"))
 
