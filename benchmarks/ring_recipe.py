@@ -25,6 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_family import write_docs  # noqa: E402
+
 TEACHER = "gmm:ring8_imbalanced"
 METRICS = ["mode_tv", "off_mode", "nll", "w1", "energy", "mmd"]
 DIAG = ["fake_score_err@0.05", "fake_score_err@1", "update_cos@0.05", "update_cos@1", "log_r_corr@0.05",
@@ -48,6 +51,9 @@ VARIANTS: dict[str, dict] = {
     "reg1": {"regression_weight": 1.0},
     "reg4": {"regression_weight": 4.0},
     "reg1_k5": {"regression_weight": 1.0, "fake_score_steps": 5},
+    "reg1_wide": {"regression_weight": 1.0, "hidden": 256},
+    "gan0.05": {"gan_weight": 0.05},
+    "reg1_gan0.05": {"regression_weight": 1.0, "gan_weight": 0.05},
 }
 
 
@@ -114,6 +120,10 @@ def table(results: list[dict], teacher: list[dict]) -> str:
         step = statistics.median(r["step_time_s"] for r in rs)
         lines.append(f"| {variant} | {member} | {len(rs)} | " + " | ".join(cells) + " | " + " | ".join(diag)
                      + f" | {step:.4f} |")
+    spread = [statistics.fmean(statistics.stdev(d[k] for d in r["draws"]) for r in results) for k in METRICS]
+    if all(len(r["draws"]) > 1 for r in results):
+        lines.append("| sample-draw spread (mean over runs of the std over draws) | | | "
+                     + " | ".join(f"{v:.4f}" for v in spread) + " | " + " | ".join("" for _ in DIAG) + " | |")
     return "\n".join(lines)
 
 
@@ -128,6 +138,8 @@ def main() -> None:
     p.add_argument("--runs", default="/tmp/dibregman-ring-recipe", help="folder for the runs")
     p.add_argument("--results", default="/tmp/dibregman-ring-recipe/results.jsonl")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("--write-docs", metavar="MARKER", default=None,
+                   help="also write the table to docs/benchmarks.md between <!-- MARKER:start/end --> markers")
     p.add_argument("--quick", action="store_true", help="smoke test: base, hellinger, seed 0, 60 steps, 1 draw")
     args = p.parse_args()
     if args.list:
@@ -167,9 +179,13 @@ def main() -> None:
     keys = {run_key(v, m, int(s), args.steps) for v in variants for m in args.members.split(",")
             for s in args.seeds.split(",")}
     results = [done[k] for k in done if k in keys]
-    print(f"{datetime.date.today()}, {platform.machine()}, one core per run; draws of 100,000 samples: "
-          f"{args.draws}; training seeds: {args.seeds}")
-    print(table(results, teacher))
+    command = "python benchmarks/ring_recipe.py " + " ".join(sys.argv[1:])
+    text = (f"Command: `{command}`; {datetime.date.today()}, {platform.machine()}, one core per run, "
+            f"{args.jobs} runs at a time; {args.draws} draws of 100,000 samples per generator; training seeds "
+            f"{args.seeds}.\n\n{table(results, teacher)}")
+    print(text)
+    if args.write_docs:
+        write_docs(text, marker=args.write_docs)
 
 
 if __name__ == "__main__":
