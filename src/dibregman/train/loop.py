@@ -104,10 +104,14 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     reference = true_samples(teacher, n_eval, cfg.seed + 2, split="test", classes=num_classes)
     if reference is None:
         reference = teacher_samples(teacher, n_eval, cfg.seed + 2, device, conds).cpu()
-    pool, pool_idx = None, None
+    pool, pool_idx, pairs = None, None, None
+    if cfg.regression_weight > 0:  # DMD's regression pairs: unit noise, and the teacher's ODE sample made from it
+        x_pairs, z_pairs = teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1, device, conds, return_noise=True)
+        pairs = (z_pairs.to(device), x_pairs.to(device), conds.cycle(len(x_pairs)))
     if c.critic is not None:
-        if cfg.critic_data == "teacher":
-            pool = teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1, device, conds)
+        if cfg.critic_data == "teacher":  # the same samples as the pairs' (seed + 1): made once when both are used
+            pool = pairs[1] if pairs is not None else teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1,
+                                                                      device, conds)
             pool_idx = conds.cycle(len(pool))
         else:
             pool = true_samples(teacher, cfg.teacher_pool, cfg.seed + 1, classes=num_classes)
@@ -116,10 +120,6 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             # real images in class order i % classes, each paired with a condition asking for its class
             pool_idx = conds.for_classes(balanced_labels(len(pool), num_classes))
         pool = pool.to(device)
-    pairs = None
-    if cfg.regression_weight > 0:  # DMD's regression pairs: unit noise, and the teacher's ODE sample made from it
-        x_pairs, z_pairs = teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 6, device, conds, return_noise=True)
-        pairs = (z_pairs.to(device), x_pairs.to(device), conds.cycle(len(x_pairs)))
     eval_z = seeded_noise(cfg.seed, n_eval, shape)  # the noise `dibregman eval --seed <seed>` draws too
     eval_idx = conds.cycle(n_eval)
     eval_y = conds.classes(eval_idx)  # what label accuracy (prompt adherence for text) is measured against
