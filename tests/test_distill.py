@@ -141,7 +141,7 @@ def test_cli_demo_compares_at_equal_budget(tmp_path, capsys):
     assert run_cli("demo", "--preset", "tiny", "--out", str(out), "--divergences", "reverse_kl,jeffreys") == 0
     printed = capsys.readouterr().out
     assert "teacher (Heun, 35 NFE)" in printed and "student jeffreys (1 NFE)" in printed
-    assert "mode-weight error (mode_tv, lower is better): teacher" in printed
+    assert "mode-weight error (mode_tv, lower is better; one training seed): teacher" in printed
     report = (out / "report.md").read_text()
     assert "student reverse_kl (1 NFE)" in report and "Metrics of 128 samples" in report
     cfgs = [json.loads((out / d / "config.json").read_text()) for d in ("reverse_kl", "jeffreys")]

@@ -188,3 +188,11 @@ def test_every_help_option_is_in_usage(command):
         if not any(f in usage for f in action.option_strings):
             missing.append(flag)
     assert not missing, f"{command}: options missing from docs/usage.md: {missing}"
+
+
+def test_the_resumable_options_in_usage_are_the_codes():
+    from dibregman.train.config import RESUMABLE
+
+    text = (ROOT / "docs" / "usage.md").read_text()
+    block = text.split("(`RESUMABLE` in `train/config.py`):", 1)[1].split("\n\n", 2)[1]
+    assert {w.strip(",") for w in block.split()} == set(RESUMABLE)

@@ -85,3 +85,45 @@ def test_a_full_disk_error_without_a_file_still_says_what_to_do(tmp_path, capsys
         cli_mod.main(["list"])
     assert_one_line_error(e.value.code, capsys.readouterr().err, "no space left on device while writing a run file",
                           "free some space", "--resume")
+
+
+def test_non_utf8_stats_log_is_named_and_reports_skip_the_damage(tmp_path):
+    from dibregman.report import _read_jsonl
+    from dibregman.stats import read_jsonl
+
+    log = tmp_path / "stats.jsonl"
+    log.write_bytes(b'{"step": 1, "loss/generator": 0.5}\n{"step": 2, "x": "\xff\xfe"}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"stats.jsonl is not UTF-8 text .*move it aside"):
+        read_jsonl(log)
+    assert [r["step"] for r in _read_jsonl(log)] == [1, 2, 3]  # the report still draws what it can
+
+
+def test_report_files_are_written_atomically(tmp_path, monkeypatch):
+    import dibregman.io as io_mod
+    from dibregman.report import write_run_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stats.jsonl").write_text('{"step": 1, "loss/generator": 0.5}\n{"step": 2, "loss/generator": 0.4}\n')
+    write_run_report(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".png", ".md")}
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io_mod.os, "fsync", full_disk)  # every write's last step fails, as on a full disk
+    with pytest.raises(OSError, match=r"[Nn]o space left"):
+        write_run_report(run)
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".png", ".md")}
+    assert after == before  # every report file as it was: none half-written
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_text_encoder_folder_with_pickled_weights_is_refused(tmp_path):
+    pytest.importorskip("transformers")
+    from dibregman.text.encoder import load_text_encoder
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"only pickled weights .*safetensors"):
+        load_text_encoder(str(tmp_path))

@@ -259,9 +259,10 @@ def run(argv: list[str] | None = None) -> int:
             print(format_table(rows, markdown=False))
             for key, what in (("mode_tv", "mode-weight error (mode_tv"), ("fd", "Frechet distance on classifier "
                               "features (fd")):  # the headline, in one line
-                if key in rows[0]:
-                    print(f"{what}, lower is better): "
-                          + ", ".join(f"{r['method'].split(' (')[0]} {r[key]:.4f}" for r in rows))
+                if key in rows[0]:  # one training seed: say so, and where the spread over seeds is
+                    print(f"{what}, lower is better; one training seed): "
+                          + ", ".join(f"{r['method'].split(' (')[0]} {r[key]:.4f}" for r in rows)
+                          + "; spread over seeds and sample draws: docs/benchmarks.md")
             print(f"report: {Path(cfg.out) / 'report.md'}")
         return 0
     if args.command == "list":

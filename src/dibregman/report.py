@@ -22,6 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from .io import atomic_open, atomic_write_text
+
 __all__ = ["format_table", "method_label", "read_run", "write_comparison_report", "write_run_report"]
 
 METRIC_ORDER = ("energy", "mmd", "w1", "mode_tv", "off_mode", "nll", "fd", "kid", "precision", "recall", "label_acc",
@@ -95,7 +97,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (run still writing) or blank lines are skipped."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8", errors="replace")  # a damaged line fails to parse below
     except OSError:
         return []
     out = []
@@ -185,7 +187,8 @@ def _figure(n: int, ncols: int = 3, size: tuple[float, float] = (4.0, 3.0)) -> t
 
 
 def _save(fig: Figure, path: Path) -> str:
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)
+    with atomic_open(path) as f:  # a full disk leaves the previous figure, never half of one
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight", pad_inches=0.1)
     return path.name
 
 
@@ -613,7 +616,7 @@ def write_run_report(run_dir: str | Path) -> Path:
     if any(figs.values()):
         lines += ["## Figures", "", *_figure_md(figs)]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 
@@ -691,5 +694,5 @@ def write_comparison_report(
     if any(figs.values()):
         lines += ["## Figures", "", *_figure_md(figs)]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path

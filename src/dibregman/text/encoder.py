@@ -79,9 +79,13 @@ def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder:
                              "tokenizer and a transformer model, e.g. a Stable Diffusion pipeline folder)")
         tok_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
         model_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
+    if not list(model_dir.glob("*.safetensors")) and list(model_dir.glob("*.bin")) + list(model_dir.glob("*.pt")):
+        raise ValueError(f"text encoder {spec!r}: {model_dir} holds only pickled weights (.bin/.pt), which can run "
+                         "code when loaded; save it as safetensors (model.save_pretrained(folder, "
+                         "safe_serialization=True)) and point to that folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot read a text encoder from {spec!r} ({str(e).splitlines()[0]}); it needs tokenizer "
                          "files and a transformers model (config.json + weights)") from None

@@ -70,7 +70,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         raise ConfigError(f"{cfg.teacher} is an image teacher without a network for the students to start from; "
                           "distill a teacher trained with `dibregman train-teacher` (net:<folder>) or a diffusers "
                           "folder (diffusers:<folder>)")
-    if len(teacher.shape) == 3 and cfg.classifier not in ("auto", "none"):
+    if len(teacher.shape) == 3 and cfg.classifier not in ("auto", "none", "inception"):
         from .classifier import load_classifier
 
         load_classifier(cfg.classifier)  # a bad classifier folder fails before the run folder is made
