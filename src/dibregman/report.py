@@ -165,7 +165,7 @@ def _load_samples(run_dir: Path) -> dict[str, np.ndarray]:
     if images:
         return images
     arrs = {k: a.reshape(len(a), -1) for k, a in arrs.items() if a.ndim >= 1}
-    arrs = {k: a[np.isfinite(a).all(axis=1)][:MAX_POINTS] for k, a in arrs.items()}  # drop non-finite rows
+    arrs = {k: a[np.isfinite(a).all(axis=1)] for k, a in arrs.items()}  # drop non-finite rows
     return {k: a for k, a in arrs.items() if len(a) and a.shape[1]}
 
 
@@ -206,7 +206,7 @@ def _projector(ref: np.ndarray) -> tuple[Any, tuple[str, str], str]:
 def _scatter_figure(panels: list[tuple[str, np.ndarray]], ref: np.ndarray, path: Path) -> tuple[str, str]:
     """Scatter panels with shared limits; returns (file name, projection note for captions)."""
     proj, (xl, yl), note = _projector(ref)
-    pts = [(t, proj(a)) for t, a in panels if a.shape[1] == ref.shape[1]]
+    pts = [(t, proj(a[:MAX_POINTS])) for t, a in panels if a.shape[1] == ref.shape[1]]  # all go to the mode bars
     allp = np.concatenate([p for _, p in pts])
     lo, hi = np.quantile(allp, [0.002, 0.998], axis=0)  # robust to a few far outliers
     mid, half = (lo + hi) / 2, 0.55 * max(float((hi - lo).max()), 1e-6)  # square limits: equal aspect fills
