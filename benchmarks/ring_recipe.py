@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict] = {
     "reg1_wide": {"regression_weight": 1.0, "hidden": 256},
     "gan0.05": {"gan_weight": 0.05},
     "reg1_gan0.05": {"regression_weight": 1.0, "gan_weight": 0.05},
+    "reg4_cos": {"regression_weight": 4.0, "lr_schedule": "cosine"},
 }
 
 

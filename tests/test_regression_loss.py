@@ -39,3 +39,28 @@ def test_the_regression_term_is_trained_in_a_run(tmp_path):
     assert len(reg) == 4 and reg[-1] < 0.7 * reg[0], reg
     plain = db.distill(preset="tiny", steps=40, log_every=10, out=str(tmp_path / "plain"), progress=False)
     assert not any("loss/regression" in line for line in (plain / "stats.jsonl").read_text().splitlines())
+
+
+def test_cosine_schedule_decays_the_generators_rate_and_resumes_exactly(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from dibregman.train.checkpoint import list_checkpoints
+
+    def weights(run):
+        last = list_checkpoints(run / "checkpoints")[-1]
+        return {f"{f.stem}/{k}": v for f in sorted(last.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    opts = dict(preset="tiny", steps=8, checkpoint_every=4, lr_schedule="cosine", progress=False)
+    full = db.distill(out=str(tmp_path / "full"), **opts)
+    shutil.copytree(full, tmp_path / "part")  # as if killed after the step-4 checkpoint
+    shutil.rmtree(list_checkpoints(tmp_path / "part" / "checkpoints")[-1])
+    part = db.distill(out=str(tmp_path / "part"), resume=True, **opts)
+    a, b = weights(full), weights(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(list_checkpoints(full / "checkpoints")[-1] / "state.pt", weights_only=False)
+    lr = state["optimizers"]["generator"]["param_groups"][0]["lr"]
+    assert 0 < lr < 5e-5  # the last update's rate: 1e-3 * (1 + cos(pi * 7/8)) / 2 = 3.8e-5
+    const = weights(db.distill(out=str(tmp_path / "const"), **{**opts, "lr_schedule": "constant"}))
+    assert any(not torch.equal(const[k], a[k]) for k in a if k.startswith("generator/"))

@@ -50,6 +50,8 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "lr_generator": "Adam learning rate of the generator; > 0 (the default suits toy MLPs, U-Nets want ~1e-4)",
     "lr_fake_score": "Adam learning rate of the fake score; > 0",
     "lr_critic": "Adam learning rate of the critic; > 0",
+    "lr_schedule": "the generator's learning rate over the run: constant, or cosine (a half cosine from "
+                   "lr_generator to 0 at `steps`, set from the step count; resuming with other steps changes it)",
     "beta1": "Adam beta1 of all three optimisers; in [0, 1)",
     "beta2": "Adam beta2 of all three optimisers; in [0, 1)",
     "ema_decay": "EMA decay of the saved generator; in [0, 1)",

@@ -43,6 +43,7 @@ class DistillConfig:
     lr_generator: float = 1e-3  # for toy-sized MLPs; large image networks want far smaller rates
     lr_fake_score: float = 1e-3
     lr_critic: float = 1e-3
+    lr_schedule: str = "constant"  # the generator's rate: constant | cosine (half cosine to 0 at `steps`)
     beta1: float = 0.0
     beta2: float = 0.99
     ema_decay: float = 0.99
@@ -166,6 +167,7 @@ _CHOICES = {
     "weighting": ("dmd", "sigma2", "none"),
     "omega_normalize": ("batch", "bins", "none"),
     "generator_mode": ("score", "discriminator"),
+    "lr_schedule": ("constant", "cosine"),
     "nonfinite": ("strict", "skip"),
 }
 _POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "teacher_pool", "hidden", "depth", "log_every",

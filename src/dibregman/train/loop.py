@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import statistics
 import sys
@@ -211,6 +212,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                     stats.add({"loss/critic": loss.item()})
 
             # Phase 2: one generator update along omega(r) * (D_F - D_T).
+            if cfg.lr_schedule == "cosine":  # set from the step alone: a resumed run gets the same rates
+                for group in c.optimizers["generator"].param_groups:
+                    group["lr"] = cfg.lr_generator * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             y = condition()
             with amp:
                 x = c.generator(draw(), y)
