@@ -57,6 +57,11 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "ema_decay": "EMA decay of the saved generator; in [0, 1)",
     "grad_clip": "max global gradient norm per network; >= 0, 0 disables",
     "sigma_g": "the generator's fixed noise level: G(z) = D(sigma_g z, sigma_g); > 0",
+    "sigma_min": "lowest noise level of the generator update and the critic; 0 = the teacher's sigma_min",
+    "sigma_max": "highest noise level of the generator update and the critic; 0 = the teacher's sigma_max",
+    "fake_score_p_mean": "the fake score's training noise: log sigma ~ N(p_mean, p_std^2); p_mean, any number "
+                         "(EDM's -1.2)",
+    "fake_score_p_std": "p_std of that law; > 0 (EDM's 1.2)",
     "generator_t_min": "generator (and critic) updates draw sigma from Karras-uniform t in [t_min, t_max]; "
                        "in [0, 1), t = 0 is sigma_max",
     "generator_t_max": "upper end of that t range; in (t_min, 1], t = 1 is sigma_min",

@@ -172,6 +172,15 @@ def _critic(head: str, teacher: Teacher, base: Precond, fake_score: Precond, cfg
     return FeatureCritic(fake_score, feature_head(channels, spatial))
 
 
+def noise_range(cfg: DistillConfig, teacher: Teacher) -> tuple[float, float]:
+    """The generator update's and the critic's sigma range: ``cfg.sigma_min/max``, each 0 = the teacher's."""
+    lo, hi = cfg.sigma_min or teacher.sigma_min, cfg.sigma_max or teacher.sigma_max
+    if lo >= hi:
+        raise ConfigError(f"the noise range [{lo}, {hi}] is empty: a sigma_min or sigma_max left at 0 takes the "
+                          f"teacher's ({teacher.sigma_min}, {teacher.sigma_max}); set both")
+    return lo, hi
+
+
 def generator_loss(cfg: DistillConfig) -> GeneratorLoss:
     """The generator's update as ``cfg`` sets it (``.needs_critic`` says whether a critic is trained)."""
     return GeneratorLoss(
@@ -185,7 +194,8 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     # copies of a teacher's network: trainable whatever the teacher's own flags were
     generator = OneStepGenerator.from_teacher(base, cfg.sigma_g).to(device).requires_grad_(True).train()
     fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
-    gsig = KarrasUniform(teacher.sigma_min, teacher.sigma_max, cfg.generator_t_min, cfg.generator_t_max)
+    sigma_min, sigma_max = noise_range(cfg, teacher)
+    gsig = KarrasUniform(sigma_min, sigma_max, cfg.generator_t_min, cfg.generator_t_max)
     gen_loss = generator_loss(cfg)
     critic = None
     if gen_loss.needs_critic:
@@ -197,9 +207,10 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
         opts["critic"] = torch.optim.Adam(critic.parameters(), lr=cfg.lr_critic, betas=betas)
     bins = None
     if cfg.omega_normalize == "bins":
-        bins = OmegaBinNormalizer(teacher.sigma_min, teacher.sigma_max).to(device)
+        bins = OmegaBinNormalizer(sigma_min, sigma_max).to(device)
     return Components(generator, fake_score, critic, EMA(generator, cfg.ema_decay), opts, gen_loss,
-                      divergence_from_spec(cfg.critic_loss), bins, gsig, LogNormal())
+                      divergence_from_spec(cfg.critic_loss), bins, gsig,
+                      LogNormal(cfg.fake_score_p_mean, cfg.fake_score_p_std))
 
 
 DIAGNOSTIC_STUDENTS, DIAGNOSTIC_QUERIES = 8192, 1024  # the students define q; the queries probe it

@@ -50,6 +50,10 @@ class DistillConfig:
     grad_clip: float = 10.0  # max global grad norm per network; 0 disables
     # generator update
     sigma_g: float = 2.5
+    sigma_min: float = 0.0  # noise range of the generator update and the critic; 0: the teacher's own
+    sigma_max: float = 0.0
+    fake_score_p_mean: float = -1.2  # the fake score's noise law: log sigma ~ N(p_mean, p_std^2) (EDM's)
+    fake_score_p_std: float = 1.2
     generator_t_min: float = 0.02  # generator loss: sigma from Karras-uniform t in [t_min, t_max]
     generator_t_max: float = 0.98
     weighting: str = "dmd"  # dmd | sigma2 | none
@@ -248,6 +252,11 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
     if isinstance(cfg, TeacherConfig):
         channel_mult(cfg.channel_mult)
     if isinstance(cfg, DistillConfig):
+        if cfg.sigma_min < 0 or cfg.sigma_max < 0 or (cfg.sigma_max and cfg.sigma_min >= cfg.sigma_max):
+            raise ConfigError(f"need 0 <= sigma_min < sigma_max (0: the teacher's own); got {cfg.sigma_min}, "
+                              f"{cfg.sigma_max}")
+        if not cfg.fake_score_p_std > 0:
+            raise ConfigError(f"option 'fake_score_p_std' must be > 0; got {cfg.fake_score_p_std}")
         if not 0 <= cfg.generator_t_min < cfg.generator_t_max <= 1:
             raise ConfigError("need 0 <= generator_t_min < generator_t_max <= 1; got "
                               f"{cfg.generator_t_min}, {cfg.generator_t_max}")

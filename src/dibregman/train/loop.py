@@ -30,6 +30,7 @@ from .components import (
     build,
     fit_network,
     generator_loss,
+    noise_range,
     reference_teacher_samples,
     teacher_samples,
     true_samples,
@@ -61,6 +62,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             raise ConfigError(f"guidance = {cfg.guidance} needs a class- or text-conditional network teacher; "
                               f"{cfg.teacher} is not one (leave guidance at 1)")
         teacher.guidance = cfg.guidance
+    noise_range(cfg, teacher)  # an empty sigma range fails before the run folder is made
     conds = conditions_for(teacher, cfg.prompts)  # prompts are read and encoded before the run folder is made
     if conds.text and cfg.critic_data == "data" and generator_loss(cfg).needs_critic:
         try:  # the critic's real images are paired with prompts asking for their class
