@@ -86,3 +86,12 @@ def test_sampling_does_not_touch_the_callers_global_rng(tmp_path):
     db.sample(run, 50, seed=4)
     db.evaluate_run(run, 200, seed=4)
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_eval_refuses_a_sample_count_below_two(tmp_path, capsys):
+    from dibregman.cli import main
+
+    run = db.distill(preset="tiny", out=str(tmp_path / "run"), progress=False)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(run), "--num", "0"])
+    assert e.value.code == 2 and "--num must be an integer >= 2" in capsys.readouterr().err

@@ -302,6 +302,8 @@ def run(argv: list[str] | None = None) -> int:
         print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}, "
               "trust_remote_code=True))")
         return 0
+    if args.num is not None and args.num < 2:  # the pairwise metrics need two samples per set
+        raise UserError(f"--num must be an integer >= 2; got {args.num}")
     num = api.run_eval_samples(args.run) if args.num is None else args.num
     if args.num is not None and not 1 <= args.num <= 10**7:  # eval: bounded pairwise sums
         raise UserError(f"--num must be an integer in 1..10000000; got {args.num}")
