@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {','.join(DEMO_DIVERGENCES)}; demo ignores --divergence)")
     p.add_argument("--dataset", choices=tuple(DEMO_DATASETS), default=None,
                    help="the teacher to compare on, with its preset: ring (default; the analytic 2-D test bed, "
-                        "about 3 min), fashion-mnist (images from the shipped teacher, about 12 min on 2 CPU "
+                        "about 3.5 min), fashion-mnist (images from the shipped teacher, about 12 min on 2 CPU "
                         "cores), fashion-mnist-text (text-to-image from the shipped caption-conditioned teacher; "
                         "label_acc is prompt adherence). --preset changes the schedule, not the teacher")
     _add_config_options(p, DistillConfig, "distill")
