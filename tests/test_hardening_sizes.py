@@ -76,7 +76,7 @@ def test_bad_sample_options_are_one_line_before_sampling(finished, tmp_path, cap
 
 
 @pytest.mark.parametrize("extra, needles", [
-    (["--num", "0"], ["--num must be an integer in 1..10000000"]),
+    (["--num", "0"], ["--num must be an integer in 2..10000000"]),
     (["--seed", "-1"], ["--seed must be an integer in [0, 2**40)"]),
 ])
 def test_bad_eval_options_are_one_line(finished, capsys, extra, needles):

@@ -302,11 +302,9 @@ def run(argv: list[str] | None = None) -> int:
         print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}, "
               "trust_remote_code=True))")
         return 0
-    if args.num is not None and args.num < 2:  # the pairwise metrics need two samples per set
-        raise UserError(f"--num must be an integer >= 2; got {args.num}")
     num = api.run_eval_samples(args.run) if args.num is None else args.num
-    if args.num is not None and not 1 <= args.num <= 10**7:  # eval: bounded pairwise sums
-        raise UserError(f"--num must be an integer in 1..10000000; got {args.num}")
+    if not 2 <= num <= 10**7:  # eval: two samples per set for the pairwise metrics; bounded sums
+        raise UserError(f"--num must be an integer in 2..10000000; got {num}")
     if not 0 <= args.seed < 2**40:
         raise UserError(f"--seed must be an integer in [0, 2**40); got {args.seed}")
     rows = [api.teacher_row(args.teacher or _run_teacher(args.run), num, args.seed, args.classifier,

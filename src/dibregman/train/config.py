@@ -43,9 +43,10 @@ class DistillConfig:
     lr_generator: float = 1e-3  # for toy-sized MLPs; large image networks want far smaller rates
     lr_fake_score: float = 1e-3
     lr_critic: float = 1e-3
-    # the generator's rate: constant | cosine (half cosine to 0 at `steps`): on the ring it cut the off-mode
-    # mass from 0.070 to 0.054 and the nll from 1.13 to 0.82 over 3 seeds (benchmarks.md, ring recipe)
-    lr_schedule: str = "cosine"
+    # the generator's rate: constant | cosine (half cosine to 0 at `steps`; the demo preset's: on the ring it cut
+    # the off-mode mass from 0.070 to 0.054 over 3 seeds). Not the default: it depends on `steps`, so a run
+    # continued with more steps (--resume --steps N) would change its past rates
+    lr_schedule: str = "constant"
     beta1: float = 0.0
     beta2: float = 0.99
     ema_decay: float = 0.99
@@ -118,12 +119,12 @@ class TeacherConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "distill": {
         "toy": {},
-        "demo": {"steps": 2000, "eval_every": 500, "checkpoint_every": 500, "out": "runs/demo"},
+        "demo": {"steps": 2000, "eval_every": 500, "checkpoint_every": 500, "lr_schedule": "cosine",
+                 "out": "runs/demo"},
         "tiny": {"steps": 6, "batch_size": 32, "teacher_pool": 256, "fit_steps": 20, "hidden": 32,
                  "depth": 1, "log_every": 2, "eval_every": 3, "eval_samples": 128, "checkpoint_every": 3},
         "dmd": {"divergence": "reverse_kl"},
-        # DMD2: a GAN term instead of the regression loss, a constant rate
-        "dmd2": {"divergence": "reverse_kl", "gan_weight": 0.01, "regression_weight": 0.0, "lr_schedule": "constant"},
+        "dmd2": {"divergence": "reverse_kl", "gan_weight": 0.01, "regression_weight": 0.0},  # DMD2 drops it
         # images on 2 CPU cores: the shipped Fashion-MNIST teacher, real data standing for p (no 35-NFE pool
         # to sample), the critic as a head on the fake score's bottleneck (DMD2), one fake-score update per
         # generator update with a 5x learning rate (two time scales: the fake score must track the student;
@@ -132,9 +133,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                           "lr_generator": 1e-4, "lr_fake_score": 5e-4, "lr_critic": 5e-4, "ema_decay": 0.95,
                           "critic_data": "data", "teacher_pool": 10000, "critic_head": "fake_score", "log_every": 10,
                           "eval_every": 100, "eval_samples": 1000, "checkpoint_every": 100,
-                          # its pairs would cost 10000 x 35 teacher calls (~30 min here); neither it nor the cosine
-                          # schedule has been measured on images
-                          "regression_weight": 0.0, "lr_schedule": "constant",
+                          # its pairs would cost 10000 x 35 teacher calls (~30 min here); not measured on images
+                          "regression_weight": 0.0,
                           "out": "runs/distill-fmnist"},
         # text-to-image on 2 CPU cores: the shipped caption-conditioned teacher, its 80 training captions as
         # prompts, otherwise the fashion-mnist recipe; no guidance: with guidance 2 the students' recall fell to
@@ -143,8 +143,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                                "fake_score_steps": 1, "lr_generator": 1e-4, "lr_fake_score": 5e-4, "lr_critic": 5e-4,
                                "ema_decay": 0.95, "critic_data": "data", "teacher_pool": 10000,
                                "critic_head": "fake_score", "log_every": 10, "eval_every": 100, "eval_samples": 1000,
-                               "checkpoint_every": 100, "regression_weight": 0.0, "lr_schedule": "constant",
-                               "out": "runs/distill-fmnist-text"},
+                               "checkpoint_every": 100, "regression_weight": 0.0, "out": "runs/distill-fmnist-text"},
         "tiny-images": {"steps": 4, "batch_size": 8, "teacher_pool": 16, "log_every": 2, "eval_every": 2,
                         "eval_samples": 16, "checkpoint_every": 2, "critic_head": "fake_score", "lr_generator": 1e-4,
                         "lr_fake_score": 1e-4, "lr_critic": 1e-4},
