@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import run_proc
 from safetensors.torch import load_file
 
 from dibregman.train.checkpoint import list_checkpoints
@@ -58,15 +59,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     stopped = int(err.split("SIGTERM at step ")[1].split(":")[0])
     assert list_checkpoints(run / "checkpoints")[-1].name == f"step-{stopped:08d}"  # saved where it stopped
     steps = stopped + 30
-    subprocess.run(cli(run, steps, every, "--resume"), check=True, capture_output=True)
-    subprocess.run(cli(tmp_path / "full", steps, every), check=True, capture_output=True)
+    run_proc(cli(run, steps, every, "--resume"), timeout=300, check=True)
+    run_proc(cli(tmp_path / "full", steps, every), timeout=300, check=True)
     assert_same(final_weights(tmp_path / "full"), final_weights(run))
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_exact(tmp_path):
     steps, every = 400, 20
-    subprocess.run(cli(tmp_path / "full", steps, every), check=True, capture_output=True)
+    run_proc(cli(tmp_path / "full", steps, every), timeout=300, check=True)
     run, rng, kills = tmp_path / "run", random.Random(0), 0
     first = True
     while kills < 4:
@@ -80,7 +81,7 @@ def test_sigkill_at_random_points_then_resume_is_exact(tmp_path):
         if proc.returncode == 0:
             break
         kills += 1
-    subprocess.run(cli(run, steps, every, "--resume"), check=True, capture_output=True)
+    run_proc(cli(run, steps, every, "--resume"), timeout=300, check=True)
     assert kills >= 1
     assert not list(run.glob("checkpoints/.tmp-*"))  # half-written checkpoints of killed runs are gone
     assert_same(final_weights(tmp_path / "full"), final_weights(run))

@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from procs import run_proc
 from safetensors.torch import load_file
 
 import dibregman as db
@@ -157,7 +157,6 @@ def test_cli_distills_a_diffusers_folder(tmp_path, ddpm):
     out = tmp_path / "cli"
     args = ["distill", "--teacher", ddpm, "--preset", "tiny-images", "--classifier", "none", "--critic-data", "teacher",
             "--teacher-pool", "16", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "dibregman", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = run_proc([sys.executable, "-m", "dibregman", *args], timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (out / "generator" / "model.safetensors").is_file()

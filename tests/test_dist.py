@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import run_proc
 from safetensors.torch import load_file
 
 from dibregman.stats import read_jsonl
@@ -23,7 +24,7 @@ def run(out: Path, procs: int, *extra: str, args: list[str] = ARGS) -> subproces
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
     cmd = [*(launcher if procs > 1 else [sys.executable]), "-m", "dibregman", *args, "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return run_proc(cmd, timeout=300, env=env)
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import run_proc
 from test_reliability import FLAGS, assert_one_line_error, run_cli, snapshot
 
 from dibregman.train.checkpoint import save_checkpoint
@@ -98,7 +99,7 @@ def test_under_torchrun_a_refused_folder_is_one_line_from_process_0(tmp_path):
     (held / "checkpoints").mkdir(parents=True)  # a started run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dibregman",
            "distill", "--preset", "tiny", "--no-progress", "--out", str(held)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    res = run_proc(cmd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if line.startswith("dibregman: error:")]
     assert lines == [f"dibregman: error: {held} already holds a run; pass --resume to continue it, or choose "
