@@ -1,10 +1,10 @@
-"""Running the CLI (or torchrun) in a child process without ever hanging the test session.
+"""Running the CLI (or torchrun) in a child process without ever hanging or swamping the test session.
 
-``subprocess.run(..., timeout=...)`` kills only the direct child: under torchrun the workers keep the
-output pipes open and ``run`` then waits for them forever (a CI run was killed after 87 min that way).
-Here the child gets its own process group; on a timeout every process in it first dumps its Python
-stacks (``PYTHONFAULTHANDLER`` prints them on SIGABRT), then the group is killed and the test fails
-with the tail of what it printed, so a hang says where it hung.
+The child gets its own process group and writes to files, not pipes: a torchrun worker that outlives
+the launcher cannot hold the test on a pipe, and a child that prints without end fills a file, not this
+process's memory (a CI run was killed after 87 min inside a torchrun test, cause unknown; this bounds
+both). On a timeout every process in the group first dumps its Python stacks (``PYTHONFAULTHANDLER``
+prints them on SIGABRT), then the group is killed and the test fails with the tail of what it printed.
 """
 
 from __future__ import annotations
@@ -12,32 +12,43 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
+
+KEEP = 4 * 2**20  # characters kept of each stream (its end): CLI runs print kilobytes
 
 
 def run_proc(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
              check: bool = False) -> subprocess.CompletedProcess:
     env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for sig in (signal.SIGABRT, signal.SIGKILL):  # stacks first, then certainly gone
-            try:
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+        for sig in (signal.SIGABRT, signal.SIGKILL) if hung else (signal.SIGKILL,):
+            try:  # stacks first, then certainly gone; after a clean exit: any worker left behind
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 break
-            time.sleep(2)
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:  # a process outside the group holds the pipes: report without them
-            out, err = "", "(no output: the pipes are still held open)"
+            time.sleep(2 if sig == signal.SIGABRT else 0)
+        proc.wait()
+        out, err = _tail(fo), _tail(fe)
+    if hung:
         pytest.fail(f"timed out after {timeout:.0f} s: {' '.join(cmd)}\nstdout:\n{out[-3000:]}\n"
                     f"stderr:\n{err[-12000:]}")
     res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and res.returncode != 0:
         pytest.fail(f"exit code {res.returncode}: {' '.join(cmd)}\nstderr:\n{err[-6000:]}")
     return res
+
+
+def _tail(f) -> str:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - KEEP))
+    text = f.read().decode("utf-8", "replace")
+    return text if size <= KEEP else f"[{size - KEEP} bytes cut]\n{text}"
