@@ -9,11 +9,13 @@ prints them on SIGABRT), then the group is killed and the test fails with the ta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -52,3 +54,16 @@ def _tail(f) -> str:
     f.seek(max(0, size - KEEP))
     text = f.read().decode("utf-8", "replace")
     return text if size <= KEEP else f"[{size - KEEP} bytes cut]\n{text}"
+
+
+@contextlib.contextmanager
+def spawned(cmd: list[str], **popen_kwargs) -> Iterator[subprocess.Popen]:
+    """A child (in its own process group) that the test drives itself; whatever happens in the test, the
+    group is killed on the way out, so a failed assertion leaves no run training in the background."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

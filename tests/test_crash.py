@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import run_proc
+from procs import run_proc, spawned
 from safetensors.torch import load_file
 
 from dibregman.train.checkpoint import list_checkpoints
@@ -50,10 +50,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     # resumed to a length fixed after the fact (steps may change on resume) and compared with a fresh run of it.
     every = 50
     run = tmp_path / "run"
-    proc = subprocess.Popen(cli(run, 10**7, every), stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(proc, run)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    with spawned(cli(run, 10**7, every), stderr=subprocess.PIPE, text=True) as proc:
+        wait_for_checkpoint(proc, run)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM at step" in err and "--resume" in err and "Traceback" not in err
     stopped = int(err.split("SIGTERM at step ")[1].split(":")[0])
@@ -71,13 +71,13 @@ def test_sigkill_at_random_points_then_resume_is_exact(tmp_path):
     run, rng, kills = tmp_path / "run", random.Random(0), 0
     first = True
     while kills < 4:
-        proc = subprocess.Popen(cli(run, steps, every, *([] if first else ["--resume"])),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        first = False
-        wait_for_checkpoint(proc, run)
-        time.sleep(rng.uniform(0.0, 1.5))
-        proc.kill()  # SIGKILL: no handler runs, files may be half-written
-        proc.wait()
+        with spawned(cli(run, steps, every, *([] if first else ["--resume"])), stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL) as proc:
+            first = False
+            wait_for_checkpoint(proc, run)
+            time.sleep(rng.uniform(0.0, 1.5))
+            proc.kill()  # SIGKILL: no handler runs, files may be half-written
+            proc.wait()
         if proc.returncode == 0:
             break
         kills += 1
