@@ -55,6 +55,9 @@ VARIANTS: dict[str, dict] = {
     "gan0.05": {"gan_weight": 0.05},
     "reg1_gan0.05": {"regression_weight": 1.0, "gan_weight": 0.05},
     "reg4_cos": {"regression_weight": 4.0, "lr_schedule": "cosine"},
+    # few-step students (DMD2's backward simulation) on the reg4_cos recipe (the demo's)
+    "reg4_cos_steps2": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2},
+    "reg4_cos_steps4": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 4},
 }
 
 

@@ -2,9 +2,10 @@
 
 The child gets its own process group and writes to files, not pipes: a torchrun worker that outlives
 the launcher cannot hold the test on a pipe, and a child that prints without end fills a file, not this
-process's memory (a CI run was killed after 87 min inside a torchrun test, cause unknown; this bounds
-both). On a timeout every process in the group first dumps its Python stacks (``PYTHONFAULTHANDLER``
-prints them on SIGABRT), then the group is killed and the test fails with the tail of what it printed.
+process's memory; each child's address space is capped too (a CI run was killed after 87 min inside a
+torchrun test, cause unknown: this bounds its time, output and memory). On a timeout every process in
+the group first dumps its Python stacks (``PYTHONFAULTHANDLER`` prints them on SIGABRT), then the group
+is killed and the test fails with the tail of what it printed.
 """
 
 from __future__ import annotations
@@ -20,13 +21,23 @@ from collections.abc import Iterator
 import pytest
 
 KEEP = 4 * 2**20  # characters kept of each stream (its end): CLI runs print kilobytes
+# address space per child (and its workers): a tiny CLI run peaks at 1.3 GB; a runaway one fails with a
+# MemoryError of its own instead of pushing the 24 GB machine into swap and the OOM killer
+ADDRESS_SPACE = 12 * 2**30
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
 
 def run_proc(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
              check: bool = False) -> subprocess.CompletedProcess:
     env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, start_new_session=True,
+                                preexec_fn=_limit_memory)
         try:
             proc.wait(timeout=timeout)
             hung = False
@@ -60,7 +71,7 @@ def _tail(f) -> str:
 def spawned(cmd: list[str], **popen_kwargs) -> Iterator[subprocess.Popen]:
     """A child (in its own process group) that the test drives itself; whatever happens in the test, the
     group is killed on the way out, so a failed assertion leaves no run training in the background."""
-    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_limit_memory, **popen_kwargs)
     try:
         yield proc
     finally:

@@ -43,3 +43,8 @@ def test_output_and_exit_code_come_back():
     assert (res.returncode, res.stdout, res.stderr) == (3, "out\n", "err\n")
     with pytest.raises(pytest.fail.Exception, match="exit code 3"):
         run_proc([sys.executable, "-c", "raise SystemExit(3)"], timeout=60, check=True)
+
+
+def test_a_child_cannot_take_the_machine_s_memory():
+    res = run_proc([sys.executable, "-c", "bytearray(16 * 2**30)"], timeout=60)  # refused, never touched
+    assert res.returncode == 1 and "MemoryError" in res.stderr

@@ -57,18 +57,19 @@ def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = N
 def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = None,
            prompts: str | list[str] | Conditions | None = None, device: str | torch.device = "cpu",
            batch_size: int = 1024) -> Tensor:
-    """``num`` one-step samples from a finished run; sample ``i`` depends only on ``(seed, i)`` and its
-    condition: a class-conditional generator's label (default ``i % num_classes``, see ``balanced_labels``),
-    a text generator's prompt ``i % len(prompts)`` (a list, a prompt file, ``unseen``, or an encoded
-    ``Conditions`` table; default: the teacher's training captions). ``device``: where the generator runs
-    (``cpu``, ``cuda``, ``cuda:N``, ``auto``; the noise is drawn on the CPU, so the samples are the same on
-    any device up to float rounding); the result is on ``device``, in ``batch_size`` network calls."""
+    """``num`` samples from a finished run (a network call each, per step of a few-step student); sample ``i``
+    depends only on ``(seed, i)`` and its condition: a class-conditional generator's label (default
+    ``i % num_classes``, see ``balanced_labels``), a text generator's prompt ``i % len(prompts)`` (a list, a
+    prompt file, ``unseen``, or an encoded ``Conditions`` table; default: the teacher's training captions).
+    ``device``: where the generator runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``; the noise is drawn on the
+    CPU, so the samples are the same on any device up to float rounding); the result is on ``device``, in
+    ``batch_size`` network calls."""
     from .dist import resolve_device
 
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     gen, info = load_generator(run)
     gen = gen.to(device)
-    z = seeded_noise(seed, num, info["shape"])
+    z = seeded_noise(seed, num, gen.latent_shape(info["shape"]))  # [steps, *shape] each for a few-step student
     cond = None
     if info.get("text"):
         if labels is not None:
@@ -162,7 +163,8 @@ def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher
         raise ValueError(f"{bad} of the {len(x)} samples of {run} hold NaN or inf: its generator is damaged or "
                          "diverged; re-create it with `dibregman distill --resume` on its run folder, or retrain")
     label = method_label(_run_config(run), info["divergence"])
-    return {"method": f"student ({label}, 1 NFE)", "nfe": 1, **score(x), "sample_s": seconds}
+    nfe = len(info.get("sigmas", [info["sigma_g"]]))
+    return {"method": f"student ({label}, {nfe} NFE)", "nfe": nfe, **score(x), "sample_s": seconds}
 
 
 def read_run(run: str | Path) -> dict[str, Any]:
@@ -219,7 +221,8 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
     for name, folder in runs.items():
         summary = json.loads((folder / "summary.json").read_text())
         label = method_label(json.loads((folder / "config.json").read_text()), name)
-        rows.append({"method": f"student {label} (1 NFE)", "nfe": 1, **summary["metrics"],
+        nfe = summary.get("nfe", 1)
+        rows.append({"method": f"student {label} ({nfe} NFE)", "nfe": nfe, **summary["metrics"],
                      "sample_s": summary.get("student_sample_s"), "step_time_s": summary["step_time_s"]})
     reference = first.get("protocol") or ("the law the teacher models (exact mixture samples for an analytic "
                                           "teacher, its data for a trained one)")

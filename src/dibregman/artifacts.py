@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .generator import OneStepGenerator
+from .generator import Generator
 from .io import atomic_save_safetensors, read_tagged_json, write_json
 from .nets import arch_of as nets_arch_of
 from .nets import build_backbone, image_shape
@@ -48,19 +49,20 @@ def arch_of(net: nn.Module) -> dict[str, Any]:
     return nets_arch_of(net.backbone if isinstance(net, Precond) else net)
 
 
-def save_generator(folder: str | Path, generator: OneStepGenerator, meta: dict[str, Any]) -> Path:
+def save_generator(folder: str | Path, generator: Generator, meta: dict[str, Any]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     atomic_save_safetensors(folder / "model.safetensors", tensors)
     write_json(folder / "generator.json", {
         "format": FORMAT, "version": 1, "arch": arch_of(generator.denoiser),
-        "sigma_data": generator.denoiser.sigma_data, "sigma_g": generator.sigma_g, **meta, INTEGRITY: MANIFEST})
+        "sigma_data": generator.denoiser.sigma_data, "sigma_g": generator.sigma_g,
+        **({"sigmas": list(generator.sigmas)} if generator.steps > 1 else {}), **meta, INTEGRITY: MANIFEST})
     write_manifest(folder, ["model.safetensors", "generator.json"])  # last: checksums, verified on load
     return folder
 
 
-def load_generator(folder: str | Path) -> tuple[OneStepGenerator, dict[str, Any]]:
+def load_generator(folder: str | Path) -> tuple[Generator, dict[str, Any]]:
     """A generator saved by ``save_generator`` (or a run folder holding ``generator/``)."""
     folder = Path(folder)
     if (folder / "generator").is_dir():
@@ -80,7 +82,7 @@ def load_generator(folder: str | Path) -> tuple[OneStepGenerator, dict[str, Any]
     try:  # a hand-edited or damaged file: name it rather than fail with a KeyError deep inside
         _check_size(info, folder / "model.safetensors", info_path)
         with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten: leave the caller's RNG alone
-            gen = OneStepGenerator(build_precond(info["arch"], info["sigma_data"]), info["sigma_g"])
+            gen = Generator(build_precond(info["arch"], info["sigma_data"]), info["sigma_g"], info.get("sigmas"))
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{info_path} is damaged (bad or missing entry {_brief(e)}); {_REMAKE}") from None
     try:
@@ -106,6 +108,13 @@ def _check_numbers(info: dict[str, Any], path: Path) -> None:
         if not _positive(info[key]) or not lo <= info[key] <= hi:
             raise CheckpointError(f"{path} is damaged: {key} must be a finite number > 0 (in [{lo:g}, {hi:g}]); "
                                   f"got {info[key]!r}; {_REMAKE}")
+    sigmas = info.get("sigmas", [info["sigma_g"]])  # a few-step student's noise levels, sigma_g first
+    lo, hi = SIGMA_RANGE["sigma_g"]
+    if (not isinstance(sigmas, list) or not 1 <= len(sigmas) <= 16
+            or not all(_positive(s) and lo <= s <= hi for s in sigmas)
+            or sigmas[0] != info["sigma_g"] or any(b >= a for a, b in pairwise(sigmas))):
+        raise CheckpointError(f"{path} is damaged: sigmas must be 1 to 16 decreasing numbers in [{lo:g}, {hi:g}] "
+                              f"starting at sigma_g; got {sigmas!r}; {_REMAKE}")
     shape = info.get("shape")
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 3
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
@@ -134,7 +143,7 @@ def _check_size(info: dict[str, Any], weights: Path, path: Path) -> None:
         return
     try:
         with torch.device("meta"):
-            described = sum(t.numel() for t in OneStepGenerator(
+            described = sum(t.numel() for t in Generator(
                 build_precond(info["arch"], info["sigma_data"]), info["sigma_g"]).state_dict().values())
     except (KeyError, TypeError, AttributeError, ValueError):
         raise

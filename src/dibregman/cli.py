@@ -57,6 +57,10 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "ema_decay": "EMA decay of the saved generator; in [0, 1)",
     "grad_clip": "max global gradient norm per network; >= 0, 0 disables",
     "sigma_g": "the generator's fixed noise level: G(z) = D(sigma_g z, sigma_g); > 0",
+    "student_steps": "network calls per sample, 1..16: 1 is a one-step student; N > 1 re-noises and denoises "
+                     "its last estimate at N noise levels (DMD2's few-step student, trained by backward simulation)",
+    "student_sigma_min": "the last noise level of a few-step student (its levels run from sigma_g down to it on "
+                         "EDM's grid); in [0, sigma_g), 0 = half the teacher's sigma_data",
     "sigma_min": "lowest noise level of the generator update and the critic; 0 = the teacher's sigma_min",
     "sigma_max": "highest noise level of the generator update and the critic; 0 = the teacher's sigma_max",
     "fake_score_p_mean": "the fake score's training noise: log sigma ~ N(p_mean, p_std^2); p_mean, any number "
@@ -253,7 +257,8 @@ def run(argv: list[str] | None = None) -> int:
                 return 0
             summary = json.loads((out / "summary.json").read_text())
             rows = [{"method": "teacher (Heun, 35 NFE)", **summary["teacher_metrics"]},
-                    {"method": f"student {api.method_label(to_dict(cfg), summary['divergence'])} (1 NFE)",
+                    {"method": f"student {api.method_label(to_dict(cfg), summary['divergence'])} "
+                               f"({summary.get('nfe', 1)} NFE)",
                      **summary["metrics"]}]
             print(format_table(rows, markdown=False))
             print(f"run folder: {out} (report: {out / 'report.md'})")

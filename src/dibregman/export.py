@@ -27,7 +27,7 @@ MODULE = "dibregman_pipeline"  # a distinctive file name: diffusers caches local
 CLASS = "DibregmanOneStepPipeline"
 TEXT_CLASS = "DibregmanTextOneStepPipeline"
 
-_README = """# One-step generator distilled with dibregman
+_README = """# Generator distilled with dibregman
 
 ```python
 import torch
@@ -37,10 +37,17 @@ pipe = DiffusionPipeline.from_pretrained("{name}", trust_remote_code=True)
 images = pipe({usage}, generator=torch.Generator().manual_seed(0)).images
 ```
 
-One U-Net evaluation per image: `x = D(sigma_g z, sigma_g)` with EDM preconditioning
-(sigma_data = {sigma_data}, sigma_g = {sigma_g}); images are returned in [0, 1].
+{steps}, with EDM preconditioning (sigma_data = {sigma_data}); images are returned in [0, 1].
 `output_type` is "pil" (default), "np" or "pt"; `latents` supplies the noise z yourself.
 """
+
+
+def _steps_text(sigmas: tuple[float, ...]) -> str:
+    if len(sigmas) == 1:
+        return f"One U-Net evaluation per image: `x = D(sigma_g z, sigma_g)` (sigma_g = {sigmas[0]:g})"
+    return (f"{len(sigmas)} U-Net evaluations per image at the noise levels {', '.join(f'{s:.4g}' for s in sigmas)}: "
+            "`x_1 = D(sigma_1 z_1, sigma_1)`, then `x_k = D(x_(k-1) + sigma_k z_k, sigma_k)` (`latents` of shape "
+            f"[batch, {len(sigmas)}, C, H, W])")
 
 
 def _is_export(folder: Path) -> bool:
@@ -68,7 +75,8 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
     out = Path(out_folder)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
         raise FileExistsError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
-    conventions = {"sigma_data": gen.denoiser.sigma_data, "sigma_g": gen.sigma_g, "noise_scale": NOISE_SCALE}
+    conventions = {"sigma_data": gen.denoiser.sigma_data, "sigma_g": gen.sigma_g, "noise_scale": NOISE_SCALE,
+                   "sigmas": list(gen.sigmas)}
     if isinstance(backbone, TextUNet):
         from .text import load_text_encoder
 
@@ -94,7 +102,8 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             shutil.copyfile(pipeline_module.__file__, tmp / f"{MODULE}.py")
             (tmp / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-            readme = _README.format(name=out.name, usage=usage, sigma_data=gen.denoiser.sigma_data, sigma_g=gen.sigma_g)
+            readme = _README.format(name=out.name, usage=usage, sigma_data=gen.denoiser.sigma_data,
+                                    steps=_steps_text(gen.sigmas))
             (tmp / "README.md").write_text(readme)
             _swap_in(tmp, out)
         except BaseException:

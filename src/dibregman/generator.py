@@ -1,8 +1,10 @@
-"""The one-step generator: a denoiser evaluated once at a fixed noise level."""
+"""The student: a denoiser evaluated at a few fixed noise levels (one, by default)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -12,23 +14,77 @@ from .precond import Precond
 Tensor = torch.Tensor
 
 
-class OneStepGenerator(nn.Module):
-    """``G(z, cond) = D_theta(sigma_g z, sigma_g, cond)``.
+def student_sigmas(steps: int, sigma_g: float, sigma_last: float, rho: float = 7.0) -> tuple[float, ...]:
+    """The noise levels of a ``steps``-step student: EDM's grid from ``sigma_g`` down to ``sigma_last``
+    (``rho`` = 7 spends the steps where the noise is small); one step is ``(sigma_g,)``."""
+    if steps == 1:
+        return (float(sigma_g),)
+    hi, lo = sigma_g ** (1 / rho), sigma_last ** (1 / rho)
+    inner = [float((hi + k / (steps - 1) * (lo - hi)) ** rho) for k in range(1, steps - 1)]
+    return (float(sigma_g), *inner, float(sigma_last))  # the ends exactly as given
 
-    Started from a copy of the teacher's denoiser, it is already a (poor) one-step sampler: at large
-    ``sigma_g`` the denoiser returns the posterior mean of x0, so distillation starts from the data's
-    centre of mass rather than from noise (DMD, SiD and FastGen all initialise this way).
+
+class Generator(nn.Module):
+    """``G(z, cond)``: ``x_1 = D(sigma_1 z_1, sigma_1)``, then for each later step ``k`` the last estimate is
+    noised again and denoised, ``x_k = D(x_{k-1} + sigma_k z_k, sigma_k)`` (DMD2's multi-step student).
+
+    One step (the default) is ``D(sigma_g z, sigma_g)`` and ``z`` has the sample's shape; with ``N`` steps
+    ``z`` holds the ``N`` noise tensors, ``[B, N, *shape]`` (``latent_shape``), so the student stays a plain
+    function of its noise: seeded samples, metrics and exports treat both alike.
+
+    Started from a copy of the teacher's denoiser, it is already a (poor) sampler: at large ``sigma_g`` the
+    denoiser returns the posterior mean of x0, so distillation starts from the data's centre of mass rather
+    than from noise (DMD, SiD and FastGen all initialise this way).
     """
 
-    def __init__(self, denoiser: Precond, sigma_g: float = 2.5):
+    def __init__(self, denoiser: Precond, sigma_g: float = 2.5, sigmas: Sequence[float] | None = None):
         super().__init__()
         self.denoiser = denoiser
-        self.sigma_g = float(sigma_g)
+        self.sigmas = tuple(float(s) for s in (sigmas if sigmas is not None else (sigma_g,)))
+        if not self.sigmas or any(b >= a for a, b in pairwise(self.sigmas)):
+            raise ValueError(f"a student's noise levels must decrease; got {list(self.sigmas)}")
+
+    @property
+    def sigma_g(self) -> float:
+        return self.sigmas[0]
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas)
 
     @classmethod
-    def from_teacher(cls, teacher_net: Precond, sigma_g: float = 2.5) -> OneStepGenerator:
-        return cls(copy.deepcopy(teacher_net), sigma_g)
+    def from_teacher(cls, teacher_net: Precond, sigma_g: float = 2.5,
+                     sigmas: Sequence[float] | None = None) -> Generator:
+        return cls(copy.deepcopy(teacher_net), sigma_g, sigmas)
 
-    def forward(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
-        sigma = torch.full((z.shape[0],), self.sigma_g, dtype=z.dtype, device=z.device)
-        return self.denoiser(self.sigma_g * z, sigma, cond)
+    def latent_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of one sample's noise ``z`` for samples of ``shape``."""
+        return tuple(shape) if self.steps == 1 else (self.steps, *shape)
+
+    def _step(self, x: Tensor, k: int, cond: Tensor | None) -> Tensor:
+        sigma = torch.full((x.shape[0],), self.sigmas[k], dtype=x.dtype, device=x.device)
+        return self.denoiser(x, sigma, cond)
+
+    def forward(self, z: Tensor, cond: Tensor | None = None, upto: int | None = None) -> Tensor:
+        """The sample after ``upto`` steps (all of them by default). With ``upto`` given, the steps before
+        the last one run without gradients: DMD2's backward simulation trains each step on the student's
+        own earlier outputs, with the gradient of that step alone."""
+        k_last = self.steps if upto is None else upto
+        if self.steps == 1:
+            return self._step(self.sigma_g * z, 0, cond)
+        x = None
+        for k in range(k_last):
+            noisy = self.sigmas[k] * z[:, k] if x is None else x + self.sigmas[k] * z[:, k]
+            if k < k_last - 1 and upto is not None:
+                with torch.no_grad():
+                    x = self._step(noisy, k, cond)
+            else:
+                x = self._step(noisy, k, cond)
+        return x
+
+    def first_step(self, z0: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``D(sigma_g z0, sigma_g)`` for noise ``z0`` of the sample's shape (what DMD's regression pairs fit)."""
+        return self._step(self.sigma_g * z0, 0, cond)
+
+
+OneStepGenerator = Generator  # its earlier name

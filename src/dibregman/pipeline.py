@@ -1,6 +1,7 @@
-"""Diffusers pipelines for distilled one-step generators: ``x = D(sigma_g z, sigma_g, cond)``, one U-Net call;
-``DibregmanOneStepPipeline`` for class-conditional or unconditional students, ``DibregmanTextOneStepPipeline``
-for text students (with their tokenizer and text encoder).
+"""Diffusers pipelines for distilled generators: ``x = D(sigma_g z, sigma_g, cond)``, one U-Net call (a few-step
+student: one call per noise level of ``sigmas``, each re-noising the last estimate); ``DibregmanOneStepPipeline``
+for class-conditional or unconditional students, ``DibregmanTextOneStepPipeline`` for text students (with their
+tokenizer and text encoder).
 
 This file is standalone on purpose (only torch, numpy and diffusers): ``dibregman.export`` copies it into
 every exported folder as ``dibregman_pipeline.py``, so the folder loads without dibregman installed::
@@ -26,15 +27,17 @@ from diffusers.utils.torch_utils import randn_tensor
 
 class DibregmanOneStepPipeline(DiffusionPipeline):
     """``unet``: the student's backbone F. ``sigma_data``, ``sigma_g``, ``noise_scale``: its noise conventions
-    (stored in ``model_index.json``). A class-conditional U-Net has ``num_classes + 1`` class embeddings, the
-    last one being "no label"."""
+    (stored in ``model_index.json``); ``sigmas``: a few-step student's noise levels (``sigma_g`` first). A
+    class-conditional U-Net has ``num_classes + 1`` class embeddings, the last one being "no label"."""
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, sigma_data: float = 0.5, sigma_g: float = 2.5, noise_scale: float = 250.0):
+    def __init__(self, unet: UNet2DModel, sigma_data: float = 0.5, sigma_g: float = 2.5, noise_scale: float = 250.0,
+                 sigmas: Sequence[float] | None = None):
         super().__init__()
         self.register_modules(unet=unet)
-        self.register_to_config(sigma_data=float(sigma_data), sigma_g=float(sigma_g), noise_scale=float(noise_scale))
+        self.register_to_config(sigma_data=float(sigma_data), sigma_g=float(sigma_g), noise_scale=float(noise_scale),
+                                sigmas=[float(s) for s in sigmas or (sigma_g,)])
 
     @property
     def num_classes(self) -> int:
@@ -57,9 +60,10 @@ class DibregmanOneStepPipeline(DiffusionPipeline):
             raise ValueError(f"class labels must lie in [0, {n - 1}] ({n} is the no-label class, what None gives)")
         return labels
 
-    def denoise(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """``D(x, sigma_g)``: the EDM-preconditioned U-Net at the generator's noise level."""
-        return _edm_denoise(self.unet, self.config, x, class_labels=labels)
+    def denoise(self, x: torch.Tensor, labels: torch.Tensor | None, sigma: float | None = None) -> torch.Tensor:
+        """``D(x, sigma)``: the EDM-preconditioned U-Net at a noise level of the generator (``sigma_g``)."""
+        return _edm_denoise(self.unet, self.config, x, self.config.sigma_g if sigma is None else sigma,
+                            class_labels=labels)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels: int | Sequence[int] | torch.Tensor | None = None,
@@ -68,14 +72,15 @@ class DibregmanOneStepPipeline(DiffusionPipeline):
                  return_dict: bool = True) -> ImagePipelineOutput | tuple:
         """``batch_size`` images (one per label when ``class_labels`` is a sequence and ``batch_size`` is 1).
 
-        ``latents``: the noise z ~ N(0, I) to use instead of drawing it with ``generator``.
+        ``latents``: the noise z ~ N(0, I) to use instead of drawing it with ``generator`` (``[B, C, H, W]``;
+        ``[B, steps, C, H, W]`` for a few-step student).
         ``output_type``: "pil" (list of images), "np" (``[B, H, W, C]`` floats) or "pt" (``[B, C, H, W]``), in [0, 1].
         """
         if batch_size == 1 and latents is None and class_labels is not None:
             batch_size = max(torch.as_tensor(class_labels).numel(), 1)  # a scalar label stays one image
         z = _noise(self, batch_size, generator, latents)
         labels = self._labels(class_labels, z.shape[0])
-        x = self.denoise(self.config.sigma_g * z, labels)
+        x = _steps(self.config, z, lambda x, sigma: self.denoise(x, labels, sigma))
         return _output(self, x, output_type, return_dict)
 
 
@@ -87,11 +92,11 @@ class DibregmanTextOneStepPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet"
 
     def __init__(self, unet, tokenizer, text_encoder, sigma_data: float = 0.5, sigma_g: float = 2.5,
-                 noise_scale: float = 250.0, max_length: int = 16):
+                 noise_scale: float = 250.0, max_length: int = 16, sigmas: Sequence[float] | None = None):
         super().__init__()
         self.register_modules(unet=unet, tokenizer=tokenizer, text_encoder=text_encoder)
         self.register_to_config(sigma_data=float(sigma_data), sigma_g=float(sigma_g), noise_scale=float(noise_scale),
-                                max_length=int(max_length))
+                                max_length=int(max_length), sigmas=[float(s) for s in sigmas or (sigma_g,)])
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -117,14 +122,30 @@ class DibregmanTextOneStepPipeline(DiffusionPipeline):
         z = _noise(self, len(hidden), generator, latents)
         if len(z) != len(hidden):
             raise ValueError(f"got {len(z)} latents for {len(hidden)} prompts x images")
-        x = _edm_denoise(self.unet, self.config, self.config.sigma_g * z, encoder_hidden_states=hidden,
-                         class_labels=hidden.mean(1))
+        x = _steps(self.config, z, lambda x, sigma: _edm_denoise(self.unet, self.config, x, sigma,
+                                                                  encoder_hidden_states=hidden,
+                                                                  class_labels=hidden.mean(1)))
         return _output(self, x, output_type, return_dict)
 
 
-def _edm_denoise(unet, cfg, x: torch.Tensor, **cond) -> torch.Tensor:
-    """``D(x, sigma_g) = c_skip x + c_out F(c_in x, noise_scale c_noise, cond)`` (EDM preconditioning)."""
-    sigma = torch.full((x.shape[0],), cfg.sigma_g, dtype=x.dtype, device=x.device)
+def _sigmas(cfg) -> list[float]:
+    return list(getattr(cfg, "sigmas", None) or [cfg.sigma_g])  # folders exported before few-step students: one
+
+
+def _steps(cfg, z: torch.Tensor, denoise) -> torch.Tensor:
+    """The student's chain: ``x_1 = D(sigma_1 z_1, sigma_1)``, then ``x_k = D(x_{k-1} + sigma_k z_k, sigma_k)``."""
+    sigmas = _sigmas(cfg)
+    if len(sigmas) == 1:
+        return denoise(sigmas[0] * z, sigmas[0])
+    x = None
+    for k, sigma in enumerate(sigmas):
+        x = denoise(sigma * z[:, k] if x is None else x + sigma * z[:, k], sigma)
+    return x
+
+
+def _edm_denoise(unet, cfg, x: torch.Tensor, sigma_value: float, **cond) -> torch.Tensor:
+    """``D(x, sigma) = c_skip x + c_out F(c_in x, noise_scale c_noise, cond)`` (EDM preconditioning)."""
+    sigma = torch.full((x.shape[0],), sigma_value, dtype=x.dtype, device=x.device)
     sd2 = cfg.sigma_data**2
     c_skip = sd2 / (sigma**2 + sd2)
     c_out = sigma * cfg.sigma_data / (sigma**2 + sd2).sqrt()
@@ -136,13 +157,17 @@ def _edm_denoise(unet, cfg, x: torch.Tensor, **cond) -> torch.Tensor:
 
 
 def _noise(pipe: DiffusionPipeline, batch_size: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
-    """z ~ N(0, I) of the U-Net's sample shape (or the given ``latents``)."""
+    """z ~ N(0, I) of the U-Net's sample shape, one per step of a few-step student (or the given ``latents``)."""
     cfg = pipe.unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+    steps = len(_sigmas(pipe.config))
+    shape = (cfg.in_channels, *size) if steps == 1 else (steps, cfg.in_channels, *size)
     if latents is not None:
+        if tuple(latents.shape[1:]) != shape:
+            raise ValueError(f"latents must have shape [batch, {', '.join(map(str, shape))}]; "
+                             f"got {list(latents.shape)}")
         return latents.to(device=pipe.device, dtype=pipe.unet.dtype)
-    return randn_tensor((batch_size, cfg.in_channels, *size), generator=generator, device=pipe.device,
-                        dtype=pipe.unet.dtype)
+    return randn_tensor((batch_size, *shape), generator=generator, device=pipe.device, dtype=pipe.unet.dtype)
 
 
 def _output(pipe: DiffusionPipeline, x: torch.Tensor, output_type: str, return_dict: bool):

@@ -580,11 +580,12 @@ def write_run_report(run_dir: str | Path) -> Path:
     labels = _labels(run_dir)
     name = summary.get("name") or config.get("name") or run_dir.name
     label = method_label(config, summary.get("divergence"))
+    nfe = summary.get("nfe") or config.get("student_steps", 1)
 
     figs: dict[str, str | None] = {}
     if "teacher" in samples and "student" in samples:
         panels = [("data", samples["data"])] if "data" in samples else []
-        panels += [(TEACHER_LABEL, samples["teacher"]), (f"student {label} (1 NFE)", samples["student"])]
+        panels += [(TEACHER_LABEL, samples["teacher"]), (f"student {label} ({nfe} NFE)", samples["student"])]
         png, note = _sample_figure(panels, samples["teacher"], run_dir / "samples.png", config, labels)
         figs["Samples" + note] = png
         gmm = _mixture(config) if samples["teacher"].ndim == 2 else None
@@ -608,7 +609,7 @@ def write_run_report(run_dir: str | Path) -> Path:
         cfg = [{"key": k, "value": v} for k, v in _flatten(config).items()]
         lines += ["## Config", "", format_table(cfg, ["key", "value"], floatfmt=".4g"), ""]
     if final:
-        rows = [{"method": f"student {label} (1 NFE)", **final}]
+        rows = [{"method": f"student {label} ({nfe} NFE)", **final}]
         if summary.get("teacher_metrics"):  # the reference row: the teacher's own 35-NFE sampler
             rows.insert(0, {"method": "teacher (Heun, 35 NFE)", **summary["teacher_metrics"]})
         lines += ["## Final metrics", "", format_table(rows), "",
@@ -646,7 +647,7 @@ def write_comparison_report(
 
     figs: dict[str, str | None] = {}
     teacher = next((s["teacher"] for s in samples.values() if "teacher" in s), None)
-    students = [(f"{method_label(configs[label], label)} (1 NFE)", s["student"])
+    students = [(f"{method_label(configs[label], label)} ({configs[label].get('student_steps', 1)} NFE)", s["student"])
                 for label, s in samples.items() if "student" in s]
     if teacher is not None and students:
         labels = next((lab for lab in (_labels(d) for d in runs.values()) if lab is not None), None)

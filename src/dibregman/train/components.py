@@ -15,7 +15,7 @@ from torch import nn
 from .. import sampling
 from ..artifacts import build_precond
 from ..divergences import Divergence
-from ..generator import OneStepGenerator
+from ..generator import Generator, student_sigmas
 from ..losses import GeneratorLoss, OmegaBinNormalizer, denoising_loss
 from ..metrics.exact import variety_diagnostics
 from ..nets.mlp import MLP
@@ -130,7 +130,7 @@ def true_samples(teacher: Teacher, n: int, seed: int, split: str = "train", clas
 
 @dataclass
 class Components:
-    generator: OneStepGenerator
+    generator: Generator
     fake_score: Precond
     critic: Critic | None
     ema: EMA
@@ -192,7 +192,8 @@ def generator_loss(cfg: DistillConfig) -> GeneratorLoss:
 def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.device) -> Components:
     """Generator and fake score start as copies of ``base`` (the teacher's network, or its fit)."""
     # copies of a teacher's network: trainable whatever the teacher's own flags were
-    generator = OneStepGenerator.from_teacher(base, cfg.sigma_g).to(device).requires_grad_(True).train()
+    sigmas = student_sigmas(cfg.student_steps, cfg.sigma_g, cfg.student_sigma_min or 0.5 * teacher.sigma_data)
+    generator = Generator.from_teacher(base, cfg.sigma_g, sigmas).to(device).requires_grad_(True).train()
     fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
     sigma_min, sigma_max = noise_range(cfg, teacher)
     gsig = KarrasUniform(sigma_min, sigma_max, cfg.generator_t_min, cfg.generator_t_max)
@@ -221,7 +222,8 @@ def variety_probe(teacher: Any, c: Components, seed: int) -> Callable[[], dict[s
     against their exact targets (``metrics/exact.py``). Fixed noise (its own seeds, never the training
     stream), so the numbers are comparable over training and the same after a resume."""
     device = next(c.generator.parameters()).device
-    z = sampling.seeded_noise(seed + 7, DIAGNOSTIC_STUDENTS + DIAGNOSTIC_QUERIES, teacher.shape, device)
+    z = sampling.seeded_noise(seed + 7, DIAGNOSTIC_STUDENTS + DIAGNOSTIC_QUERIES,
+                              c.generator.latent_shape(teacher.shape), device)
 
     @torch.no_grad()
     def probe() -> dict[str, float]:

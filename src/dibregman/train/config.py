@@ -53,6 +53,10 @@ class DistillConfig:
     grad_clip: float = 10.0  # max global grad norm per network; 0 disables
     # generator update
     sigma_g: float = 2.5
+    # a few-step student (DMD2's backward simulation): its noise levels run from sigma_g down to
+    # student_sigma_min on EDM's grid (0: half the teacher's sigma_data); 1 step ignores it
+    student_steps: int = 1
+    student_sigma_min: float = 0.0
     sigma_min: float = 0.0  # noise range of the generator update and the critic; 0: the teacher's own
     sigma_max: float = 0.0
     fake_score_p_mean: float = -1.2  # the fake score's noise law: log sigma ~ N(p_mean, p_std^2) (EDM's)
@@ -179,8 +183,8 @@ _CHOICES = {
     "lr_schedule": ("constant", "cosine"),
     "nonfinite": ("strict", "skip"),
 }
-_POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "teacher_pool", "hidden", "depth", "log_every",
-                 "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points",
+_POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "student_steps", "teacher_pool", "hidden", "depth",
+                 "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points",
                  "base_channels", "layers_per_block")
 _POSITIVE = ("lr_generator", "lr_fake_score", "lr_critic", "lr", "sigma_g", "r_clip_min", "r_clip_max")
 _UNIT = ("beta1", "beta2", "ema_decay", "label_dropout")
@@ -260,6 +264,9 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
         if cfg.sigma_min < 0 or cfg.sigma_max < 0 or (cfg.sigma_max and cfg.sigma_min >= cfg.sigma_max):
             raise ConfigError(f"need 0 <= sigma_min < sigma_max (0: the teacher's own); got {cfg.sigma_min}, "
                               f"{cfg.sigma_max}")
+        if not 0 <= cfg.student_sigma_min < cfg.sigma_g:
+            raise ConfigError(f"option 'student_sigma_min' must be in [0, sigma_g) (0: half the teacher's sigma_data); "
+                              f"got {cfg.student_sigma_min} with sigma_g {cfg.sigma_g}")
         if not cfg.fake_score_p_std > 0:
             raise ConfigError(f"option 'fake_score_p_std' must be > 0; got {cfg.fake_score_p_std}")
         if not 0 <= cfg.generator_t_min < cfg.generator_t_max <= 1:
@@ -279,7 +286,8 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
 
 MAX_SEED = 2**40
 _MAX_INT = {"batch_size": 2**20, "eval_samples": 10**7, "teacher_pool": 10**7, "num_points": 10**8,
-            "fake_score_steps": 1000, "hidden": 2**16, "depth": 1000, "base_channels": 4096, "layers_per_block": 64}
+            "fake_score_steps": 1000, "student_steps": 16,
+            "hidden": 2**16, "depth": 1000, "base_channels": 4096, "layers_per_block": 64}
 
 
 def check_out(out: str, option: str = "out") -> None:

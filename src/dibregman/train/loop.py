@@ -123,7 +123,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             # real images in class order i % classes, each paired with a condition asking for its class
             pool_idx = conds.for_classes(balanced_labels(len(pool), num_classes))
         pool = pool.to(device)
-    eval_z = seeded_noise(cfg.seed, n_eval, shape)  # the noise `dibregman eval --seed <seed>` draws too
+    latent = c.generator.latent_shape(shape)  # a sample's shape, or [steps, *shape] for a few-step student
+    eval_z = seeded_noise(cfg.seed, n_eval, latent)  # the noise `dibregman eval --seed <seed>` draws too
     eval_idx = conds.cycle(n_eval)
     eval_y = conds.classes(eval_idx)  # what label accuracy (prompt adherence for text) is measured against
     score = make_evaluator(teacher, reference, cfg.classifier) if images else None
@@ -160,8 +161,16 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
 
     # Every process draws the global batch's randomness from g and keeps its slice: the same run with
     # any number of processes (and with one, exactly the old single-process draws).
-    def draw() -> torch.Tensor:
-        return torch.randn((bsz, *shape), generator=g)[local].to(device)
+    def draw(like: tuple[int, ...] = shape) -> torch.Tensor:
+        return torch.randn((bsz, *like), generator=g)[local].to(device)
+
+    def student_batch(y: torch.Tensor | None) -> torch.Tensor:
+        """A batch of the student's samples; a few-step student's after a random number of its steps (the
+        same on every process), the earlier ones without gradients (DMD2's backward simulation)."""
+        if c.generator.steps == 1:  # no draw: one-step runs keep their random stream
+            return c.generator(draw(), y)
+        upto = int(torch.randint(c.generator.steps, (1,), generator=g)) + 1
+        return c.generator(draw(latent), y, upto=upto)
 
     def sigmas(sampler: SigmaSampler) -> torch.Tensor:
         return sampler(bsz, g)[local].to(device)
@@ -195,7 +204,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             for _ in range(cfg.fake_score_steps):
                 y = condition()
                 with torch.no_grad(), amp:
-                    x = c.generator(draw(), y).float()
+                    x = student_batch(y).float()
                 if c.generator_loss.mode == "score":  # the discriminator form never asks the fake score
                     sigma = sigmas(c.fake_score_sigmas)
                     with amp:
@@ -219,7 +228,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                     group["lr"] = cfg.lr_generator * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             y = condition()
             with amp:
-                x = c.generator(draw(), y)
+                x = student_batch(y)
                 sigma = sigmas(c.generator_sigmas)
                 res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, cond=y, bins=c.bins,
                                        reduce_sum=dist.all_reduce_sum)
@@ -227,7 +236,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                 if pairs is not None:
                     j = torch.randint(len(pairs[0]), (bsz,), generator=g)[local].to(device)
                     y_reg = conds.lookup(pairs[2][j.cpu()], device) if pairs[2] is not None else None
-                    reg = regression_loss(c.generator, pairs[0][j], pairs[1][j], y_reg).float().mean()
+                    reg = regression_loss(c.generator.first_step, pairs[0][j], pairs[1][j], y_reg).float().mean()
                     loss = loss + cfg.regression_weight * reg
                     stats.add({"loss/regression": reg.item()})
             guard.step(c.optimizers["generator"], loss, c.generator, "generator", step + 1, cfg.grad_clip, out)
@@ -293,7 +302,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         save_grid(out / "samples_student.png", student[:GRID], nrow=max(num_classes, 8))
         save_grid(out / "samples_teacher.png", ref_teacher[:GRID], nrow=max(num_classes, 8))
     write_json(out / "summary.json", {
-        "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": 1, "eval_samples": n_eval,
+        "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": c.generator.steps,
+        "eval_samples": n_eval,
         "protocol": score.protocol if score is not None else None,
         "teacher_metrics": evaluate(ref_teacher),
         "step_time_s": statistics.median(step_times) if step_times else None, "nonfinite_skipped": guard.skipped,
