@@ -172,6 +172,7 @@ def test_a_two_step_run_evaluates_samples_and_resumes_exactly(tmp_path):
     assert "(2 NFE)" in report and "(1 NFE)" not in report.split("## Final metrics")[1]
 
 
+@pytest.mark.slow
 def test_a_two_step_student_learns(tmp_path):
     """The distribution-matching update alone (no regression pairs) through backward simulation."""
     opts = dict(teacher="gmm:ring8_imbalanced", divergence="reverse_kl", regression_weight=0.0, fit_steps=300,
