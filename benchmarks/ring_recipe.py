@@ -58,6 +58,12 @@ VARIANTS: dict[str, dict] = {
     # few-step students (DMD2's backward simulation) on the reg4_cos recipe (the demo's)
     "reg4_cos_steps2": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2},
     "reg4_cos_steps4": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 4},
+    "reg4_cos_steps2_lo": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2,
+                           "student_sigma_min": 0.2},
+    "reg4_cos_steps2_lo0.1": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2,
+                              "student_sigma_min": 0.1},
+    "reg4_cos_steps4_lo": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 4,
+                           "student_sigma_min": 0.2},
 }
 
 

@@ -60,7 +60,7 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "student_steps": "network calls per sample, 1..16: 1 is a one-step student; N > 1 re-noises and denoises "
                      "its last estimate at N noise levels (DMD2's few-step student, trained by backward simulation)",
     "student_sigma_min": "the last noise level of a few-step student (its levels run from sigma_g down to it on "
-                         "EDM's grid); in [0, sigma_g), 0 = half the teacher's sigma_data",
+                         "EDM's grid); in [0, sigma_g), 0 = 0.16 x the teacher's sigma_data",
     "sigma_min": "lowest noise level of the generator update and the critic; 0 = the teacher's sigma_min",
     "sigma_max": "highest noise level of the generator update and the critic; 0 = the teacher's sigma_max",
     "fake_score_p_mean": "the fake score's training noise: log sigma ~ N(p_mean, p_std^2); p_mean, any number "
@@ -162,7 +162,7 @@ def _resolve(args: argparse.Namespace, cls: type) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dibregman", description="Distill a diffusion teacher into a "
-                     "one-step generator by Bregman density-ratio matching.")
+                     "one-step (or few-step) generator by Bregman density-ratio matching.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="reverse KL (DMD) vs the default Di-Bregman divergence on an imbalanced "
@@ -182,12 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "on images (class- or caption-conditioned)")
     _add_config_options(p, TeacherConfig, "teacher")
 
-    p = sub.add_parser("distill", help="distill a teacher into a one-step generator")
+    p = sub.add_parser("distill", help="distill a teacher into a one-step (or few-step, --student-steps) generator")
     _add_config_options(p, DistillConfig, "distill")
 
     sub.add_parser("list", help="list the divergences, presets, built-in mixtures and toy data sets")
 
-    p = sub.add_parser("sample", help="draw samples from a finished run's one-step generator")
+    p = sub.add_parser("sample", help="draw samples from a finished run's generator")
     p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)

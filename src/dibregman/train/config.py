@@ -54,7 +54,7 @@ class DistillConfig:
     # generator update
     sigma_g: float = 2.5
     # a few-step student (DMD2's backward simulation): its noise levels run from sigma_g down to
-    # student_sigma_min on EDM's grid (0: half the teacher's sigma_data); 1 step ignores it
+    # student_sigma_min on EDM's grid (0: 0.16 x the teacher's sigma_data); 1 step ignores it
     student_steps: int = 1
     student_sigma_min: float = 0.0
     sigma_min: float = 0.0  # noise range of the generator update and the critic; 0: the teacher's own
@@ -123,8 +123,10 @@ class TeacherConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "distill": {
         "toy": {},
+        # two-step students: on the ring they leave 0.019 of the mass between the modes where one step leaves
+        # 0.054, at equal mode weights (3 seeds, docs/benchmarks.md, few-step students)
         "demo": {"steps": 2000, "eval_every": 500, "checkpoint_every": 500, "lr_schedule": "cosine",
-                 "out": "runs/demo"},
+                 "student_steps": 2, "out": "runs/demo"},
         "tiny": {"steps": 6, "batch_size": 32, "teacher_pool": 256, "fit_steps": 20, "hidden": 32,
                  "depth": 1, "log_every": 2, "eval_every": 3, "eval_samples": 128, "checkpoint_every": 3},
         "dmd": {"divergence": "reverse_kl"},
@@ -265,8 +267,8 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
             raise ConfigError(f"need 0 <= sigma_min < sigma_max (0: the teacher's own); got {cfg.sigma_min}, "
                               f"{cfg.sigma_max}")
         if not 0 <= cfg.student_sigma_min < cfg.sigma_g:
-            raise ConfigError(f"option 'student_sigma_min' must be in [0, sigma_g) (0: half the teacher's sigma_data); "
-                              f"got {cfg.student_sigma_min} with sigma_g {cfg.sigma_g}")
+            raise ConfigError(f"option 'student_sigma_min' must be in [0, sigma_g) (0: 0.16 x the teacher's "
+                              f"sigma_data); got {cfg.student_sigma_min} with sigma_g {cfg.sigma_g}")
         if not cfg.fake_score_p_std > 0:
             raise ConfigError(f"option 'fake_score_p_std' must be > 0; got {cfg.fake_score_p_std}")
         if not 0 <= cfg.generator_t_min < cfg.generator_t_max <= 1:
