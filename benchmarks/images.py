@@ -77,7 +77,7 @@ def throughput(teacher, student_folder: Path, device: str, batch: int = 250, rep
     """Images per second of the one-step student and the 35-NFE teacher on the same batch, same process."""
     gen, info = load_generator(student_folder)
     gen = gen.to(device)
-    z = torch.randn((batch, *info["shape"]), device=device)
+    z = torch.randn((batch, *gen.latent_shape(info["shape"])), device=device)
     y = balanced_labels(batch, teacher.num_classes, device)
     from dibregman.sampling import sample
 

@@ -112,6 +112,30 @@ def test_config_bounds():
         validate(DistillConfig(student_steps=17))
     with pytest.raises(ConfigError, match="student_sigma_min"):
         validate(DistillConfig(student_steps=2, student_sigma_min=3.0))
+    with pytest.raises(ConfigError, match="student_sigma_min"):  # a level the saved generator could not load
+        validate(DistillConfig(student_steps=2, student_sigma_min=1e-5))
+
+
+def test_an_explicit_last_level_is_used_as_given():
+    from dibregman.teachers import load_teacher
+    from dibregman.train.components import build
+
+    teacher = load_teacher("gmm:ring8")
+    c = build(DistillConfig(student_steps=2, student_sigma_min=2.0, hidden=8, depth=1), teacher,
+              mlp_denoiser(), torch.device("cpu"))
+    assert c.generator.sigmas == (2.5, 2.0)
+    c = build(DistillConfig(student_steps=3, hidden=8, depth=1), teacher, mlp_denoiser(), torch.device("cpu"))
+    assert c.generator.sigmas[-1] == pytest.approx(0.16 * teacher.sigma_data)  # the automatic one
+
+
+def test_a_run_from_before_the_option_is_not_resumed_as_few_step():
+    """A checkpoint whose config has no ``student_steps`` was a one-step run."""
+    from dibregman.train.config import check_resumable, to_dict
+
+    old = {k: v for k, v in to_dict(DistillConfig()).items() if k not in ("student_steps", "student_sigma_min")}
+    check_resumable(old, DistillConfig(), "run")  # the same run
+    with pytest.raises(ConfigError, match="student_steps: 1 -> 2"):
+        check_resumable(old, DistillConfig(student_steps=2), "run")
 
 
 def test_export_runs_the_same_chain(tmp_path, monkeypatch):

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from procs import run_proc
 
-# a child that starts a grandchild holding the same pipes (as torchrun's workers do), then both hang
+# a child that starts a grandchild in a session of its own holding the same outputs (as torchrun starts its
+# workers), then both hang
 HANG = """
 import subprocess, sys, time
-g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 print(g.pid, flush=True)
 time.sleep(600)
 """
@@ -23,6 +24,7 @@ def test_a_hung_process_tree_fails_the_test_and_is_killed():
     with pytest.raises(pytest.fail.Exception, match=r"timed out after 3 s") as e:
         run_proc([sys.executable, "-c", HANG], timeout=3)
     assert time.monotonic() - t0 < 30
+    assert "Fatal Python error: Aborted" in str(e.value)  # the stacks of the hung process were printed
     grandchild = int(str(e.value).split("stdout:\n")[1].split()[0])
     time.sleep(0.5)
     assert not _running(grandchild)  # killed with its group

@@ -70,6 +70,8 @@ class Generator(nn.Module):
         the last one run without gradients: DMD2's backward simulation trains each step on the student's
         own earlier outputs, with the gradient of that step alone."""
         k_last = self.steps if upto is None else upto
+        if not 1 <= k_last <= self.steps:
+            raise ValueError(f"upto must be in 1..{self.steps} (this student's steps); got {upto}")
         if self.steps == 1:
             return self._step(self.sigma_g * z, 0, cond)
         x = None

@@ -198,8 +198,12 @@ STUDENT_SIGMA_MIN_FRACTION = 0.16
 def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.device) -> Components:
     """Generator and fake score start as copies of ``base`` (the teacher's network, or its fit)."""
     # copies of a teacher's network: trainable whatever the teacher's own flags were
-    last = cfg.student_sigma_min or STUDENT_SIGMA_MIN_FRACTION * teacher.sigma_data
-    sigmas = student_sigmas(cfg.student_steps, cfg.sigma_g, min(last, 0.5 * cfg.sigma_g))  # auto below a tiny sigma_g
+    # automatic: kept below sigma_g (half of it, for a sigma_g under the fraction) and in the loadable range
+    last = cfg.student_sigma_min or max(min(STUDENT_SIGMA_MIN_FRACTION * teacher.sigma_data, 0.5 * cfg.sigma_g), 1e-4)
+    if cfg.student_steps > 1 and last >= cfg.sigma_g:
+        raise ConfigError(f"a few-step student needs its last noise level below sigma_g = {cfg.sigma_g}; the "
+                          f"automatic one is {last:g}: set student_sigma_min")
+    sigmas = student_sigmas(cfg.student_steps, cfg.sigma_g, last)
     generator = Generator.from_teacher(base, cfg.sigma_g, sigmas).to(device).requires_grad_(True).train()
     fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
     sigma_min, sigma_max = noise_range(cfg, teacher)

@@ -266,9 +266,9 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
         if cfg.sigma_min < 0 or cfg.sigma_max < 0 or (cfg.sigma_max and cfg.sigma_min >= cfg.sigma_max):
             raise ConfigError(f"need 0 <= sigma_min < sigma_max (0: the teacher's own); got {cfg.sigma_min}, "
                               f"{cfg.sigma_max}")
-        if not 0 <= cfg.student_sigma_min < cfg.sigma_g:
-            raise ConfigError(f"option 'student_sigma_min' must be in [0, sigma_g) (0: 0.16 x the teacher's "
-                              f"sigma_data); got {cfg.student_sigma_min} with sigma_g {cfg.sigma_g}")
+        if not (cfg.student_sigma_min == 0 or 1e-4 <= cfg.student_sigma_min < cfg.sigma_g):
+            raise ConfigError(f"option 'student_sigma_min' must be 0 (0.16 x the teacher's sigma_data) or in "
+                              f"[0.0001, sigma_g); got {cfg.student_sigma_min} with sigma_g {cfg.sigma_g}")
         if not cfg.fake_score_p_std > 0:
             raise ConfigError(f"option 'fake_score_p_std' must be > 0; got {cfg.fake_score_p_std}")
         if not 0 <= cfg.generator_t_min < cfg.generator_t_max <= 1:
@@ -456,8 +456,14 @@ RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_samples", "chec
                        "out", "device", "nonfinite", "grad_checkpointing", "tensorboard", "classifier"})
 
 
+# What a run computed before each of these options existed (its checkpoint has no entry for it): resuming it
+# with another value would change the run, e.g. continue a one-step run as a two-step one
+LEGACY = {"student_steps": 1, "student_sigma_min": 0.0, "regression_weight": 0.0, "lr_schedule": "constant"}
+
+
 def check_resumable(saved: dict[str, Any], cfg: Any, where: str) -> None:
     """Refuse to resume a run under a config that would compute something else; name the differences."""
+    saved = {**LEGACY, **saved}  # a checkpoint older than an option ran at what the code did before it existed
     diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in RESUMABLE and k in saved and saved[k] != v}
     if diff:
         changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
