@@ -45,7 +45,7 @@ GRID = 80  # images per sample grid: 8 per class for 10 classes
 
 @holds_run_lock
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None) -> Path:
-    """Distill ``cfg.teacher`` into a one-step generator; returns the run folder.
+    """Distill ``cfg.teacher`` into a one-step (or ``student_steps``-step) generator; returns the run folder.
 
     The folder gets ``config.json``, ``stats.jsonl``, ``metrics.jsonl``, ``checkpoints/``, and at the end
     ``generator/``, ``samples.npz``, ``summary.json`` and ``report.md``. ``resume=True`` continues from
