@@ -32,13 +32,12 @@ def test_regression_loss_is_the_mean_squared_error_per_sample():
 
 
 def test_the_regression_term_is_trained_in_a_run(tmp_path):
-    run = db.distill(preset="tiny", steps=40, log_every=10, regression_weight=1.0, out=str(tmp_path / "run"),
-                     progress=False)
+    fast = dict(preset="tiny", steps=40, log_every=10, eval_every=1000, checkpoint_every=1000, progress=False)
+    run = db.distill(regression_weight=1.0, out=str(tmp_path / "run"), **fast)  # no evaluations mid-run
     rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     reg = [r["loss/regression"] for r in rows if "loss/regression" in r]
     assert len(reg) == 4 and reg[-1] < 0.7 * reg[0], reg
-    plain = db.distill(preset="tiny", steps=40, log_every=10, regression_weight=0.0, out=str(tmp_path / "plain"),
-                       progress=False)
+    plain = db.distill(regression_weight=0.0, out=str(tmp_path / "plain"), **fast)
     assert not any("loss/regression" in line for line in (plain / "stats.jsonl").read_text().splitlines())
 
 
@@ -53,7 +52,7 @@ def test_cosine_schedule_decays_the_generators_rate_and_resumes_exactly(tmp_path
         last = list_checkpoints(run / "checkpoints")[-1]
         return {f"{f.stem}/{k}": v for f in sorted(last.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
-    opts = dict(preset="tiny", steps=8, checkpoint_every=4, lr_schedule="cosine", progress=False)
+    opts = dict(preset="tiny", steps=8, checkpoint_every=4, eval_every=1000, lr_schedule="cosine", progress=False)
     full = db.distill(out=str(tmp_path / "full"), **opts)
     shutil.copytree(full, tmp_path / "part")  # as if killed after the step-4 checkpoint
     shutil.rmtree(list_checkpoints(tmp_path / "part" / "checkpoints")[-1])
