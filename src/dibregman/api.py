@@ -150,7 +150,7 @@ def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher
     ``prompts``: its teacher's training captions by default, ``unseen``, or a prompt file). With the run's
     seed and ``num`` (default: ``run_eval_samples(run)``) these are the samples and the reference set of the
     run's own final evaluation, so its ``summary.json`` metrics come back."""
-    info = load_generator(run)[1]
+    gen, info = load_generator(run)
     num = run_eval_samples(run) if num is None else num
     the_teacher = load_teacher(teacher or info["teacher"])
     conds = conditions_for(the_teacher, prompts)
@@ -163,8 +163,7 @@ def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher
         raise ValueError(f"{bad} of the {len(x)} samples of {run} hold NaN or inf: its generator is damaged or "
                          "diverged; re-create it with `dibregman distill --resume` on its run folder, or retrain")
     label = method_label(_run_config(run), info["divergence"])
-    nfe = len(info.get("sigmas", [info["sigma_g"]]))
-    return {"method": f"student ({label}, {nfe} NFE)", "nfe": nfe, **score(x), "sample_s": seconds}
+    return {"method": f"student ({label}, {gen.steps} NFE)", "nfe": gen.steps, **score(x), "sample_s": seconds}
 
 
 def read_run(run: str | Path) -> dict[str, Any]:

@@ -430,9 +430,8 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         raise UserError("--prompt is empty; give the text of a prompt (or no --prompt: the training captions)")
     if not 0 <= args.seed < MAX_SEED:
         raise UserError(f"--seed must be an integer in [0, 2**40); got {args.seed}")
-    info = load_generator(args.run)[1]
-    steps = len(info.get("sigmas", [info["sigma_g"]]))  # a few-step student draws noise for each step
-    need = (steps + 1) * args.num * math.prod(info["shape"]) * 4  # the noise and the samples, float32
+    gen, info = load_generator(args.run)
+    need = (gen.steps + 1) * args.num * math.prod(info["shape"]) * 4  # noise per step and samples, float32
     if need > _memory_bytes():
         raise UserError(f"--num {args.num} needs {need / 2**30:.1f} GiB for noise and samples of shape "
                         f"{info['shape']}, "

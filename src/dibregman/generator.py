@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from itertools import pairwise
@@ -73,14 +74,11 @@ class Generator(nn.Module):
         if not 1 <= k_last <= self.steps:
             raise ValueError(f"upto must be in 1..{self.steps} (this student's steps); got {upto}")
         if self.steps == 1:
-            return self._step(self.sigma_g * z, 0, cond)
+            return self.first_step(z, cond)
         x = None
         for k in range(k_last):
             noisy = self.sigmas[k] * z[:, k] if x is None else x + self.sigmas[k] * z[:, k]
-            if k < k_last - 1 and upto is not None:
-                with torch.no_grad():
-                    x = self._step(noisy, k, cond)
-            else:
+            with torch.no_grad() if upto is not None and k < k_last - 1 else contextlib.nullcontext():
                 x = self._step(noisy, k, cond)
         return x
 

@@ -167,9 +167,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     def student_batch(y: torch.Tensor | None) -> torch.Tensor:
         """A batch of the student's samples; a few-step student's after a random number of its steps (the
         same on every process), the earlier ones without gradients (DMD2's backward simulation)."""
-        if c.generator.steps == 1:  # no draw: one-step runs keep their random stream
-            return c.generator(draw(), y)
-        upto = int(torch.randint(c.generator.steps, (1,), generator=g)) + 1
+        steps = c.generator.steps  # one step: no draw, so one-step runs keep their random stream
+        upto = int(torch.randint(steps, (1,), generator=g)) + 1 if steps > 1 else None
         return c.generator(draw(latent), y, upto=upto)
 
     def sigmas(sampler: SigmaSampler) -> torch.Tensor:
