@@ -367,7 +367,8 @@ def _gen_fuzz(generator_folder: Path, tmp: Path, key: str, value) -> None:
     assert torch.isfinite(x).all()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=GEN_KEYS, value=JSON_VALUES)
 def test_any_generator_json_entry_loads_or_is_one_clear_error(generator_folder, tmp_path, key, value):
     _gen_fuzz(generator_folder, tmp_path, key, value)
