@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nets.arch import check_arch_size
 from ..precond import append_dims, edm_loss_weight
 from ..schedules import (
     flow_input_from_x_sigma,
@@ -190,6 +191,7 @@ class DiffusersDenoiser(nn.Module):
         unet_class = arch.get("unet_class", "UNet2DModel")
         if unet_class not in UNET_CLASSES:
             raise ValueError(f"arch names unsupported UNet class {unet_class!r}; supported: {', '.join(UNET_CLASSES)}")
+        check_arch_size(arch)
         try:
             unet = getattr(diffusers, unet_class).from_config(arch["unet_config"])
             scheduler = getattr(diffusers, name).from_config(arch["scheduler_config"])
