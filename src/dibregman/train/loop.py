@@ -28,7 +28,7 @@ from .checkpoint import check_any, entry, list_checkpoints, load_latest, save_ch
 from .components import (
     balanced_labels,
     build,
-    fit_network,
+    fitted_start,
     generator_loss,
     noise_range,
     reference_teacher_samples,
@@ -44,6 +44,15 @@ GRID = 80  # images per sample grid: 8 per class for 10 classes
 
 
 @holds_run_lock
+def _check_config(meta: dict, cfg: DistillConfig, out: Path) -> None:
+    """A checkpoint's config against ``cfg``; where it records the student's noise levels, those are compared
+    (after the build) rather than the ``student_sigma_min`` they were resolved from."""
+    saved = meta.get("config", {})
+    if isinstance(meta.get("student_sigmas"), list):
+        saved = {**saved, "student_sigma_min": cfg.student_sigma_min}
+    check_resumable(saved, cfg, str(out))
+
+
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None) -> Path:
     """Distill ``cfg.teacher`` into a one-step (or ``student_steps``-step) generator; returns the run folder.
 
@@ -81,7 +90,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     out = dist.on_main(lambda: prepare_run_dir(Path(cfg.out), resume), Path(cfg.out))
     resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
     if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
-        check_any(out / "checkpoints", lambda meta: check_resumable(meta.get("config", {}), cfg, str(out)))
+        check_any(out / "checkpoints", lambda meta: _check_config(meta, cfg, out))
     torch.manual_seed(cfg.seed)  # network initialisations
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from g
 
@@ -89,8 +98,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     if teacher.network is not None:
         base = teacher.network
     elif not resuming:
-        base = fit_network(teacher, cfg.hidden, cfg.depth, cfg.fit_steps, cfg.batch_size,
-                           torch.Generator().manual_seed(cfg.seed + 3), device)
+        base = fitted_start(teacher, cfg, device)
     else:  # its fitted weights are in the checkpoint; only the shape is needed
         base = build_precond({"dim": teacher.shape[0], "hidden": cfg.hidden, "depth": cfg.depth}, teacher.sigma_data)
     c = build(cfg, teacher, base, device)
@@ -147,8 +155,16 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         step, guard.skipped = meta["step"], entry(meta, "nonfinite_skipped", int, "state.json", 0)
         c.ema.num_updates = entry(meta, "ema_updates", int, "state.json")
 
-    loaded = load_latest(out / "checkpoints", c.modules(), lambda meta: check_resumable(
-        meta.get("config", {}), cfg, str(out)), restore) if resuming else None
+    def resumable(meta: dict) -> None:
+        _check_config(meta, cfg, out)
+        saved = meta.get("student_sigmas")  # resolved from the teacher when student_sigma_min is 0, by code
+        if isinstance(saved, list) and [float(v) for v in saved] != list(c.generator.sigmas):  # that may change
+            raise ConfigError(f"cannot resume {out}: its student was trained at noise levels {saved}, this "
+                              f"config gives {list(c.generator.sigmas)} (the automatic last level may differ "
+                              f"between versions); set student_sigma_min to {saved[-1]} to resume it, or use "
+                              "another --out for a new run")
+
+    loaded = load_latest(out / "checkpoints", c.modules(), resumable, restore) if resuming else None
     if loaded is not None:
         guard.resumed_from = loaded[0]  # a non-finite first step then says the checkpoint may be damaged
     if main:
@@ -180,7 +196,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
 
     def checkpoint() -> None:
         state = {"optimizers": c.optimizer_state(), "rng": g.get_state(), "torch_rng": torch.get_rng_state()}
-        meta = {"config": to_dict(cfg), "nonfinite_skipped": guard.skipped, "ema_updates": c.ema.num_updates}
+        meta = {"config": to_dict(cfg), "nonfinite_skipped": guard.skipped, "ema_updates": c.ema.num_updates,
+                "student_sigmas": list(c.generator.sigmas)}
         if main:
             save_checkpoint(out / "checkpoints", step, c.modules(), state, meta, cfg.keep_checkpoints)
         dist.barrier()
