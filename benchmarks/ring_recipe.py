@@ -69,6 +69,13 @@ VARIANTS: dict[str, dict] = {
                               "student_sigma_min": 0.1},
     "reg4_cos_steps4_lo": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 4,
                            "student_sigma_min": 0.2},
+    # on the demo's recipe (two steps ending at 0.2): one fake-score update per step; DMD2's GAN term; width
+    "steps2_k1": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2, "student_sigma_min": 0.2,
+                  "fake_score_steps": 1},
+    "steps2_gan0.01": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2,
+                       "student_sigma_min": 0.2, "gan_weight": 0.01},
+    "steps2_wide": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2, "student_sigma_min": 0.2,
+                    "hidden": 256},
 }
 
 

@@ -32,8 +32,10 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return {f"{f.stem}/{k}": v for f in sorted(last.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+@pytest.mark.parametrize("extra", [(), pytest.param(("--student-steps", "2"), marks=pytest.mark.slow)],
+                         ids=["one-step", "two-step"])  # two-step: every process draws the same chain length
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, extra):
+    one, two = run(tmp_path / "one", 1, *extra), run(tmp_path / "two", 2, *extra)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")

@@ -165,6 +165,10 @@ def test_export_runs_the_same_chain(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe(latents=z[:, 0], output_type="pt")
     assert "2 U-Net evaluations" in (tmp_path / "x" / "README.md").read_text()
+    for bad in ([2.5, float("nan")], [0.25, 2.5], [], [2.5, -1.0], "2.5"):  # an edited model_index.json
+        pipe.register_to_config(sigmas=bad)
+        with pytest.raises(ValueError, match="model_index.json's sigmas must be"):
+            pipe(batch_size=1, output_type="pt")
 
 
 TINY = dict(preset="tiny", student_steps=2, progress=False)

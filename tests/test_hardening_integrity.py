@@ -217,7 +217,8 @@ GENERATOR_DAMAGE = {  # generator.json edited and re-signed: each number is chec
     "sigma_data a string": (lambda d: d.update(sigma_data="1"), ["sigma_data must be a finite number > 0"]),
     "huge shape": (lambda d: d.update(shape=[10**6, 10**6]), ["shape must be 1 to 3 positive integers"]),
     "shape vs arch": (lambda d: d.update(shape=[3]), ["shape [3] does not match its arch"]),
-    "huge hidden": (lambda d: d["arch"].update(hidden=10**7), ["describes a network of", "values but"]),
+    "huge hidden": (lambda d: d["arch"].update(hidden=10**6), ["describes a network of", "values but"]),
+    "hidden past the bound": (lambda d: d["arch"].update(hidden=10**7), ["arch.hidden must be between"]),
     "num_classes -1": (lambda d: d.update(num_classes=-1), ["num_classes must be an integer >= 0"]),
 }
 

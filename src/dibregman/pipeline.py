@@ -18,6 +18,7 @@ the timestep ``noise_scale * c_noise``. Samples live in [-1, 1]; the pipeline re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -129,7 +130,17 @@ class DibregmanTextOneStepPipeline(DiffusionPipeline):
 
 
 def _sigmas(cfg) -> list[float]:
-    return list(getattr(cfg, "sigmas", None) or [cfg.sigma_g])  # folders exported before few-step students: one
+    """The student's noise levels from ``model_index.json`` (a folder exported before few-step students: one),
+    refused with a message when edited or damaged: a NaN or a level out of order gives samples, but wrong ones."""
+    sigmas = getattr(cfg, "sigmas", None)
+    sigmas = [cfg.sigma_g] if sigmas is None else sigmas
+    ok = (isinstance(sigmas, (list, tuple)) and 1 <= len(sigmas) <= 16
+          and all(isinstance(s, (int, float)) and not isinstance(s, bool) and np.isfinite(s) and s > 0 for s in sigmas)
+          and all(b < a for a, b in pairwise(sigmas)))
+    if not ok:
+        raise ValueError(f"model_index.json's sigmas must be 1 to 16 decreasing positive numbers (the student's noise "
+                         f"levels); got {sigmas!r}: export the generator again with dibregman export")
+    return [float(s) for s in sigmas]
 
 
 def _steps(cfg, z: torch.Tensor, denoise) -> torch.Tensor:
