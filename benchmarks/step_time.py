@@ -1,6 +1,6 @@
 """Seconds per training iteration of every divergence, as a ratio to reverse KL, measured side by side.
 
-    python benchmarks/step_time.py [--steps 150] [--rounds 3] [--teacher gmm:ring8_imbalanced]
+    python benchmarks/step_time.py [--steps 150] [--rounds 3] [--teacher gmm:ring8_imbalanced] [--preset demo]
 
 Members run one after another in one process, interleaved over rounds (round 1: every member, then
 round 2, ...), so slow drifts of a shared machine hit all of them alike; each number is the median of
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--preset", default=None, help="a distill preset the runs start from (e.g. demo); default: none")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     import torch
@@ -43,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for d in divs:
-                run = db.distill(teacher=args.teacher, divergence=d, steps=args.steps, fit_steps=10,
+                run = db.distill(preset=args.preset, teacher=args.teacher, divergence=d, steps=args.steps, fit_steps=10,
                                  eval_every=10**6, eval_samples=256, checkpoint_every=10**6,
                                  out=f"{tmp}/{r}_{d.replace(':', '_')}", progress=False)
                 times[d].append(json.loads((run / "summary.json").read_text())["step_time_s"])
@@ -52,8 +53,8 @@ def main() -> None:
     lines = ["## Step time of each member (`benchmarks/step_time.py`)\n",
              f"Command: `python benchmarks/step_time.py {' '.join(sys.argv[1:])}`. Machine: {os.cpu_count()} CPU "
              f"cores ({platform.machine()}), torch {torch.__version__}, {args.threads} thread(s). Date: {date}. "
-             f"Teacher {args.teacher}, batch 256, MLP 3x128, {args.steps} iterations x {args.rounds} "
-             "interleaved rounds per member.\n",
+             f"Teacher {args.teacher}, preset {args.preset or 'none (the defaults: one-step students)'}, batch "
+             f"256, MLP 3x128, {args.steps} iterations x {args.rounds} interleaved rounds per member.\n",
              "| member | s/iter (median) | ratio to reverse_kl |", "|---|---|---|"]
     for d in divs:
         med = statistics.median(times[d])

@@ -47,8 +47,14 @@ def critic_loss(critic: Net, x_teacher: Tensor, x_student: Tensor, sigma: Tensor
     logistic loss ``softplus(-l_p) + softplus(l_q)``. Teacher and student batches have equal size;
     ``cond`` labels the student batch, ``cond_teacher`` the teacher's (default: ``cond``)."""
     s = append_dims(sigma, x_student.ndim)
-    l_p = critic(x_teacher + s * n_teacher, sigma, cond if cond_teacher is None else cond_teacher)
-    l_q = critic(x_student.detach() + s * n_student, sigma, cond)
+    x_p, x_q = x_teacher + s * n_teacher, x_student.detach() + s * n_student
+    c_p = cond if cond_teacher is None else cond_teacher
+    if (c_p is None) == (cond is None):  # one call on both halves: a third less time for a small network
+        sig = torch.as_tensor(sigma, dtype=x_q.dtype, device=x_q.device).expand(x_q.shape[0])
+        both = critic(torch.cat([x_p, x_q]), torch.cat([sig, sig]), None if cond is None else torch.cat([c_p, cond]))
+        l_p, l_q = both.split(x_q.shape[0])
+    else:
+        l_p, l_q = critic(x_p, sigma, c_p), critic(x_q, sigma, cond)
     return dre.dre_loss(log_r_from_logit(l_p), log_r_from_logit(l_q))
 
 
