@@ -167,7 +167,7 @@ def test_export_runs_the_same_chain(tmp_path, monkeypatch):
     assert "2 U-Net evaluations" in (tmp_path / "x" / "README.md").read_text()
     for bad in ([2.5, float("nan")], [0.25, 2.5], [], [2.5, -1.0], "2.5"):  # an edited model_index.json
         pipe.register_to_config(sigmas=bad)
-        with pytest.raises(ValueError, match="model_index.json's sigmas must be"):
+        with pytest.raises(ValueError, match=r"model_index\.json's sigmas must be"):
             pipe(batch_size=1, output_type="pt")
 
 

@@ -77,6 +77,21 @@ def test_the_lock_is_held_for_the_life_of_a_run_and_released_after(tmp_path):
         os.close(fd)
 
 
+def test_the_entry_points_release_their_run_folder_when_they_return(tmp_path):
+    """Not only the decorator: the real ``distill`` and ``train_teacher`` wear it (a run that kept its folder
+    locked after returning would refuse every later process, and a resume from this one)."""
+    import dibregman as db
+
+    runs = [db.distill(out=str(tmp_path / "d"), preset="tiny", progress=False),
+            db.train_teacher(out=str(tmp_path / "t"), preset="tiny", progress=False)]
+    for run in runs:
+        fd = os.open(run, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+
+
 def test_stale_temporary_folders_are_removed_only_when_their_process_is_dead(tmp_path):
     root = tmp_path / "checkpoints"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -43,7 +43,6 @@ from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock
 GRID = 80  # images per sample grid: 8 per class for 10 classes
 
 
-@holds_run_lock
 def _check_config(meta: dict, cfg: DistillConfig, out: Path) -> None:
     """A checkpoint's config against ``cfg``; where it records the student's noise levels, those are compared
     (after the build) rather than the ``student_sigma_min`` they were resolved from."""
@@ -53,6 +52,7 @@ def _check_config(meta: dict, cfg: DistillConfig, out: Path) -> None:
     check_resumable(saved, cfg, str(out))
 
 
+@holds_run_lock
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None) -> Path:
     """Distill ``cfg.teacher`` into a one-step (or ``student_steps``-step) generator; returns the run folder.
 
