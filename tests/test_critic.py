@@ -104,3 +104,36 @@ def test_critic_output_shape_and_input_scaling():
     # the backbone sees c_in x with c_in = 1 / sqrt(sigma^2 + sigma_data^2)
     c_in = 1 / math.sqrt(0.7**2 + 0.25)
     torch.testing.assert_close(critic.backbone(c_in * x, torch.full((5,), math.log(0.7) / 4)).reshape(5), out)
+
+
+@pytest.mark.parametrize("kind", ["standalone", "head on a fake score", "class-conditional", "image head"])
+def test_one_call_on_both_halves_is_two_calls(kind):
+    """``critic_loss`` scores the teacher's and the student's halves in one call: the same loss and gradients
+    as two calls, for every critic kind (per-sample layers only: no batch statistics)."""
+    from dibregman.nets.unet import UNet
+    from dibregman.precond import Precond
+    from dibregman.ratio import FeatureCritic, feature_head
+
+    torch.manual_seed(0)
+    cond = None
+    if kind == "standalone":
+        critic, shape = Critic(MLP(2, 16, 1, out_dim=1), 1.0), (2,)
+    elif kind == "head on a fake score":
+        critic, shape = FeatureCritic(Precond(MLP(2, 16, 1), 1.0), feature_head(16, False)), (2,)
+    elif kind == "class-conditional":
+        critic, shape = Critic(MLP(2, 16, 1, out_dim=1, num_classes=3), 1.0), (2,)
+        cond = torch.randint(3, (8,))
+    else:
+        unet = UNet(channels=1, resolution=8, base=8, mult=(1, 2), norm_groups=4, num_classes=0)
+        critic, shape = FeatureCritic(Precond(unet, 0.5), feature_head(unet.feature_channels, True)), (1, 8, 8)
+    xs = [torch.randn(8, *shape) for _ in range(4)]
+    sigma = torch.rand(8) + 0.1
+    dre = get_divergence("hellinger")
+    one = critic_loss(critic, *xs[:2], sigma, *xs[2:], dre, cond)
+    s = sigma.view(-1, *[1] * len(shape))
+    two = dre.dre_loss(log_r_from_logit(critic(xs[0] + s * xs[2], sigma, cond)),
+                       log_r_from_logit(critic(xs[1] + s * xs[3], sigma, cond)))
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+    params = [p for p in critic.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(one.mean(), params), torch.autograd.grad(two.mean(), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -216,3 +216,21 @@ def test_cli_list_names_what_the_options_accept(capsys):
     assert run_cli("list") == 0
     out = capsys.readouterr().out
     assert all(name in out for name in [*REGISTRY, *BUILTINS, "moons", "py:<module>:<function>", "tiny"])
+
+
+def test_adam_is_fused_on_the_cpu_and_falls_back_without_the_kernel(monkeypatch):
+    from dibregman.train import components
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert components._adam(params, 1e-3, (0.0, 0.99), torch.device("cpu")).defaults["fused"]
+    real = torch.optim.Adam
+
+    def no_fused_cpu(*args, fused=None, **kwargs):  # torch 2.3: fused=True is CUDA-only
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                               "devices: ['cuda', 'xpu', 'privateuseone']")
+        return real(*args, fused=fused, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", no_fused_cpu)
+    opt = components._adam(params, 1e-3, (0.0, 0.99), torch.device("cpu"))
+    assert not opt.defaults["fused"]

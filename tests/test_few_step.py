@@ -165,10 +165,12 @@ def test_export_runs_the_same_chain(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe(latents=z[:, 0], output_type="pt")
     assert "2 U-Net evaluations" in (tmp_path / "x" / "README.md").read_text()
-    for bad in ([2.5, float("nan")], [0.25, 2.5], [], [2.5, -1.0], "2.5"):  # an edited model_index.json
-        pipe.register_to_config(sigmas=bad)
+    index = tmp_path / "x" / "model_index.json"
+    good = json.loads(index.read_text())
+    for bad in ([2.5, "nan"], [0.25, 2.5], [], [2.5, -1.0], "2.5", 2.5, [True]):  # an edited model_index.json
+        index.write_text(json.dumps({**good, "sigmas": [2.5, float("nan")] if bad == [2.5, "nan"] else bad}))
         with pytest.raises(ValueError, match=r"model_index\.json's sigmas must be"):
-            pipe(batch_size=1, output_type="pt")
+            DiffusionPipeline.from_pretrained(str(tmp_path / "x"), trust_remote_code=True)
 
 
 TINY = dict(preset="tiny", student_steps=2, progress=False)
@@ -204,12 +206,15 @@ def test_a_resume_keeps_the_noise_levels_it_trained_at(tmp_path, monkeypatch):
     """The automatic last level comes from code (a fraction of the teacher's sigma_data): when it changes
     between versions, a resume is refused with the setting that continues the run, and that setting works."""
     import dibregman.train.components as components
+    import dibregman.train.loop as loop_mod
 
     run = db.distill(out=str(tmp_path / "run"), **{**TINY, "steps": 3})
     trained = load_generator(run)[0].sigmas
     monkeypatch.setattr(components, "STUDENT_SIGMA_MIN_FRACTION", 0.3)
-    with pytest.raises(ConfigError, match=f"set student_sigma_min to {trained[-1]}"):
-        db.distill(out=str(run), resume=True, **{**TINY, "steps": 6})
+    with monkeypatch.context() as m:  # refused before the teacher's pool costs anything
+        m.setattr(loop_mod, "teacher_samples", lambda *a, **k: pytest.fail("sampled the teacher's pool"))
+        with pytest.raises(ConfigError, match=f"set student_sigma_min to {trained[-1]}"):
+            db.distill(out=str(run), resume=True, **{**TINY, "steps": 6})
     db.distill(out=str(run), resume=True, **{**TINY, "steps": 6, "student_sigma_min": trained[-1]})
     assert load_generator(run)[0].sigmas == trained
 

@@ -38,7 +38,7 @@ class DibregmanOneStepPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet)
         self.register_to_config(sigma_data=float(sigma_data), sigma_g=float(sigma_g), noise_scale=float(noise_scale),
-                                sigmas=[float(s) for s in sigmas or (sigma_g,)])
+                                sigmas=_valid_sigmas([sigma_g] if sigmas is None else sigmas))
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +97,8 @@ class DibregmanTextOneStepPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, tokenizer=tokenizer, text_encoder=text_encoder)
         self.register_to_config(sigma_data=float(sigma_data), sigma_g=float(sigma_g), noise_scale=float(noise_scale),
-                                max_length=int(max_length), sigmas=[float(s) for s in sigmas or (sigma_g,)])
+                                max_length=int(max_length),
+                                sigmas=_valid_sigmas([sigma_g] if sigmas is None else sigmas))
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -130,10 +131,14 @@ class DibregmanTextOneStepPipeline(DiffusionPipeline):
 
 
 def _sigmas(cfg) -> list[float]:
-    """The student's noise levels from ``model_index.json`` (a folder exported before few-step students: one),
-    refused with a message when edited or damaged: a NaN or a level out of order gives samples, but wrong ones."""
+    """The student's noise levels from the config (a folder exported before few-step students: one)."""
     sigmas = getattr(cfg, "sigmas", None)
-    sigmas = [cfg.sigma_g] if sigmas is None else sigmas
+    return _valid_sigmas([cfg.sigma_g] if sigmas is None else sigmas)
+
+
+def _valid_sigmas(sigmas) -> list[float]:
+    """Refused with a message when ``model_index.json`` was edited or damaged: a NaN or a level out of order
+    gives samples, but wrong ones."""
     ok = (isinstance(sigmas, (list, tuple)) and 1 <= len(sigmas) <= 16
           and all(isinstance(s, (int, float)) and not isinstance(s, bool) and np.isfinite(s) and s > 0 for s in sigmas)
           and all(b < a for a, b in pairwise(sigmas)))

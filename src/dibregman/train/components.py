@@ -76,9 +76,16 @@ def fitted_start(teacher: Teacher, cfg: DistillConfig, device: torch.device) -> 
     return net
 
 
-def _checksum(teacher: Teacher) -> float | None:
+def _checksum(teacher: Teacher) -> str | None:
+    """SHA-256 of the teacher's weights and buffers (a sum would match a teacher with its components permuted)."""
     tensors = [*teacher.parameters(), *teacher.buffers()] if isinstance(teacher, torch.nn.Module) else []
-    return float(sum(t.detach().double().sum() for t in tensors)) if tensors else None
+    if not tensors:
+        return None
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 _TEACHER_ROWS: dict[tuple, tuple[Tensor, float]] = {}
@@ -222,15 +229,32 @@ def generator_loss(cfg: DistillConfig) -> GeneratorLoss:
 STUDENT_SIGMA_MIN_FRACTION = 0.16
 
 
-def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.device) -> Components:
-    """Generator and fake score start as copies of ``base`` (the teacher's network, or its fit)."""
-    # copies of a teacher's network: trainable whatever the teacher's own flags were
-    # automatic: kept below sigma_g (half of it, for a sigma_g under the fraction) and in the loadable range
+def resolved_student_sigmas(cfg: DistillConfig, teacher: Teacher) -> tuple[float, ...]:
+    """The student's noise levels for ``cfg`` (``student_sigma_min = 0``: the automatic last level, kept below
+    sigma_g (half of it, for a sigma_g under the fraction) and in the loadable range)."""
     last = cfg.student_sigma_min or max(min(STUDENT_SIGMA_MIN_FRACTION * teacher.sigma_data, 0.5 * cfg.sigma_g), 1e-4)
     if cfg.student_steps > 1 and last >= cfg.sigma_g:
         raise ConfigError(f"a few-step student needs its last noise level below sigma_g = {cfg.sigma_g}; the "
                           f"automatic one is {last:g}: set student_sigma_min")
-    sigmas = student_sigmas(cfg.student_steps, cfg.sigma_g, last)
+    return student_sigmas(cfg.student_steps, cfg.sigma_g, last)
+
+
+def _adam(params: Any, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Adam:
+    """Fused on the CPU, where the default is a Python loop over tensors (a third of its time on the ring's
+    MLPs); CUDA keeps its default (foreach), and a torch without a fused CPU kernel (before 2.4) the loop."""
+    params = list(params)
+    if device.type == "cpu":
+        try:
+            return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+        except RuntimeError:
+            pass
+    return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.device) -> Components:
+    """Generator and fake score start as copies of ``base`` (the teacher's network, or its fit)."""
+    # copies of a teacher's network: trainable whatever the teacher's own flags were
+    sigmas = resolved_student_sigmas(cfg, teacher)
     generator = Generator.from_teacher(base, cfg.sigma_g, sigmas).to(device).requires_grad_(True).train()
     fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
     sigma_min, sigma_max = noise_range(cfg, teacher)
@@ -240,13 +264,10 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     if gen_loss.needs_critic:
         critic = _critic(cfg.critic_head, teacher, base, fake_score, cfg).to(device)
     betas = (cfg.beta1, cfg.beta2)
-    # fused on the CPU, where the default is a Python loop over tensors: a third of its time on the ring's MLPs
-    # (CUDA's default, foreach, is kept)
-    fused = True if device.type == "cpu" else None
-    opts = {"generator": torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator, betas=betas, fused=fused),
-            "fake_score": torch.optim.Adam(fake_score.parameters(), lr=cfg.lr_fake_score, betas=betas, fused=fused)}
+    opts = {"generator": _adam(generator.parameters(), cfg.lr_generator, betas, device),
+            "fake_score": _adam(fake_score.parameters(), cfg.lr_fake_score, betas, device)}
     if critic is not None:
-        opts["critic"] = torch.optim.Adam(critic.parameters(), lr=cfg.lr_critic, betas=betas, fused=fused)
+        opts["critic"] = _adam(critic.parameters(), cfg.lr_critic, betas, device)
     bins = None
     if cfg.omega_normalize == "bins":
         bins = OmegaBinNormalizer(sigma_min, sigma_max).to(device)

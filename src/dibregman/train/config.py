@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..nets.arch import MAX_LEVELS, MAX_REPEATS
+
 if TYPE_CHECKING:
     from ..divergences import Divergence
 
@@ -289,7 +291,7 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
 MAX_SEED = 2**40
 _MAX_INT = {"batch_size": 2**20, "eval_samples": 10**7, "teacher_pool": 10**7, "num_points": 10**8,
             "fake_score_steps": 1000, "student_steps": 16,
-            "hidden": 2**16, "depth": 1000, "base_channels": 4096, "layers_per_block": 64}
+            "hidden": 2**16, "depth": MAX_REPEATS, "base_channels": 4096, "layers_per_block": 64}
 
 
 def check_out(out: str, option: str = "out") -> None:
@@ -321,9 +323,9 @@ def channel_mult(spec: str) -> tuple[int, ...]:
         mult = tuple(int(m) for m in spec.split(","))
     except ValueError:
         mult = ()
-    if not mult or min(mult) < 1:
-        raise ConfigError(f"option 'channel_mult' must be positive integers separated by commas, e.g. 1,2,2; "
-                          f"got {spec!r}")
+    if not mult or min(mult) < 1 or len(mult) > MAX_LEVELS:
+        raise ConfigError(f"option 'channel_mult' must be 1 to {MAX_LEVELS} positive integers separated by commas, "
+                          f"e.g. 1,2,2; got {spec!r}")
     return mult
 
 

@@ -24,7 +24,7 @@ from ..sampling import seeded_noise
 from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import load_teacher
-from .checkpoint import check_any, entry, list_checkpoints, load_latest, save_checkpoint
+from .checkpoint import CheckpointError, check_any, entry, list_checkpoints, load_latest, read_meta, save_checkpoint
 from .components import (
     balanced_labels,
     build,
@@ -32,6 +32,7 @@ from .components import (
     generator_loss,
     noise_range,
     reference_teacher_samples,
+    resolved_student_sigmas,
     teacher_samples,
     true_samples,
     variety_probe,
@@ -50,6 +51,22 @@ def _check_config(meta: dict, cfg: DistillConfig, out: Path) -> None:
     if isinstance(meta.get("student_sigmas"), list):
         saved = {**saved, "student_sigma_min": cfg.student_sigma_min}
     check_resumable(saved, cfg, str(out))
+
+
+def _check_levels(out: Path, levels: tuple[float, ...]) -> None:
+    """The student's noise levels recorded by the run's checkpoints against this config's: the automatic last
+    level is resolved from the teacher by code that may change between versions. (Unreadable entries are
+    damage, for ``load_latest``; checkpoints from before the levels were recorded have none.)"""
+    for path in list_checkpoints(out / "checkpoints"):
+        try:
+            saved = read_meta(path).get("student_sigmas")
+        except CheckpointError:
+            continue
+        numbers = isinstance(saved, list) and all(isinstance(v, int | float) for v in saved)
+        if numbers and [float(v) for v in saved] != list(levels):
+            raise ConfigError(f"cannot resume {out}: its student was trained at noise levels {saved}, this config "
+                              f"gives {list(levels)} (the automatic last level may differ between versions); set "
+                              f"student_sigma_min to {saved[-1]} to resume it, or use another --out for a new run")
 
 
 @holds_run_lock
@@ -91,6 +108,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
     if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
         check_any(out / "checkpoints", lambda meta: _check_config(meta, cfg, out))
+        _check_levels(out, resolved_student_sigmas(cfg, teacher))
     torch.manual_seed(cfg.seed)  # network initialisations
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from g
 
@@ -155,16 +173,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         step, guard.skipped = meta["step"], entry(meta, "nonfinite_skipped", int, "state.json", 0)
         c.ema.num_updates = entry(meta, "ema_updates", int, "state.json")
 
-    def resumable(meta: dict) -> None:
-        _check_config(meta, cfg, out)
-        saved = meta.get("student_sigmas")  # resolved from the teacher when student_sigma_min is 0, by code
-        if isinstance(saved, list) and [float(v) for v in saved] != list(c.generator.sigmas):  # that may change
-            raise ConfigError(f"cannot resume {out}: its student was trained at noise levels {saved}, this "
-                              f"config gives {list(c.generator.sigmas)} (the automatic last level may differ "
-                              f"between versions); set student_sigma_min to {saved[-1]} to resume it, or use "
-                              "another --out for a new run")
-
-    loaded = load_latest(out / "checkpoints", c.modules(), resumable, restore) if resuming else None
+    loaded = load_latest(out / "checkpoints", c.modules(), lambda meta: _check_config(meta, cfg, out),
+                         restore) if resuming else None
     if loaded is not None:
         guard.resumed_from = loaded[0]  # a non-finite first step then says the checkpoint may be damaged
     if main:
