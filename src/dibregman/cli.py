@@ -78,7 +78,7 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
                          "teacher's 35-NFE ODE sample from it (paired once before training); >= 0, 0 = off",
     "generator_mode": "score: omega * (D_F - D_T); discriminator: the critic-only form of the same gradient",
     "hidden": "MLP width: the fitted start network of an analytic teacher and a standalone critic; integer >= 1",
-    "depth": "MLP residual blocks of the same networks; integer >= 1",
+    "depth": "MLP residual blocks of the same networks; integer 1 to 256",
     "fit_steps": "analytic teacher only: steps fitting the MLP the students start from; integer >= 0",
     "seed": "seed of every random draw of the run; integer",
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
@@ -106,7 +106,7 @@ TEACHER_HELP = {
     "lr": "Adam learning rate; > 0",
     "ema_decay": "EMA decay of the saved weights; in [0, 1)",
     "hidden": "MLP width (point teachers); integer >= 1",
-    "depth": "MLP residual blocks (point teachers); integer >= 1",
+    "depth": "MLP residual blocks (point teachers); integer 1 to 256",
     "base_channels": "U-Net: channels of the first level; integer >= 1",
     "channel_mult": "U-Net: channel multiplier per level, comma separated (e.g. 1,2,2); each level after the "
                     "first halves the resolution",
