@@ -46,7 +46,7 @@ GRID = 80  # images per sample grid: 8 per class for 10 classes
 
 def _check_config(meta: dict, cfg: DistillConfig, out: Path) -> None:
     """A checkpoint's config against ``cfg``; where it records the student's noise levels, those are compared
-    (after the build) rather than the ``student_sigma_min`` they were resolved from."""
+    (``_check_levels``) rather than the ``student_sigma_min`` they were resolved from."""
     saved = meta.get("config", {})
     if isinstance(meta.get("student_sigmas"), list):
         saved = {**saved, "student_sigma_min": cfg.student_sigma_min}
