@@ -91,6 +91,21 @@ def test_feature_critic_leaves_the_network_it_reads_alone(teacher):
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+def test_a_gan_term_through_a_teacher_feature_critic_builds_no_gradient_on_the_teacher(teacher):
+    from dibregman.teachers import load_teacher
+    from dibregman.train.components import build
+    from dibregman.train.config import DistillConfig
+
+    t = load_teacher(teacher)
+    c = build(DistillConfig(critic_head="teacher"), t, t.network, torch.device("cpu"))
+    x, sigma, y = torch.randn(4, 1, 8, 8), torch.full((4,), 0.7), torch.arange(4)
+    xg = c.generator(x, y)  # the generator's GAN term: the critic's score of its samples, through the features
+    c.critic(xg + 0.7 * torch.randn_like(xg), sigma, y).sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in t.network.parameters())
+    assert all(p.grad is not None for p in c.generator.parameters())  # the student's copy does train
+    assert all(p.requires_grad for p in c.fake_score.parameters())
+
+
 def test_guidance_is_classifier_free_guidance(teacher):
     from dibregman.teachers import load_teacher
 

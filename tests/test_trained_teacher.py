@@ -136,8 +136,13 @@ def test_teacher_calls_are_frozen_but_copies_train(tmp_path):
     assert not teacher(x, torch.ones(4)).requires_grad
     teacher.train()
     assert not teacher.network.training
-    # students start from a copy of the network: it must still be trainable
-    assert all(p.requires_grad for p in teacher.network.parameters())
+    assert not any(p.requires_grad for p in teacher.network.parameters())  # frozen: no gradient lands on it
+    from dibregman.train.components import build
+    from dibregman.train.config import DistillConfig
+
+    c = build(DistillConfig(), teacher, teacher.network, torch.device("cpu"))  # the students' copies train
+    for net in (c.generator, c.fake_score, c.critic):
+        assert all(p.requires_grad for p in net.parameters())
 
 
 def test_truncated_weights(tmp_path):

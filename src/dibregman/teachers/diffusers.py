@@ -279,14 +279,14 @@ class DiffusersTeacher(nn.Module):
 
     ``network`` is the wrapped denoiser: students start from a copy of it, so they compute exactly the
     teacher's converted denoiser at step 0. As with ``NetworkTeacher``, calls run without autograd unless
-    ``no_grad=False``, the module stays in eval mode, and parameters keep ``requires_grad`` (a frozen flag
-    would be copied into the students).
+    ``no_grad=False``, the module stays in eval mode, and its parameters are frozen (the students' copies are
+    made trainable where they are built).
     """
 
     def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, no_grad: bool = True,
                  source: str | None = None, text_encoder: Any = None):
         super().__init__()
-        self.net = DiffusersDenoiser(unet, scheduler, sigma_data).eval()
+        self.net = DiffusersDenoiser(unet, scheduler, sigma_data).eval().requires_grad_(False)
         self.scheduler = scheduler
         self.source = source
         self.no_grad = no_grad

@@ -45,14 +45,15 @@ class NetworkTeacher(nn.Module):
 
     Calls run without autograd unless ``no_grad=False`` (for losses that differentiate through the
     teacher with respect to its input), and the network stays in eval mode (``.train()`` is a no-op).
-    The parameters keep ``requires_grad``: students are started from ``copy.deepcopy(teacher.network)``
-    and a frozen flag would be copied with them, silently freezing the generator and fake score.
+    The parameters are frozen (``requires_grad`` off), so a loss that differentiates through the teacher's
+    features (a GAN term on a teacher-feature critic) builds no gradients on it; the students' copies of
+    ``network`` are made trainable where they are built (``train/components.py: build``).
     """
 
     def __init__(self, net: Precond, shape: Sequence[int], sigma_min: float = 0.002, sigma_max: float = 80.0,
                  meta: dict[str, Any] | None = None, no_grad: bool = True):
         super().__init__()
-        self.net = net.eval()
+        self.net = net.eval().requires_grad_(False)
         self.shape: tuple[int, ...] = tuple(int(s) for s in shape)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data = float(net.sigma_data)
