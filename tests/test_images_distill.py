@@ -106,6 +106,18 @@ def test_a_gan_term_through_a_teacher_feature_critic_builds_no_gradient_on_the_t
     assert all(p.requires_grad for p in c.fake_score.parameters())
 
 
+def test_an_image_teacher_object_around_a_network_is_distilled(tmp_path, teacher, classifier):
+    net = db.load_teacher(teacher).network
+    obj = db.ModuleTeacher(net, shape=(1, 8, 8), sigma_data=net.sigma_data, num_classes=10)
+    out = db.distill(preset="tiny-images", teacher=obj, classifier=classifier, divergence="hellinger",
+                     out=str(tmp_path / "run"), progress=False)
+    x = db.sample(out, 16, labels=torch.arange(16) % 10)  # saved like any student, sampled without the object
+    assert x.shape == (16, 1, 8, 8) and torch.isfinite(x).all()
+    summary = json.loads((out / "summary.json").read_text())
+    again = db.evaluate_run(out, teacher=obj, classifier=classifier)
+    assert again["fd"] == pytest.approx(summary["metrics"]["fd"], rel=1e-6)
+
+
 def test_guidance_is_classifier_free_guidance(teacher):
     from dibregman.teachers import load_teacher
 

@@ -18,7 +18,7 @@ import torch
 from .artifacts import load_generator
 from .metrics.toy import evaluate
 from .sampling import seeded_noise
-from .teachers import load_teacher
+from .teachers import Teacher, check_teacher, exact_mixture, load_teacher
 from .text.prompts import PromptSet
 from .train.components import balanced_labels, teacher_samples, true_samples
 from .train.conditions import Conditions, conditions_for
@@ -39,10 +39,20 @@ def _layered(cls: type, config: Any, preset: str | None, options: dict[str, Any]
 
 
 def distill(config: DistillConfig | None = None, *, preset: str | None = None, resume: bool = False,
-            progress: bool | None = None, **options: Any) -> Path:
-    """Run a distillation; ``options`` override fields of ``config`` (or of the defaults/preset)."""
+            progress: bool | None = None, teacher: str | Teacher | None = None, **options: Any) -> Path:
+    """Run a distillation; ``options`` override fields of ``config`` (or of the defaults/preset).
+
+    ``teacher`` is a spec string (``gmm:``, ``net:``, ``diffusers:``, ``edm:``) or any object meeting the
+    teacher contract (``dibregman.teachers.Teacher``; wrap a plain module or function with
+    ``dibregman.ModuleTeacher``). An object is checked before anything runs and recorded in the run as
+    ``object:<name>@<fingerprint>``; resuming takes the same object again."""
+    obj = None
+    if isinstance(teacher, str):
+        options["teacher"] = teacher
+    elif teacher is not None:
+        obj = teacher
     cfg = _layered(DistillConfig, config, preset, options)
-    return _distill(cfg, resume=resume, progress=progress)
+    return _distill(cfg, resume=resume, progress=progress, teacher=obj)
 
 
 def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = None, resume: bool = False,
@@ -115,14 +125,19 @@ def _scorer(teacher: Any, num: int, seed: int, classifier: str = "auto", conds: 
         score = make_evaluator(teacher, reference, classifier)
         labels = conds.classes(conds.cycle(num))
         return (lambda x: score(x, labels)) if score is not None else (lambda x: {})
-    return lambda x: evaluate(x, reference, teacher if hasattr(teacher, "log_prob") else None)
+    return lambda x: evaluate(x, reference, exact_mixture(teacher))
 
 
-def teacher_row(teacher_spec: str, num: int, seed: int = 0, classifier: str = "auto", prompts: str = "",
+def _teacher(teacher: str | Teacher) -> Teacher:
+    return load_teacher(teacher) if isinstance(teacher, str) else check_teacher(teacher)
+
+
+def teacher_row(teacher_spec: str | Teacher, num: int, seed: int = 0, classifier: str = "auto", prompts: str = "",
                 guidance: float = 1.0) -> dict[str, Any]:
     """The reference row of every table: the teacher's own 35-NFE Heun sampler, same metrics (a text
-    teacher on ``prompts``, see ``DistillConfig.prompts``; ``guidance``: its classifier-free guidance)."""
-    teacher = load_teacher(teacher_spec)
+    teacher on ``prompts``, see ``DistillConfig.prompts``; ``guidance``: its classifier-free guidance).
+    ``teacher_spec``: a spec string or a teacher object."""
+    teacher = _teacher(teacher_spec)
     if guidance != 1.0:
         teacher.guidance = guidance
     conds = conditions_for(teacher, prompts)
@@ -144,15 +159,16 @@ def run_eval_samples(run: str | Path) -> int:
     return eval_samples(0, load_generator(run)[1]["shape"])
 
 
-def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher: str | None = None,
+def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher: str | Teacher | None = None,
                  classifier: str = "auto", prompts: str = "") -> dict[str, Any]:
     """Metrics of a finished run's generator against the law its teacher models (a text generator on
     ``prompts``: its teacher's training captions by default, ``unseen``, or a prompt file). With the run's
     seed and ``num`` (default: ``run_eval_samples(run)``) these are the samples and the reference set of the
-    run's own final evaluation, so its ``summary.json`` metrics come back."""
+    run's own final evaluation, so its ``summary.json`` metrics come back. ``teacher`` (a spec or an object)
+    replaces the run's own; a run distilled from an object needs it."""
     gen, info = load_generator(run)
     num = run_eval_samples(run) if num is None else num
-    the_teacher = load_teacher(teacher or info["teacher"])
+    the_teacher = _teacher(teacher or info["teacher"])
     conds = conditions_for(the_teacher, prompts)
     score = _scorer(the_teacher, num, seed, classifier, conds)
     t0 = time.perf_counter()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Teacher
+from .base import Teacher, exact_mixture
+from .objects import ModuleTeacher, check_teacher
 
-__all__ = ["Teacher", "load_teacher"]
+__all__ = ["ModuleTeacher", "Teacher", "check_teacher", "exact_mixture", "load_teacher"]
 
 
 def load_teacher(spec: str) -> Teacher:
@@ -30,6 +31,11 @@ def load_teacher(spec: str) -> Teacher:
         from .edm import load_edm_teacher
 
         return load_edm_teacher(arg)
+    if kind == "object":
+        raise ValueError(f"{spec!r} names a teacher that was passed to db.distill as a Python object, which a spec "
+                         "string cannot rebuild: pass the object again (db.distill(teacher=obj, resume=True), "
+                         "db.evaluate_run(run, teacher=obj)), or on the command line --teacher with a spec of "
+                         "the same teacher")
     if Path(spec).is_dir():  # a bare folder made by `dibregman train-teacher`
         from .trained import load_teacher as load_net
 

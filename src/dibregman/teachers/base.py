@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -30,3 +30,12 @@ class Teacher(Protocol):
 
     @property
     def network(self) -> Precond | None: ...
+
+
+MIXTURE_MEMBERS = ("log_prob", "assign", "mahalanobis2", "weights", "num_components")
+
+
+def exact_mixture(teacher: Any) -> Any:
+    """``teacher`` if it is an analytic mixture with every member the exact metrics and diagnostics read
+    (``log_prob``, ``assign``, ``mahalanobis2``, ``weights``, ``num_components``), else None."""
+    return teacher if all(hasattr(teacher, m) for m in MIXTURE_MEMBERS) else None

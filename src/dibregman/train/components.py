@@ -33,15 +33,20 @@ Tensor = torch.Tensor
 
 def fit_network(teacher: Teacher, hidden: int, depth: int, steps: int, batch_size: int,
                 generator: torch.Generator, device: torch.device) -> Precond:
-    """An analytic teacher has no weights to copy, so the students start from an MLP regressed onto its
-    exact denoiser (``lambda(sigma) ||D_theta - D_T||^2`` at noisy teacher samples): the same starting
-    point a network teacher gives, with a target free of the denoising loss's noise."""
+    """A point teacher without weights to copy (analytic, or an object without a network): the students start
+    from an MLP regressed onto its denoiser (``lambda(sigma) ||D_theta - D_T||^2`` at noisy teacher samples),
+    the same starting point a network teacher gives, with a target free of the denoising loss's noise. The
+    samples are exact where the teacher can draw them (``sample``), else ``FIT_POOL`` of its 35-NFE ones."""
     net = build_precond({"dim": teacher.shape[0], "hidden": hidden, "depth": depth},
                             teacher.sigma_data).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     sigmas = LogNormal(p_mean=-0.4, p_std=1.4)  # wider than EDM's: the generator queries large sigma
+    pool = None if hasattr(teacher, "sample") else teacher_samples(teacher, FIT_POOL, generator.initial_seed(), device)
     for _ in range(steps):
-        x0 = teacher.sample(batch_size, generator=generator).float().to(device)
+        if pool is None:
+            x0 = teacher.sample(batch_size, generator=generator).float().to(device)
+        else:
+            x0 = pool[torch.randint(len(pool), (batch_size,), generator=generator).to(device)]
         sigma = sigmas(batch_size, generator).to(device)
         n = torch.randn(x0.shape, generator=generator).to(device)
         with torch.no_grad():
@@ -53,6 +58,7 @@ def fit_network(teacher: Teacher, hidden: int, depth: int, steps: int, batch_siz
     return net
 
 
+FIT_POOL = 10_000  # a teacher that cannot draw exact samples is fitted on this many of its 35-NFE ones
 _FITS: dict[tuple, tuple[dict[str, Tensor], Tensor]] = {}
 
 

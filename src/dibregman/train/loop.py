@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import statistics
@@ -23,7 +24,8 @@ from ..metrics.toy import evaluate as evaluate_points
 from ..sampling import seeded_noise
 from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
-from ..teachers import load_teacher
+from ..teachers import Teacher, check_teacher, exact_mixture, load_teacher
+from ..teachers.objects import object_spec
 from .checkpoint import CheckpointError, check_any, entry, list_checkpoints, load_latest, read_meta, save_checkpoint
 from .components import (
     balanced_labels,
@@ -70,19 +72,24 @@ def _check_levels(out: Path, levels: tuple[float, ...]) -> None:
 
 
 @holds_run_lock
-def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None) -> Path:
-    """Distill ``cfg.teacher`` into a one-step (or ``student_steps``-step) generator; returns the run folder.
+def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None,
+            teacher: Teacher | None = None) -> Path:
+    """Distill ``cfg.teacher`` (or the object ``teacher``, which the run records as ``object:<name>@<digits>``)
+    into a one-step (or ``student_steps``-step) generator; returns the run folder.
 
     The folder gets ``config.json``, ``stats.jsonl``, ``metrics.jsonl``, ``checkpoints/``, and at the end
     ``generator/``, ``samples.npz``, ``summary.json`` and ``report.md``. ``resume=True`` continues from
     the newest valid checkpoint, bit-identically on CPU.
     """
     validate(cfg)
+    if teacher is not None:  # checked before anything is made; resuming needs the same object (its label)
+        cfg = dataclasses.replace(cfg, teacher=object_spec(check_teacher(teacher)))
     dist.init()  # under torchrun: join the process group; rank 0 alone writes files
     main = dist.is_main()
     device = dist.resolve_device(cfg.device)
     local = dist.local_slice(cfg.batch_size)  # this process's share of every global batch
-    teacher = load_teacher(cfg.teacher).to(device)  # a bad teacher fails before the run folder is made
+    # a bad teacher fails before the run folder is made
+    teacher = (teacher if teacher is not None else load_teacher(cfg.teacher)).to(device)
     if cfg.guidance != 1.0:
         if not (teacher.num_classes or getattr(teacher, "text", None)) or not hasattr(teacher, "guidance"):
             raise ConfigError(f"guidance = {cfg.guidance} needs a class- or text-conditional network teacher; "
@@ -154,7 +161,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     eval_idx = conds.cycle(n_eval)
     eval_y = conds.classes(eval_idx)  # what label accuracy (prompt adherence for text) is measured against
     score = make_evaluator(teacher, reference, cfg.classifier) if images else None
-    gmm = teacher if hasattr(teacher, "log_prob") else None
+    gmm = exact_mixture(teacher)
     diagnose = variety_probe(gmm, c, cfg.seed) if gmm is not None else None
 
     def evaluate(x: torch.Tensor) -> dict[str, float]:
