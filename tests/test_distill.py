@@ -185,6 +185,21 @@ def test_a_users_own_convex_h_runs_from_a_spec_string(tmp_path, monkeypatch):
     assert run_cli("distill", "--preset", "tiny", "--out", "r3", "--divergence", "py:no_such_module:h") == 2
 
 
+def test_a_run_leaves_the_callers_random_state_and_import_path_alone(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "family_in_cwd.py").write_text("def h(r):\n    return (r - 1) ** 2 / 2\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    path = list(sys.path)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    db.distill(out="run", divergence="py:family_in_cwd:h", **TINY)  # found in the working directory
+    db.train_teacher(preset="tiny", out="teacher", progress=False)
+    assert torch.equal(before, torch.get_rng_state())  # both seed torch for their networks, on a fork
+    assert sys.path == path
+
+
 def test_discriminator_form_and_gan_term_run_end_to_end(tmp_path):
     out = db.distill(out=str(tmp_path / "disc"), divergence="hellinger", generator_mode="discriminator", **TINY)
     stats = read_jsonl(out / "stats.jsonl")

@@ -350,12 +350,16 @@ def divergence_from_spec(spec: str, clip: tuple[float, float] = (0.1, 20.0)) -> 
     import importlib
     import sys
 
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # `python -m`-like: a module in the working directory is found
+    added = "" not in sys.path
+    if added:  # `python -m`-like: a module in the working directory is found; the caller's path is put back
+        sys.path.insert(0, "")
     try:
         h = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot import the convex h {spec!r}: {e}") from None
+    finally:
+        if added:
+            sys.path.remove("")
     if not callable(h):
         raise ValueError(f"{spec!r} is not callable; it must be a function h(r) on tensors")
     return _checked(from_h(h, name=spec), spec, clip)  # fails now, not hours later, if h is not convex

@@ -126,6 +126,22 @@ def holds_run_lock(fn):
     return wrapper
 
 
+def keeps_caller_rng(fn):
+    """Run ``fn`` on a fork of torch's global random state: a run seeds it for its network initialisations,
+    and the caller's own stream continues afterwards as if the run had not happened."""
+    import functools
+
+    import torch
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # --nonfinite skip stops a run whose updates are mostly skipped: more than SKIP_RATIO of the last SKIP_WINDOW
 # updates (of every network; counted once SKIP_MIN_UPDATES were made), which is divergence, not a stray batch.
 SKIP_WINDOW, SKIP_MIN_UPDATES, SKIP_RATIO = 200, 50, 0.5

@@ -41,7 +41,7 @@ from .components import (
 )
 from .conditions import conditions_for
 from .config import ConfigError, DistillConfig, check_resumable, eval_samples, to_dict, validate
-from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock, prepare_run_dir
+from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock, keeps_caller_rng, prepare_run_dir
 
 GRID = 80  # images per sample grid: 8 per class for 10 classes
 
@@ -72,6 +72,7 @@ def _check_levels(out: Path, levels: tuple[float, ...]) -> None:
 
 
 @holds_run_lock
+@keeps_caller_rng
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None,
             teacher: Teacher | None = None) -> Path:
     """Distill ``cfg.teacher`` (or the object ``teacher``, which the run records as ``object:<name>@<digits>``)

@@ -42,10 +42,11 @@ from ..text.prompts import TRAIN_TEMPLATES
 from .checkpoint import INTEGRITY, MANIFEST, entry, load_latest, save_checkpoint, write_manifest
 from .config import ConfigError, TeacherConfig, channel_mult, check_resumable, validate
 from .ema import EMA
-from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock, prepare_run_dir
+from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock, keeps_caller_rng, prepare_run_dir
 
 
 @holds_run_lock
+@keeps_caller_rng
 def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: bool = False,
                   command: str | None = None) -> Path:
     """Train, checkpoint and evaluate a teacher; returns the teacher folder ``cfg.out/teacher``.
