@@ -97,7 +97,7 @@ def test_network_is_the_teachers_denoiser(request, which):
 def test_features_are_the_unets_bottleneck_and_checkpointing_keeps_gradients(ddpm):
     teacher = load_teacher(ddpm)
     x, sigma, cond = _inputs(teacher)
-    net = copy.deepcopy(teacher.network)
+    net = copy.deepcopy(teacher.network).requires_grad_(True)  # a student's copy, as build makes it
     seen = {}
     hook = net.unet.mid_block.register_forward_hook(lambda m, a, out: seen.update(mid=out))  # returns None
     with torch.no_grad():

@@ -118,6 +118,14 @@ def test_an_image_teacher_object_around_a_network_is_distilled(tmp_path, teacher
     assert again["fd"] == pytest.approx(summary["metrics"]["fd"], rel=1e-6)
 
 
+def test_a_teacher_object_does_not_keep_another_runs_guidance(teacher, classifier):
+    t = db.load_teacher(teacher)
+    db.teacher_row(t, 8, classifier=classifier, guidance=2.0)
+    assert t.guidance == 2.0
+    db.teacher_row(t, 8, classifier=classifier)
+    assert t.guidance == 1.0
+
+
 def test_guidance_is_classifier_free_guidance(teacher):
     from dibregman.teachers import load_teacher
 

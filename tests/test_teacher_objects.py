@@ -21,20 +21,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MU, TAU = torch.tensor([[-2.0, 0.0], [2.0, 0.0]]), 0.3
 
 
-def two_blobs(x, sigma, cond=None):
+def blobs(x, sigma, mu=MU):
     """The exact denoiser of the equal mixture of N(mu_k, TAU^2 I): responsibilities under N(mu_k, (TAU^2 +
     sigma^2) I) times each component's posterior mean."""
-    s2 = sigma.reshape(-1, 1) ** 2 + TAU**2
-    w = (-((x[:, None, :] - MU) ** 2).sum(-1) / (2 * s2)).softmax(-1)
-    post = MU + (TAU**2 / s2)[:, :, None] * (x[:, None, :] - MU)
+    mu, s2 = mu.to(x), sigma.reshape(-1, 1) ** 2 + TAU**2
+    w = (-((x[:, None, :] - mu) ** 2).sum(-1) / (2 * s2)).softmax(-1)
+    post = mu + (TAU**2 / s2)[:, :, None] * (x[:, None, :] - mu)
     return (w[:, :, None] * post).sum(1)
 
 
-def blobs_teacher(mu: torch.Tensor = MU) -> db.ModuleTeacher:
-    def denoiser(x, sigma, cond=None):
-        return two_blobs(x - (mu - MU).mean(0), sigma) + (mu - MU).mean(0)
+def blobs_teacher(shift: float = 0.0) -> db.ModuleTeacher:
+    """The same function name whatever the blobs: a changed teacher differs by its fingerprint alone."""
 
-    return db.ModuleTeacher(denoiser if not torch.equal(mu, MU) else two_blobs, shape=(2,), sigma_data=2.0)
+    def two_blobs(x, sigma, cond=None):
+        return blobs(x, sigma, MU + shift)
+
+    return db.ModuleTeacher(two_blobs, shape=(2,), sigma_data=2.0)
 
 
 def weights(run) -> dict[str, torch.Tensor]:
@@ -56,7 +58,7 @@ def test_a_function_teacher_is_distilled_and_the_student_learns(tmp_path):
     share = (x[:, 0] > 0).float().mean()
     assert abs(share - 0.5) < 0.1 and ((x - MU[(x[:, 0] > 0).long()]).norm(dim=1) < 4 * TAU).float().mean() > 0.8
     config = json.loads((end / "config.json").read_text())
-    assert config["teacher"].startswith("object:two_blobs@")
+    assert config["teacher"] == "object:two_blobs"
     # the run's own samples come back with the object, and `eval` of the spec-less run says what to pass
     assert db.evaluate_run(end, teacher=t)["energy"] == pytest.approx(m1["energy"], rel=1e-9)
     with pytest.raises(ValueError, match=r"passed to db\.distill as a Python object.*teacher=obj"):
@@ -77,8 +79,8 @@ def test_resume_takes_the_same_object_and_refuses_another(tmp_path):
     out = str(tmp_path / "run")
     whole = db.distill(preset="tiny", teacher=blobs_teacher(), out=str(tmp_path / "whole"), progress=False)
     db.distill(preset="tiny", teacher=blobs_teacher(), steps=3, out=out, progress=False)
-    with pytest.raises(ConfigError, match=r"teacher: 'object:two_blobs@\w+' -> 'object:denoiser@\w+'"):
-        db.distill(preset="tiny", teacher=blobs_teacher(MU + 1), out=out, progress=False, resume=True)
+    with pytest.raises(ConfigError, match=r"its teacher has changed since the run started \(fingerprint \w+, now"):
+        db.distill(preset="tiny", teacher=blobs_teacher(1.0), out=out, progress=False, resume=True)
     part = db.distill(preset="tiny", teacher=blobs_teacher(), out=out, progress=False, resume=True)
     wa, wb = weights(whole), weights(part)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same object resumes exactly
@@ -96,13 +98,13 @@ def test_the_cli_eval_of_an_object_run_says_what_to_pass(tmp_path, capsys):
 
 def test_eps_prediction_is_converted_to_the_clean_sample():
     x, sigma = torch.randn(16, 2), torch.exp(torch.randn(16))
-    d = two_blobs(x, sigma)
-    eps = db.ModuleTeacher(lambda x, s, c: (x - two_blobs(x, s)) / s[:, None], (2,), prediction="eps")
+    d = blobs(x, sigma)
+    eps = db.ModuleTeacher(lambda x, s, c: (x - blobs(x, s)) / s[:, None], (2,), prediction="eps")
     torch.testing.assert_close(eps(x, sigma), d)
     net = Precond(MLP(2, 16, 1), 0.5)
     t = db.ModuleTeacher(net, (2,))
     assert t.network is net and not any(p.requires_grad for p in net.parameters())
-    assert db.ModuleTeacher(two_blobs, (2,)).network is None
+    assert db.ModuleTeacher(blobs, (2,)).network is None
 
 
 class _Good(torch.nn.Module):
@@ -119,7 +121,7 @@ def _bad(**changes):
 
 
 @pytest.mark.parametrize("teacher, match", [
-    (two_blobs, r"must be a torch\.nn\.Module.*dibregman\.ModuleTeacher"),
+    (blobs, r"must be a torch\.nn\.Module.*dibregman\.ModuleTeacher"),
     (_bad(shape=[2, 2]), r"shape must be one sample's shape"),
     (_bad(shape=(0,)), r"shape must be one sample's shape"),
     (_bad(sigma_min=80.0, sigma_max=1.0), r"sigma_min \(80\.0\) must be below its sigma_max"),
@@ -130,10 +132,96 @@ def _bad(**changes):
     (_bad(shape=(1, 4, 4)), r"image teacher needs a network"),
     (_bad(forward=lambda x, s, c=None: x[:, :1]), r"returned \(2, 1\) for inputs of shape \(2, 2\)"),
     (_bad(forward=lambda x, s, c=None: x * float("nan")), r"NaN or inf"),
+    (_bad(forward=lambda x, s, c=None: x @ torch.ones(3, 3)), r"calling the teacher on two noisy inputs .* failed: "
+                                                              r"RuntimeError"),
 ], ids=["function", "shape-list", "shape-zero", "sigma-order", "sigma-data", "classes", "cond-no-net",
-        "net-type", "image-no-net", "out-shape", "nan"])
+        "net-type", "image-no-net", "out-shape", "nan", "raises"])
 def test_a_teacher_object_that_breaks_the_contract_is_refused_before_any_run(tmp_path, teacher, match):
     with pytest.raises((TypeError, ValueError), match=match):
         db.distill(preset="tiny", teacher=teacher, out=str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()
     assert db.check_teacher(_Good()) is not None
+
+
+TEACHER_MODULE = '''
+import torch
+import dibregman as db
+
+MU, TAU = torch.tensor([[-2.0, 0.0], [2.0, 0.0]]) * SCALE, 0.3
+
+
+def blobs(x, sigma, cond=None):
+    mu, s2 = MU.to(x), sigma.reshape(-1, 1) ** 2 + TAU**2
+    w = (-((x[:, None, :] - mu) ** 2).sum(-1) / (2 * s2)).softmax(-1)
+    return (w[:, :, None] * (mu + (TAU**2 / s2)[:, :, None] * (x[:, None, :] - mu))).sum(1)
+
+
+def make():
+    return db.ModuleTeacher(blobs, shape=(2,), sigma_data=2.0)
+
+
+def bad():
+    return "not a teacher"
+'''
+
+
+def test_a_py_spec_builds_the_teacher_for_the_cli_which_resumes_and_evaluates_it(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_teachers.py").write_text(TEACHER_MODULE.replace("SCALE", "1.0"))
+    args = ["distill", "--preset", "tiny", "--teacher", "py:my_teachers:make", "--out", "run", "--no-progress"]
+    monkeypatch.delitem(sys.modules, "my_teachers", raising=False)
+    for extra in (["--steps", "3"], ["--resume"]):
+        with pytest.raises(SystemExit) as e:
+            main(args + extra)
+        assert e.value.code == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["teacher"] == "py:my_teachers:make"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "run", "--num", "200"])  # the spec rebuilds the teacher
+    assert e.value.code == 0
+    # the same spec building another teacher (code edited between runs) is refused on resume
+    (tmp_path / "my_teachers.py").write_text(TEACHER_MODULE.replace("SCALE", "1.5"))
+    monkeypatch.delitem(sys.modules, "my_teachers")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--steps", "9", "--resume"])
+    assert e.value.code == 2 and "its teacher has changed since the run started" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--preset", "tiny", "--teacher", "py:my_teachers:bad", "--out", "bad", "--no-progress"])
+    assert e.value.code == 2 and "py:my_teachers:bad returned: a teacher object is expected" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_teacher_folder_changed_under_a_run_is_refused_on_resume(tmp_path):
+    from dibregman.teachers.trained import save_teacher
+
+    torch.manual_seed(0)
+    folder = save_teacher(tmp_path / "teacher", Precond(MLP(2, 32, 1), 0.5), {"data": "moons"})
+    out = str(tmp_path / "run")
+    db.distill(preset="tiny", teacher=f"net:{folder}", steps=3, out=out, progress=False)
+    save_teacher(folder, Precond(MLP(2, 32, 1), 0.5), {"data": "moons"})  # other weights, same folder
+    with pytest.raises(ConfigError, match="its teacher has changed since the run started"):
+        db.distill(preset="tiny", teacher=f"net:{folder}", out=out, progress=False, resume=True)
+
+
+def test_the_fingerprint_reads_weights_and_persistent_buffers_only():
+    from dibregman.teachers.objects import fingerprint
+
+    class Scaled(_Good):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(1.0))  # a 0-dim parameter
+            self.register_buffer("cache", torch.zeros(3), persistent=False)  # derived: may differ in its last bits
+
+        def forward(self, x, sigma, cond=None):
+            return self.scale * x / (1 + sigma[:, None] ** 2)
+
+    t = Scaled()
+    before = fingerprint(db.check_teacher(t))
+    t.cache += 1e-7
+    assert fingerprint(t) == before
+    with torch.no_grad():
+        t.scale += 1e-3
+    assert fingerprint(t) != before
+    assert fingerprint(blobs_teacher()) == fingerprint(blobs_teacher()) != fingerprint(blobs_teacher(0.5))

@@ -42,10 +42,10 @@ def distill(config: DistillConfig | None = None, *, preset: str | None = None, r
             progress: bool | None = None, teacher: str | Teacher | None = None, **options: Any) -> Path:
     """Run a distillation; ``options`` override fields of ``config`` (or of the defaults/preset).
 
-    ``teacher`` is a spec string (``gmm:``, ``net:``, ``diffusers:``, ``edm:``) or any object meeting the
-    teacher contract (``dibregman.teachers.Teacher``; wrap a plain module or function with
+    ``teacher`` is a spec string (``gmm:``, ``net:``, ``diffusers:``, ``edm:``, ``py:``) or any object meeting
+    the teacher contract (``dibregman.teachers.Teacher``; wrap a plain module or function with
     ``dibregman.ModuleTeacher``). An object is checked before anything runs and recorded in the run as
-    ``object:<name>@<fingerprint>``; resuming takes the same object again."""
+    ``object:<name>`` (its fingerprint in the checkpoints); resuming takes the same object again."""
     obj = None
     if isinstance(teacher, str):
         options["teacher"] = teacher
@@ -138,7 +138,7 @@ def teacher_row(teacher_spec: str | Teacher, num: int, seed: int = 0, classifier
     teacher on ``prompts``, see ``DistillConfig.prompts``; ``guidance``: its classifier-free guidance).
     ``teacher_spec``: a spec string or a teacher object."""
     teacher = _teacher(teacher_spec)
-    if guidance != 1.0:
+    if guidance != 1.0 or hasattr(teacher, "guidance"):  # an object may carry another run's scale
         teacher.guidance = guidance
     conds = conditions_for(teacher, prompts)
     score = _scorer(teacher, num, seed, classifier, conds)
@@ -168,7 +168,7 @@ def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher
     replaces the run's own; a run distilled from an object needs it."""
     gen, info = load_generator(run)
     num = run_eval_samples(run) if num is None else num
-    the_teacher = _teacher(teacher or info["teacher"])
+    the_teacher = _teacher(teacher if teacher is not None else info["teacher"])
     conds = conditions_for(the_teacher, prompts)
     score = _scorer(the_teacher, num, seed, classifier, conds)
     t0 = time.perf_counter()

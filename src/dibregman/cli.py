@@ -26,7 +26,7 @@ DEMO_DATASETS = {"ring": ("gmm:ring8_imbalanced", "demo"), "fashion-mnist": ("ne
 HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones train-teacher reads otherwise
     "teacher": "what to distill: gmm:<built-in or spec.json/.toml> (analytic mixture), net:<folder from "
                "train-teacher>, net:fashion-mnist or net:fashion-mnist-text (shipped), diffusers:<local folder>, "
-               "edm:<EDM network-snapshot .pkl>",
+               "edm:<EDM network-snapshot .pkl>, or py:<module>:<function> (your function returns a teacher object)",
     "guidance": "classifier-free guidance scale w of a class- or text-conditional teacher, D_u + w (D_c - D_u); "
                 "a number >= 0, 1 = none",
     "prompts": "text teachers: the prompts to distill on: empty (the teacher's training captions), unseen "

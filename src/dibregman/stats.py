@@ -26,7 +26,11 @@ def tensorboard_writer(log_dir: str | Path) -> Any:
 
 
 class Stats:
-    """Accumulates ``{name: float}`` between flushes; min/max keys keep their extremes, others the mean.
+    """Accumulates ``{name: value}`` between flushes; min/max keys keep their extremes, others the mean.
+
+    A value may be a float or a one-element tensor. Tensors stay where they are (on the GPU, say) and are
+    combined there; all of them are read in one transfer when the window is reduced or flushed, so a
+    training step that logs tensors never waits for the device.
 
     ``tensorboard``: a log folder that also receives every flushed row as scalars ``(key, value, step)``.
     Only the writing process (``write=True``, rank 0) opens it, so other ranks need no tensorboard install.
@@ -34,26 +38,42 @@ class Stats:
 
     def __init__(self, path: str | Path, write: bool = True, tensorboard: str | Path | None = None):
         self.path, self.write = Path(path), write
+        self._pending: dict[str, list[float | torch.Tensor]] = defaultdict(list)  # not yet read
         self._sum: dict[str, float] = defaultdict(float)
         self._n: dict[str, int] = defaultdict(int)
         self._ext: dict[str, float] = {}
         self._tb = tensorboard_writer(tensorboard) if write and tensorboard is not None else None
 
-    def add(self, values: dict[str, float]) -> None:
+    def add(self, values: dict[str, float | torch.Tensor]) -> None:
         for key, v in values.items():
-            v = float(v)
+            self._pending[key].append(v.detach().reshape(()) if isinstance(v, torch.Tensor) else float(v))
+
+    def _read(self) -> None:
+        """Fold the pending values into the window: the tensors in one transfer per device and dtype."""
+        tensors: dict[Any, list[tuple[list, int]]] = defaultdict(list)
+        for values in self._pending.values():
+            for i, v in enumerate(values):
+                if isinstance(v, torch.Tensor):
+                    tensors[v.device, v.dtype].append((values, i))
+        for slots in tensors.values():  # float64 on the CPU only: MPS has none
+            floats = torch.stack([vs[i] for vs, i in slots]).cpu().double().tolist()
+            for (vs, i), f in zip(slots, floats, strict=True):
+                vs[i] = f
+        for key, values in self._pending.items():
             if key.endswith("_min"):
-                self._ext[key] = min(v, self._ext.get(key, math.inf))
+                self._ext[key] = min([*values, self._ext.get(key, math.inf)])
             elif key.endswith("_max"):
-                self._ext[key] = max(v, self._ext.get(key, -math.inf))
+                self._ext[key] = max([*values, self._ext.get(key, -math.inf)])
             else:
-                self._sum[key] += v
-                self._n[key] += 1
+                self._sum[key] += sum(values)
+                self._n[key] += len(values)
+        self._pending.clear()
 
     def all_reduce(self) -> None:
         """Make the window's values global under torchrun: sums and counts add up, extremes combine."""
         from . import dist
 
+        self._read()
         if dist.world_size() == 1:
             return
         keys, ext = sorted(self._sum), sorted(self._ext)
@@ -67,6 +87,7 @@ class Stats:
                                                  "min" if k.endswith("_min") else "max"))
 
     def flush(self, step: int) -> dict[str, float]:
+        self._read()
         row: dict[str, float] = {"step": step}
         row.update({k: self._sum[k] / self._n[k] for k in self._sum})
         row.update(self._ext)

@@ -1,5 +1,6 @@
 """Teachers from a spec string: ``gmm:<built-in name or .json/.toml>``, ``net:<teacher folder>``,
-``diffusers:<local diffusers folder>`` or ``edm:<EDM network snapshot .pkl>``."""
+``diffusers:<local diffusers folder>``, ``edm:<EDM network snapshot .pkl>`` or ``py:<module>:<function>`` (your
+own code returns the teacher object)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def load_teacher(spec: str) -> Teacher:
         from .edm import load_edm_teacher
 
         return load_edm_teacher(arg)
+    if kind == "py" and arg:  # your own code builds it: py:<module>:<function>, called with no arguments
+        from ..plugins import load_callable
+
+        made = load_callable(spec, "a function that returns a teacher")()
+        try:
+            return check_teacher(made)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the teacher {spec} returned: {e}") from None
     if kind == "object":
         raise ValueError(f"{spec!r} names a teacher that was passed to db.distill as a Python object, which a spec "
                          "string cannot rebuild: pass the object again (db.distill(teacher=obj, resume=True), "
@@ -42,5 +51,5 @@ def load_teacher(spec: str) -> Teacher:
         return load_net(spec)
     raise ValueError(f"cannot read teacher spec {spec!r}: use 'gmm:<built-in or file.json>' (e.g. "
                      "gmm:ring8_imbalanced), 'net:<folder written by dibregman train-teacher>', "
-                     "'diffusers:<local folder with a UNet2DModel and its scheduler config>' or "
-                     "'edm:<EDM network-snapshot .pkl>'")
+                     "'diffusers:<local folder with a UNet2DModel and its scheduler config>', "
+                     "'edm:<EDM network-snapshot .pkl>' or 'py:<module>:<function returning a teacher>'")

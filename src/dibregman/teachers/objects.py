@@ -17,7 +17,7 @@ from .base import Teacher
 
 Tensor = torch.Tensor
 
-OBJECT_PREFIX = "object:"  # the `teacher` a run records for an object: object:<class>@<fingerprint>
+OBJECT_PREFIX = "object:"  # the `teacher` a run records for an object: object:<name>
 PREDICTIONS = ("x0", "eps")
 
 
@@ -26,7 +26,9 @@ class ModuleTeacher(nn.Module):
 
     ``fn(x, sigma, cond)`` (an ``nn.Module`` or a plain function; ``x`` is ``[B, *shape]``, ``sigma`` is
     ``[B]``, ``cond`` is ``None`` or ``[B]`` integer labels) predicts the clean sample (``prediction="x0"``,
-    EDM's ``D``) or the noise (``"eps"``: ``D = x - sigma eps``). ``network`` is what the students start
+    EDM's ``D``) or the noise (``"eps"``: ``D = x - sigma eps``); a plain function must follow ``x``'s device
+    and dtype (``.to()`` moves modules only: write ``mu.to(x)`` for a tensor it closes over). ``network`` is
+    what the students start
     from: a ``dibregman.precond.Precond`` around one of ``dibregman.nets``' backbones (so the student can be
     saved and sampled later); it defaults to ``fn`` when ``fn`` is one. Without it, a point teacher's students
     start from an MLP fitted to its samples; an image teacher needs one. Calls run without autograd and the
@@ -78,7 +80,8 @@ def check_teacher(obj: Any) -> Teacher:
     """``obj`` if it meets the teacher contract (``dibregman.teachers.Teacher``), else a ``TypeError`` or
     ``ValueError`` that names the member to fix. One call on two noisy inputs checks what it returns."""
     if isinstance(obj, str):
-        raise TypeError("check_teacher takes a teacher object; a spec string goes to load_teacher")
+        raise TypeError(f"a teacher object is expected; got the string {obj!r} (a spec string goes to "
+                        "db.load_teacher, or as teacher= to db.distill)")
     if not callable(obj) or not hasattr(obj, "to"):
         raise TypeError(f"a teacher object must be a torch.nn.Module (it is called as D(x, sigma, cond) and moved "
                         f"to the run's device); got {type(obj).__name__}: wrap a function or module with "
@@ -110,7 +113,11 @@ def check_teacher(obj: Any) -> Teacher:
         raise ValueError("a class-conditional teacher needs a network for the students to start from (the MLP "
                          "fitted to a teacher without one is unconditional): pass network=Precond(...)")
     x, sigma, cond = _probe(tuple(shape), lo, hi, classes, obj)
-    out = obj(x, sigma, cond)
+    try:
+        out = obj(x, sigma, cond)
+    except Exception as e:  # whatever the user's code raises: say where it came from
+        raise ValueError(f"calling the teacher on two noisy inputs (shape {tuple(x.shape)}, {x.dtype}, "
+                         f"{x.device}) failed: {type(e).__name__}: {e}") from e
     if not isinstance(out, Tensor) or tuple(out.shape) != tuple(x.shape):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"the teacher returned {got} for inputs of shape {tuple(x.shape)}: D(x, sigma, cond) "
@@ -133,21 +140,36 @@ def _probe(shape: tuple[int, ...], lo: float, hi: float, classes: int, obj: Any
     return x.to(device, dtype), sigma.to(device, dtype), cond
 
 
-def fingerprint(obj: Any) -> str:
-    """12 hex digits of SHA-256 over the teacher's weights and buffers and its answer on fixed inputs: the
-    same object gives the same digits, an edited one (weights, or the code of a function) others."""
+def weights_digest(obj: Any) -> str | None:
+    """SHA-256 of a module's state dict, names and bytes in order (a sum would match one with its parts
+    permuted); None for an object without one. Persistent tensors only: derived buffers (a mixture's
+    factorisations, a cached text embedding) may differ in the last bits between machines. The same on every
+    device."""
+    state = obj.state_dict() if isinstance(obj, nn.Module) else {}
+    if not state:
+        return None
     h = hashlib.sha256()
-    if isinstance(obj, nn.Module):
-        for t in (*obj.parameters(), *obj.buffers()):
-            h.update(str((t.dtype, tuple(t.shape))).encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    x, sigma, cond = _probe(tuple(obj.shape), float(obj.sigma_min), float(obj.sigma_max), obj.num_classes, obj)
-    with torch.no_grad():
-        h.update(obj(x, sigma, cond).detach().cpu().double().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
+    for name, t in state.items():
+        h.update(str((name, t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(obj: Any) -> str:
+    """12 hex digits that change when the teacher does: of its weights and buffers where it has any, else of
+    its answers on fixed inputs (a function teacher: an edit of its code changes them). A function beside a
+    ``network`` (``ModuleTeacher(fn, network=...)``) is fingerprinted by the network alone."""
+    digest = weights_digest(obj)
+    if digest is None:
+        x, sigma, cond = _probe(tuple(obj.shape), float(obj.sigma_min), float(obj.sigma_max), obj.num_classes, obj)
+        with torch.no_grad():
+            digest = hashlib.sha256(obj(x, sigma, cond).detach().cpu().double().contiguous().numpy().tobytes())
+        digest = digest.hexdigest()
+    return digest[:12]
 
 
 def object_spec(obj: Any) -> str:
-    """What a run records as its ``teacher`` for an object: ``object:<name>@<fingerprint>``."""
-    name = getattr(obj, "name", None) if isinstance(obj, ModuleTeacher) else type(obj).__qualname__
-    return f"{OBJECT_PREFIX}{name}@{fingerprint(obj)}"
+    """What a run records as its ``teacher`` for an object: ``object:<name>`` (its function's or class's name;
+    the checkpoints record its fingerprint)."""
+    name = obj.name if isinstance(obj, ModuleTeacher) else type(obj).__qualname__
+    return f"{OBJECT_PREFIX}{name}"

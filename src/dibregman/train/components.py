@@ -24,6 +24,7 @@ from ..precond import Precond
 from ..ratio import Critic, FeatureCritic, feature_head
 from ..schedules import KarrasUniform, LogNormal
 from ..teachers import Teacher
+from ..teachers.objects import weights_digest
 from .conditions import Conditions
 from .config import ConfigError, DistillConfig, divergence_from_spec, eval_samples
 from .ema import EMA
@@ -41,7 +42,8 @@ def fit_network(teacher: Teacher, hidden: int, depth: int, steps: int, batch_siz
                             teacher.sigma_data).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     sigmas = LogNormal(p_mean=-0.4, p_std=1.4)  # wider than EDM's: the generator queries large sigma
-    pool = None if hasattr(teacher, "sample") else teacher_samples(teacher, FIT_POOL, generator.initial_seed(), device)
+    pool = None if hasattr(teacher, "sample") else teacher_samples(
+        teacher, FIT_POOL, int(torch.randint(2**62, (1,), generator=generator)), device)  # its own stream
     for _ in range(steps):
         if pool is None:
             x0 = teacher.sample(batch_size, generator=generator).float().to(device)
@@ -66,7 +68,7 @@ def fitted_start(teacher: Teacher, cfg: DistillConfig, device: torch.device) -> 
     """``fit_network`` for ``cfg``, kept for the process: the members of a comparison (demo, compare) start
     from the same fit. The key holds the teacher's checksum and the global RNG state (the MLP's initial
     weights come from it), and a reuse leaves that RNG where the fit left it: the run is the same either way."""
-    key = (cfg.teacher, _checksum(teacher), cfg.hidden, cfg.depth, cfg.fit_steps, cfg.batch_size, cfg.seed,
+    key = (cfg.teacher, weights_digest(teacher), cfg.hidden, cfg.depth, cfg.fit_steps, cfg.batch_size, cfg.seed,
            str(device), hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
     if key not in _FITS:
         net = fit_network(teacher, cfg.hidden, cfg.depth, cfg.fit_steps, cfg.batch_size,
@@ -82,18 +84,6 @@ def fitted_start(teacher: Teacher, cfg: DistillConfig, device: torch.device) -> 
     return net
 
 
-def _checksum(teacher: Teacher) -> str | None:
-    """SHA-256 of the teacher's weights and buffers (a sum would match a teacher with its components permuted)."""
-    tensors = [*teacher.parameters(), *teacher.buffers()] if isinstance(teacher, torch.nn.Module) else []
-    if not tensors:
-        return None
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 _TEACHER_ROWS: dict[tuple, tuple[Tensor, float]] = {}
 
 
@@ -103,7 +93,7 @@ def reference_teacher_samples(teacher: Teacher, cfg: DistillConfig, device: torc
     runs of several members from one teacher (demo, compare) share them instead of sampling it again. The
     key holds a checksum of the teacher's weights and buffers, so a changed teacher is never reused."""
     n = eval_samples(cfg.eval_samples, teacher.shape)
-    key = (cfg.teacher, _checksum(teacher), cfg.guidance, cfg.prompts, n, cfg.seed, str(device))
+    key = (cfg.teacher, weights_digest(teacher), cfg.guidance, cfg.prompts, n, cfg.seed, str(device))
     if key not in _TEACHER_ROWS:
         t0 = time.perf_counter()
         x = teacher_samples(teacher, n, cfg.seed + 5, device, conds).cpu()

@@ -344,24 +344,9 @@ def divergence_from_spec(spec: str, clip: tuple[float, float] = (0.1, 20.0)) -> 
         if any(not math.isfinite(v) for v in params.values()):
             raise ValueError(f"the parameter of {spec!r} must be a finite number, e.g. 'power:0.5'")
         return _checked(get_divergence(spec), spec, clip)
-    module, _, name = spec[3:].rpartition(":")
-    if not module or not name:
-        raise ValueError(f"a custom divergence is 'py:<module>:<function>'; got {spec!r}")
-    import importlib
-    import sys
+    from ..plugins import load_callable
 
-    added = "" not in sys.path
-    if added:  # `python -m`-like: a module in the working directory is found; the caller's path is put back
-        sys.path.insert(0, "")
-    try:
-        h = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import the convex h {spec!r}: {e}") from None
-    finally:
-        if added:
-            sys.path.remove("")
-    if not callable(h):
-        raise ValueError(f"{spec!r} is not callable; it must be a function h(r) on tensors")
+    h = load_callable(spec, "a convex function h(r) on tensors")
     return _checked(from_h(h, name=spec), spec, clip)  # fails now, not hours later, if h is not convex
 
 

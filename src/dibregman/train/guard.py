@@ -135,7 +135,8 @@ def keeps_caller_rng(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        # every GPU the caller has touched (a run may use another than the current one); none initialises CUDA
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             return fn(*args, **kwargs)
 
@@ -170,13 +171,11 @@ class NonFiniteGuard:
         # all-reduce, and the NaN it spreads makes every process take the same decision below.
         loss.backward()
         dist.average_gradients(net)
-        bad = None
-        if not torch.isfinite(dist.all_reduce_sum(loss.detach().clone())):
-            bad = f"loss ({loss.item()})"
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm if max_norm > 0 else math.inf)
-            if not torch.isfinite(norm):
-                bad = "gradient"
+        total = dist.all_reduce_sum(loss.detach().clone())
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm if max_norm > 0 else math.inf)
+        flags = torch.stack([torch.isfinite(total), torch.isfinite(norm).to(total.device)])
+        loss_ok, grad_ok = flags.tolist()  # one host sync for both checks
+        bad = None if loss_ok and grad_ok else f"loss ({loss.item()})" if not loss_ok else "gradient"
         if bad is None:
             self.recent.append(False)
             opt.step()

@@ -25,7 +25,7 @@ from ..sampling import seeded_noise
 from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import Teacher, check_teacher, exact_mixture, load_teacher
-from ..teachers.objects import object_spec
+from ..teachers.objects import fingerprint, object_spec
 from .checkpoint import CheckpointError, check_any, entry, list_checkpoints, load_latest, read_meta, save_checkpoint
 from .components import (
     balanced_labels,
@@ -55,15 +55,32 @@ def _check_config(meta: dict, cfg: DistillConfig, out: Path) -> None:
     check_resumable(saved, cfg, str(out))
 
 
-def _check_levels(out: Path, levels: tuple[float, ...]) -> None:
-    """The student's noise levels recorded by the run's checkpoints against this config's: the automatic last
-    level is resolved from the teacher by code that may change between versions. (Unreadable entries are
-    damage, for ``load_latest``; checkpoints from before the levels were recorded have none.)"""
+def _recorded(out: Path, key: str) -> list:
+    """``key`` of each readable checkpoint's meta (unreadable ones are damage, for ``load_latest``; checkpoints
+    from before an entry was recorded give None)."""
+    values = []
     for path in list_checkpoints(out / "checkpoints"):
         try:
-            saved = read_meta(path).get("student_sigmas")
+            values.append(read_meta(path).get(key))
         except CheckpointError:
             continue
+    return values
+
+
+def _check_teacher(out: Path, digest: str) -> None:
+    """The teacher's fingerprint recorded by the run's checkpoints against the one loaded now: a teacher folder
+    retrained in place, or a py: function that builds another network, would silently change the target."""
+    for saved in _recorded(out, "teacher_fingerprint"):
+        if isinstance(saved, str) and saved != digest:
+            raise ConfigError(f"cannot resume {out}: its teacher has changed since the run started (fingerprint "
+                              f"{saved}, now {digest}: other weights, or other answers of a function teacher); "
+                              "resume with the teacher it was distilled from, or use another --out for a new run")
+
+
+def _check_levels(out: Path, levels: tuple[float, ...]) -> None:
+    """The student's noise levels recorded by the run's checkpoints against this config's: the automatic last
+    level is resolved from the teacher by code that may change between versions."""
+    for saved in _recorded(out, "student_sigmas"):
         numbers = isinstance(saved, list) and all(isinstance(v, int | float) for v in saved)
         if numbers and [float(v) for v in saved] != list(levels):
             raise ConfigError(f"cannot resume {out}: its student was trained at noise levels {saved}, this config "
@@ -83,18 +100,21 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     the newest valid checkpoint, bit-identically on CPU.
     """
     validate(cfg)
-    if teacher is not None:  # checked before anything is made; resuming needs the same object (its label)
+    if teacher is not None:  # checked before anything is made; recorded by name, its fingerprint below
         cfg = dataclasses.replace(cfg, teacher=object_spec(check_teacher(teacher)))
     dist.init()  # under torchrun: join the process group; rank 0 alone writes files
     main = dist.is_main()
     device = dist.resolve_device(cfg.device)
     local = dist.local_slice(cfg.batch_size)  # this process's share of every global batch
     # a bad teacher fails before the run folder is made
-    teacher = (teacher if teacher is not None else load_teacher(cfg.teacher)).to(device)
-    if cfg.guidance != 1.0:
-        if not (teacher.num_classes or getattr(teacher, "text", None)) or not hasattr(teacher, "guidance"):
-            raise ConfigError(f"guidance = {cfg.guidance} needs a class- or text-conditional network teacher; "
-                              f"{cfg.teacher} is not one (leave guidance at 1)")
+    teacher = teacher if teacher is not None else load_teacher(cfg.teacher)
+    teacher_digest = fingerprint(teacher)  # recorded in every checkpoint: a resume must see the same teacher
+    teacher = teacher.to(device)
+    if cfg.guidance != 1.0 and (not (teacher.num_classes or getattr(teacher, "text", None))
+                                or not hasattr(teacher, "guidance")):
+        raise ConfigError(f"guidance = {cfg.guidance} needs a class- or text-conditional network teacher; "
+                          f"{cfg.teacher} is not one (leave guidance at 1)")
+    if hasattr(teacher, "guidance"):  # also 1: a teacher object may come from a run with another scale
         teacher.guidance = cfg.guidance
     noise_range(cfg, teacher)  # an empty sigma range fails before the run folder is made
     conds = conditions_for(teacher, cfg.prompts)  # prompts are read and encoded before the run folder is made
@@ -117,6 +137,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
         check_any(out / "checkpoints", lambda meta: _check_config(meta, cfg, out))
         _check_levels(out, resolved_student_sigmas(cfg, teacher))
+        _check_teacher(out, teacher_digest)
     torch.manual_seed(cfg.seed)  # network initialisations
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from g
 
@@ -215,7 +236,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     def checkpoint() -> None:
         state = {"optimizers": c.optimizer_state(), "rng": g.get_state(), "torch_rng": torch.get_rng_state()}
         meta = {"config": to_dict(cfg), "nonfinite_skipped": guard.skipped, "ema_updates": c.ema.num_updates,
-                "student_sigmas": list(c.generator.sigmas)}
+                "student_sigmas": list(c.generator.sigmas), "teacher_fingerprint": teacher_digest}
         if main:
             save_checkpoint(out / "checkpoints", step, c.modules(), state, meta, cfg.keep_checkpoints)
         dist.barrier()
@@ -245,7 +266,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                         loss = fake_score_loss(c.fake_score, x, sigma, draw(), y).float().mean()
                     guard.step(c.optimizers["fake_score"], loss, c.fake_score, "fake_score", step + 1,
                                cfg.grad_clip, out)
-                    stats.add({"loss/fake_score": loss.item()})
+                    stats.add({"loss/fake_score": loss})
                 if c.critic is not None:
                     idx = torch.randint(len(pool), (bsz,), generator=g)[local].to(device)
                     sigma = sigmas(c.generator_sigmas)
@@ -254,7 +275,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                         loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre, y, y_pool)
                         loss = loss.float().mean()
                     guard.step(c.optimizers["critic"], loss, c.critic, "critic", step + 1, cfg.grad_clip, out)
-                    stats.add({"loss/critic": loss.item()})
+                    stats.add({"loss/critic": loss})
 
             # Phase 2: one generator update along omega(r) * (D_F - D_T).
             if cfg.lr_schedule == "cosine":  # set from the step alone: a resumed run gets the same rates
@@ -272,7 +293,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
                     y_reg = conds.lookup(pairs[2][j.cpu()], device) if pairs[2] is not None else None
                     reg = regression_loss(c.generator.first_step, pairs[0][j], pairs[1][j], y_reg).float().mean()
                     loss = loss + cfg.regression_weight * reg
-                    stats.add({"loss/regression": reg.item()})
+                    stats.add({"loss/regression": reg})
             guard.step(c.optimizers["generator"], loss, c.generator, "generator", step + 1, cfg.grad_clip, out)
 
             # Phase 3: EMA of the generator.
@@ -280,13 +301,13 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             step += 1
             step_times.append(time.perf_counter() - t0)
 
-            # Phase 4: maintenance: stats, evaluation, checkpoints.
-            stats.add({"loss/generator": loss.item(), "ratio/omega_mean": res.omega.mean().item(),
-                       "ratio/omega_min": res.omega.min().item(), "ratio/omega_max": res.omega.max().item(),
-                       "ratio/weight_mean": res.weight.mean().item(), "time/step_s": step_times[-1]})
+            # Phase 4: maintenance: stats (tensors, read once per log window), evaluation, checkpoints.
+            stats.add({"loss/generator": loss, "ratio/omega_mean": res.omega.mean(), "ratio/omega_min": res.omega.min(),
+                       "ratio/omega_max": res.omega.max(), "ratio/weight_mean": res.weight.mean(),
+                       "time/step_s": step_times[-1]})
             if res.log_r is not None:
-                stats.add({"ratio/log_r_mean": res.log_r.mean().item(), "ratio/log_r_min": res.log_r.min().item(),
-                           "ratio/log_r_max": res.log_r.max().item()})
+                stats.add({"ratio/log_r_mean": res.log_r.mean(), "ratio/log_r_min": res.log_r.min(),
+                           "ratio/log_r_max": res.log_r.max()})
             if diagnose is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 stats.add(diagnose())  # exact fake-score and ratio errors (every process: same numbers)
             if step % cfg.log_every == 0 or step == cfg.steps:

@@ -169,7 +169,7 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
             step += 1
 
             # Maintenance: stats, checkpoints.
-            stats.add({"loss/teacher": loss.item(), "time/step_s": time.perf_counter() - t0})
+            stats.add({"loss/teacher": loss, "time/step_s": time.perf_counter() - t0})
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 stats.all_reduce()
