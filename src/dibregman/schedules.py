@@ -1,7 +1,7 @@
 """Noise conventions and sigma samplers.
 
 One internal convention (EDM): ``x_sigma = x0 + sigma * n``. Other parameterisations are converted at
-the edge with the pure functions below (METHOD.md section 7); nothing inside the math sees them.
+the edge with the pure functions below (docs/concepts.md, "Noise convention"); nothing inside the math sees them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The distillation loop: one function in commented phases (DESIGN.md)."""
+"""The distillation loop: one function in commented phases (docs/concepts.md, "The training loop")."""
 
 from __future__ import annotations
 
