@@ -27,7 +27,9 @@ from toy_family import MEMBERS, write_docs
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="gmm:ring8_imbalanced")
-    p.add_argument("--divergences", default=",".join(MEMBERS))
+    p.add_argument("--divergences", default=",".join(MEMBERS),
+                   help="comma-separated members; a member may carry options after '@', e.g. "
+                        "hellinger@critic_head=fake_score (several joined by '+')")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -37,16 +39,20 @@ def main() -> None:
     import torch
 
     import dibregman as db
+    from dibregman.train.config import coerce
 
     torch.set_num_threads(args.threads)
     divs = args.divergences.split(",")
     times: dict[str, list[float]] = {d: [] for d in divs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for d in divs:
-                run = db.distill(preset=args.preset, teacher=args.teacher, divergence=d, steps=args.steps, fit_steps=10,
-                                 eval_every=10**6, eval_samples=256, checkpoint_every=10**6,
-                                 out=f"{tmp}/{r}_{d.replace(':', '_')}", progress=False)
+            for i, d in enumerate(divs):
+                name, _, extra = d.partition("@")
+                options = {k: coerce(db.DistillConfig, k, v)  # text values, converted as the CLI converts them
+                           for k, v in (kv.split("=", 1) for kv in extra.split("+") if kv)}
+                run = db.distill(preset=args.preset, teacher=args.teacher, divergence=name, steps=args.steps,
+                                 fit_steps=10, eval_every=10**6, eval_samples=256, checkpoint_every=10**6,
+                                 out=f"{tmp}/{r}_{i}", progress=False, **options)
                 times[d].append(json.loads((run / "summary.json").read_text())["step_time_s"])
     base = statistics.median(times["reverse_kl"])
     date = datetime.date.today().isoformat()

@@ -38,8 +38,8 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "critic_data": "what stands for the teacher law in the critic: teacher (a pool of its 35-NFE samples, "
                    "data-free) or data (real data)",
     "teacher_pool": "size of that pool: teacher samples (critic_data teacher) or data points (data); integer >= 1",
-    "critic_head": "the critic: standalone (its own network), fake_score or teacher (a head on that "
-                   "network's bottleneck features)",
+    "critic_head": "the critic: fake_score or teacher (a head on that network's bottleneck features) or "
+                   "standalone (its own network)",
     "classifier": "images: feature network of FD/KID/precision/recall/label accuracy: auto (the shipped one "
                   "for the data, else Inception when the fid extra is installed), none, or a train-classifier "
                   "folder; the teacher-feature metrics tnet_* are always computed",
