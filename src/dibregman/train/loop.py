@@ -92,7 +92,7 @@ def _check_levels(out: Path, levels: tuple[float, ...]) -> None:
 @keeps_caller_rng
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None,
             teacher: Teacher | None = None) -> Path:
-    """Distill ``cfg.teacher`` (or the object ``teacher``, which the run records as ``object:<name>@<digits>``)
+    """Distill ``cfg.teacher`` (or the object ``teacher``, which the run records as ``object:<name>``)
     into a one-step (or ``student_steps``-step) generator; returns the run folder.
 
     The folder gets ``config.json``, ``stats.jsonl``, ``metrics.jsonl``, ``checkpoints/``, and at the end
