@@ -129,13 +129,14 @@ def _bad(**changes):
     (_bad(num_classes=-1), r"num_classes must be an integer >= 0"),
     (_bad(num_classes=3), r"class-conditional teacher needs a network"),
     (_bad(network=torch.nn.Linear(2, 2)), r"network is a Linear; it must be a dibregman\.precond\.Precond"),
+    (_bad(network=Precond(torch.nn.Linear(2, 2), 0.5)), r"a Precond around a Linear; .* must be one of dibregman"),
     (_bad(shape=(1, 4, 4)), r"image teacher needs a network"),
     (_bad(forward=lambda x, s, c=None: x[:, :1]), r"returned \(2, 1\) for inputs of shape \(2, 2\)"),
     (_bad(forward=lambda x, s, c=None: x * float("nan")), r"NaN or inf"),
     (_bad(forward=lambda x, s, c=None: x @ torch.ones(3, 3)), r"calling the teacher on two noisy inputs .* failed: "
                                                               r"RuntimeError"),
 ], ids=["function", "shape-list", "shape-zero", "sigma-order", "sigma-data", "classes", "cond-no-net",
-        "net-type", "image-no-net", "out-shape", "nan", "raises"])
+        "net-type", "backbone-type", "image-no-net", "out-shape", "nan", "raises"])
 def test_a_teacher_object_that_breaks_the_contract_is_refused_before_any_run(tmp_path, teacher, match):
     with pytest.raises((TypeError, ValueError), match=match):
         db.distill(preset="tiny", teacher=teacher, out=str(tmp_path / "run"), progress=False)

@@ -106,6 +106,16 @@ def check_teacher(obj: Any) -> Teacher:
     if net is not None and not isinstance(net, Precond | DiffusersDenoiser):
         raise TypeError(f"the teacher's network is a {type(net).__name__}; it must be a dibregman.precond.Precond "
                         "around a backbone of dibregman.nets (so the student can be saved and sampled), or None")
+    if isinstance(net, Precond):
+        from ..nets.edm_unet import SongUNet
+        from ..nets.mlp import MLP
+        from ..nets.text_unet import TextUNet
+        from ..nets.unet import UNet
+
+        if not isinstance(net.backbone, MLP | UNet | TextUNet | SongUNet):
+            raise TypeError(f"the teacher's network is a Precond around a {type(net.backbone).__name__}; the "
+                            "student is saved by its architecture, so the backbone must be one of dibregman.nets "
+                            "(MLP, UNet, TextUNet, SongUNet)")
     if net is None and len(shape) == 3:
         raise ValueError("an image teacher needs a network for the students to start from: pass network=Precond("
                          "backbone, sigma_data) with a backbone of dibregman.nets (e.g. dibregman.nets.unet.UNet)")
