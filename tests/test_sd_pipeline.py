@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from tiny_pipelines import TOKENS, clip_text_encoder, clip_tokenizer, cond_unet
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import dibregman as db
 from dibregman.artifacts import load_generator
@@ -21,32 +22,15 @@ from dibregman.train.checkpoint import list_checkpoints, load_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-R, TOKENS, WIDTH = 8, 12, 32
-
-
-def _tokenizer(root: Path) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over single letters (no merges): enough to turn prompts into distinct ids."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=TOKENS,
-                         unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+R = 8
 
 
 def _pipeline(root: Path, scheduler, **unet_kw) -> str:
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(root)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TOKENS,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=R, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=WIDTH, attention_head_dim=2,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **unet_kw)
+    tokenizer = clip_tokenizer(root)
+    text = clip_text_encoder(tokenizer)
+    unet = cond_unet(R, 1, **unet_kw)
     folder = root / "pipeline"
     tokenizer.save_pretrained(folder / "tokenizer")
     text.save_pretrained(folder / "text_encoder")
@@ -137,14 +121,14 @@ def test_a_flow_text_pipeline_loads_too(tmp_path):
 def test_pipelines_it_cannot_distill_are_refused_with_the_reason(tmp_path):
     spec = _pipeline(tmp_path / "a", DDPMScheduler())
     folder = Path(spec.removeprefix("diffusers:"))
-    (folder / "vae").mkdir()
-    with pytest.raises(ValueError, match="latent pipeline"):
+    (folder / "vae").mkdir()  # a latent pipeline whose VAE was not copied
+    with pytest.raises(FileNotFoundError, match="holds no VAE"):
         load_teacher(spec)
     spec = _pipeline(tmp_path / "b", DDPMScheduler())
     import shutil
 
     shutil.rmtree(Path(spec.removeprefix("diffusers:")) / "text_encoder")
-    with pytest.raises(FileNotFoundError, match="tokenizer/ and text_encoder/"):
+    with pytest.raises(FileNotFoundError, match="lists text_encoder but the folder has no text_encoder/"):
         load_teacher(spec)
     spec = _pipeline(tmp_path / "c", DDPMScheduler(), class_embed_type="timestep")
     with pytest.raises(ValueError, match="not supported"):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .artifacts import load_generator
+from .artifacts import load_codec_of, load_generator
 from .metrics.toy import evaluate
 from .sampling import seeded_noise
 from .teachers import Teacher, check_teacher, exact_mixture, load_teacher
@@ -66,14 +66,15 @@ def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = N
 
 def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = None,
            prompts: str | list[str] | Conditions | None = None, device: str | torch.device = "cpu",
-           batch_size: int = 1024) -> Tensor:
+           batch_size: int = 1024, decode: bool = True) -> Tensor:
     """``num`` samples from a finished run (a network call each, per step of a few-step student); sample ``i``
     depends only on ``(seed, i)`` and its condition: a class-conditional generator's label (default
     ``i % num_classes``, see ``balanced_labels``), a text generator's prompt ``i % len(prompts)`` (a list, a
     prompt file, ``unseen``, or an encoded ``Conditions`` table; default: the teacher's training captions).
     ``device``: where the generator runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``; the noise is drawn on the
     CPU, so the samples are the same on any device up to float rounding); the result is on ``device``, in
-    ``batch_size`` network calls."""
+    ``batch_size`` network calls. A latent generator's samples are decoded by the VAE saved with it (images in
+    [-1, 1]); ``decode=False`` returns the latents themselves."""
     from .dist import resolve_device
 
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
@@ -91,9 +92,13 @@ def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = Non
                          + ("labels" if info.get("num_classes") else "no condition"))
     else:
         cond = labels if labels is not None else balanced_labels(num, int(info.get("num_classes", 0)))
+    codec = load_codec_of(run, info) if decode else None
+    if codec is not None:
+        codec = codec.to(device)
     with torch.no_grad():
-        return torch.cat([gen(zb.to(device), yb.to(device) if yb is not None else None)
-                          for zb, yb in zip(z.split(batch_size), _split(cond, batch_size, len(z)), strict=True)])
+        xs = (gen(zb.to(device), yb.to(device) if yb is not None else None)
+              for zb, yb in zip(z.split(batch_size), _split(cond, batch_size, len(z)), strict=True))
+        return torch.cat([codec.decode(x) if codec is not None else x for x in xs])
 
 
 def generator_conditions(info: dict[str, Any], prompts: str | list[str] | None = None) -> Conditions:
@@ -118,7 +123,7 @@ def _scorer(teacher: Any, num: int, seed: int, classifier: str = "auto", conds: 
     split = "test" if len(teacher.shape) == 3 else "train"
     reference = true_samples(teacher, num, seed + 2, split=split, classes=conds.num_classes)
     if reference is None:
-        reference = teacher_samples(teacher, num, seed + 2, torch.device("cpu"), conds)
+        reference = teacher_samples(teacher, num, seed + 2, torch.device("cpu"), conds, decode=True)
     if len(teacher.shape) == 3:
         from .metrics.images import make_evaluator
 
@@ -143,7 +148,7 @@ def teacher_row(teacher_spec: str | Teacher, num: int, seed: int = 0, classifier
     conds = conditions_for(teacher, prompts)
     score = _scorer(teacher, num, seed, classifier, conds)
     t0 = time.perf_counter()
-    x = teacher_samples(teacher, num, seed + 5, torch.device("cpu"), conds)
+    x = teacher_samples(teacher, num, seed + 5, torch.device("cpu"), conds, decode=True)
     seconds = time.perf_counter() - t0
     return {"method": "teacher (Heun, 35 NFE)", "nfe": 35, **score(x), "sample_s": seconds}
 

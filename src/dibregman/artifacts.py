@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from .nets import build_backbone, image_shape
 from .precond import Precond
 from .teachers.diffusers import ARCH_KIND as DIFFUSERS_KIND
 from .teachers.diffusers import DiffusersDenoiser
+from .teachers.latent import VAE_FOLDER, LatentCodec, load_codec
 from .train.checkpoint import (
     INTEGRITY,
     MANIFEST,
@@ -49,11 +51,19 @@ def arch_of(net: nn.Module) -> dict[str, Any]:
     return nets_arch_of(net.backbone if isinstance(net, Precond) else net)
 
 
-def save_generator(folder: str | Path, generator: Generator, meta: dict[str, Any]) -> Path:
+def save_generator(folder: str | Path, generator: Generator, meta: dict[str, Any],
+                   codec: LatentCodec | None = None) -> Path:
+    """Write ``generator`` (with ``meta``) to ``folder``; a latent student's VAE (``codec``) goes to
+    ``folder/vae/``, so its samples decode without the teacher folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     atomic_save_safetensors(folder / "model.safetensors", tensors)
+    if codec is not None:
+        shutil.rmtree(folder / VAE_FOLDER, ignore_errors=True)  # a resumed run's older copy
+        codec.save(folder / VAE_FOLDER)  # with a manifest of its own (a manifest names files of its folder only)
+        write_manifest(folder / VAE_FOLDER, sorted(f.name for f in (folder / VAE_FOLDER).iterdir()))
+        meta = {**meta, "latent": {"vae": VAE_FOLDER, "image_shape": list(codec.image_shape(meta["shape"]))}}
     write_json(folder / "generator.json", {
         "format": FORMAT, "version": 1, "arch": arch_of(generator.denoiser),
         "sigma_data": generator.denoiser.sigma_data, "sigma_g": generator.sigma_g,
@@ -62,11 +72,32 @@ def save_generator(folder: str | Path, generator: Generator, meta: dict[str, Any
     return folder
 
 
+def generator_folder(folder: str | Path) -> Path:
+    """The folder holding ``generator.json``: ``folder`` itself or a run folder's ``generator/``."""
+    folder = Path(folder)
+    return folder / "generator" if (folder / "generator").is_dir() else folder
+
+
+def load_codec_of(folder: str | Path, info: dict[str, Any]) -> LatentCodec | None:
+    """A latent generator's VAE (``info`` from ``load_generator``), or None for a pixel or point generator."""
+    latent = info.get("latent")
+    if not latent:
+        return None
+    vae = generator_folder(folder) / str(latent.get("vae", VAE_FOLDER)) if isinstance(latent, dict) else None
+    if vae is None or vae.parent != generator_folder(folder):
+        raise CheckpointError(f"{generator_folder(folder) / 'generator.json'} is damaged (bad entry 'latent'); "
+                              f"{_REMAKE}")
+    try:
+        if not verify_manifest(vae, ("config.json",), what="generator's VAE folder"):
+            raise CheckpointError(f"{vae} has no {MANIFEST}")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {_REMAKE}") from None
+    return load_codec(vae)
+
+
 def load_generator(folder: str | Path) -> tuple[Generator, dict[str, Any]]:
     """A generator saved by ``save_generator`` (or a run folder holding ``generator/``)."""
-    folder = Path(folder)
-    if (folder / "generator").is_dir():
-        folder = folder / "generator"
+    folder = generator_folder(folder)
     info_path = folder / "generator.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{folder} holds no generator.json: pass a run folder written by "

@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a finished image run's generator as a diffusers pipeline folder")
     p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
-    p.add_argument("--out", required=True, help="folder to write (DiffusionPipeline.from_pretrained(out, "
-                   "trust_remote_code=True) loads it)")
+    p.add_argument("--out", required=True, help="folder to write: DiffusionPipeline.from_pretrained(out) loads a "
+                   "Stable Diffusion student's (its teacher's own class), DiffusionPipeline.from_pretrained(out, "
+                   "trust_remote_code=True) one of our networks' students")
 
     p = sub.add_parser("eval", help="metrics of a finished run against its teacher, with the teacher's row")
     p.add_argument("run", help="run folder written by distill")
@@ -304,8 +305,9 @@ def run(argv: list[str] | None = None) -> int:
         from .export import export_diffusers
 
         folder = export_diffusers(args.run, args.out)
-        print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}, "
-              "trust_remote_code=True))")
+        remote = ", trust_remote_code=True" if list(Path(folder).glob("*.py")) else ""
+        print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}{remote}); see its "
+              "README.md)")
         return 0
     num = api.run_eval_samples(args.run) if args.num is None else args.num
     if not 2 <= num <= 10**7:  # eval: two samples per set for the pairwise metrics; bounded sums

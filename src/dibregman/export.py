@@ -1,5 +1,10 @@
 """Export a U-Net one-step generator as a diffusers pipeline folder that loads without dibregman.
 
+A student of a Stable Diffusion 1.x/2.x pipeline goes back into that family: a ``StableDiffusionPipeline``
+folder (the teacher's tokenizer and text encoder, the student's UNet, its VAE, Euler's scheduler with trailing
+timesteps) that ``DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=1.0)``
+runs with no custom code (``_family_pipeline``). Students of our own networks export as follows.
+
 The folder holds the student's ``UNet2DModel`` (``unet/``; a text student's ``UNet2DConditionModel`` with its
 ``tokenizer/`` and ``text_encoder/``), ``model_index.json`` naming the custom pipeline
 class, that class's source (``dibregman_pipeline.py``, a copy of ``dibregman/pipeline.py``), the original
@@ -16,9 +21,10 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from . import pipeline as pipeline_module
-from .artifacts import load_generator
+from .artifacts import load_codec_of, load_generator
 from .io import writing
 from .nets.text_unet import TextUNet
 from .nets.unet import NOISE_SCALE, UNet
@@ -50,10 +56,32 @@ def _steps_text(sigmas: tuple[float, ...]) -> str:
             f"[batch, {len(sigmas)}, C, H, W])")
 
 
+_FAMILY_README = """# One-step student of {teacher}, distilled with dibregman
+
+A `{cls}` folder of the teacher's own family (no custom code, no `trust_remote_code`):
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{name}")
+images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=1.0,
+              generator=torch.Generator().manual_seed(0)).images
+```
+
+One U-Net evaluation per image at the scheduler's last noise level (sigma = {sigma_g:.6g}, timestep
+{timestep}), then the VAE's decoding. Keep `guidance_scale` at 1 (or 0): the student was distilled with
+guidance {guidance:g} already inside it, and a larger value would apply classifier-free guidance a second time.
+`latents` (unit noise, shape [batch, {latent}]) gives the same images as `dibregman sample` draws from that noise.
+"""
+
+
 def _is_export(folder: Path) -> bool:
     try:
-        return json.loads((folder / "model_index.json").read_text()).get("_class_name") in (
-            [MODULE, CLASS], [MODULE, TEXT_CLASS])
+        index = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        if index in ([MODULE, CLASS], [MODULE, TEXT_CLASS]):
+            return True
+        return json.loads((folder / "generator.json").read_text()).get("format") == "dibregman-generator"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -66,6 +94,9 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
     """
     gen, info = load_generator(generator_folder)
     backbone = gen.denoiser.backbone
+    if info.get("latent"):  # a student of a Stable Diffusion pipeline: back into that pipeline class
+        pipe, readme = _family_pipeline(gen, info, generator_folder, Path(out_folder).name)
+        return _write(pipe, out_folder, info, readme)
     if not isinstance(backbone, UNet | TextUNet):
         kind = info.get("arch", {}).get("kind", "mlp")
         why = (" (a student of a diffusers teacher keeps that teacher's timestep and prediction conventions, which "
@@ -73,8 +104,6 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
         raise ValueError(f"{generator_folder} holds a generator with a {kind!r} backbone; only U-Net (kinds 'unet', "
                          f"'text_unet') generators export to diffusers{why}")
     out = Path(out_folder)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
-        raise FileExistsError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
     conventions = {"sigma_data": gen.denoiser.sigma_data, "sigma_g": gen.sigma_g, "noise_scale": NOISE_SCALE,
                    "sigmas": list(gen.sigmas)}
     if isinstance(backbone, TextUNet):
@@ -89,27 +118,80 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
         cls = pipeline_module.DibregmanOneStepPipeline
         pipe = cls(unet=backbone.unet, **conventions)
         usage = f"batch_size=4, class_labels={'0' if backbone.num_classes else 'None'}"
+    readme = _README.format(name=out.name, usage=usage, sigma_data=gen.denoiser.sigma_data,
+                            steps=_steps_text(gen.sigmas))
+    return _write(pipe, out, info, readme, custom=cls.__name__)
+
+
+def _write(pipe: Any, out_folder: str | Path, info: dict[str, Any], readme: str, custom: str | None = None) -> Path:
+    """``pipe.save_pretrained`` into a folder beside ``out_folder``, with ``generator.json`` (provenance), the
+    README and, for a ``custom`` pipeline class, its source file; swapped in once complete."""
+    out = Path(out_folder)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
+        raise FileExistsError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # mkdir, not mkdtemp: usual (not 0700) permissions
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export of this pid
         tmp.mkdir()
         try:
-            pipe.save_pretrained(tmp)
-            index_path = tmp / "model_index.json"
-            index = json.loads(index_path.read_text())
-            index["_class_name"] = [MODULE, cls.__name__]  # diffusers: "the class is in <MODULE>.py here"
-            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            shutil.copyfile(pipeline_module.__file__, tmp / f"{MODULE}.py")
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if custom is not None:
+                index_path = tmp / "model_index.json"
+                index = json.loads(index_path.read_text())
+                index["_class_name"] = [MODULE, custom]  # diffusers: "the class is in <MODULE>.py here"
+                index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                shutil.copyfile(pipeline_module.__file__, tmp / f"{MODULE}.py")
             (tmp / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-            readme = _README.format(name=out.name, usage=usage, sigma_data=gen.denoiser.sigma_data,
-                                    steps=_steps_text(gen.sigmas))
             (tmp / "README.md").write_text(readme)
             _swap_in(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: str) -> tuple[Any, str]:
+    """A one-step student of a Stable Diffusion 1.x/2.x pipeline as a ``StableDiffusionPipeline``: the teacher
+    folder's tokenizer and text encoder, the student's UNet, the VAE saved with it, and Euler's scheduler with
+    trailing timesteps, whose single step from noise level S returns the UNet's x0 at S. That is the student's
+    one step exactly when it was distilled at ``sigma_g`` = S (the scheduler's last noise level)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    den = gen.denoiser
+    where = f"{folder}: "
+    if not info.get("text") or type(den.unet).__name__ != "UNet2DConditionModel" or den.kind != "vp" \
+            or den.continuous_timesteps:
+        raise ValueError(where + "only text-to-image students of Stable Diffusion 1.x/2.x pipelines "
+                         "(UNet2DConditionModel, a DDPM/DDIM/Euler scheduler) export to their own pipeline class")
+    if gen.steps != 1:
+        raise ValueError(where + f"a {gen.steps}-step student re-noises between its steps, which no diffusers "
+                         "scheduler of this family does; export a one-step student (--student-steps 1)")
+    scheduler = EulerDiscreteScheduler.from_config(den.scheduler_config, timestep_spacing="trailing",
+                                                   final_sigmas_type="zero", use_karras_sigmas=False)
+    scheduler.set_timesteps(1)
+    last = float(scheduler.sigmas[0])
+    if abs(gen.sigma_g / last - 1) > 1e-5:
+        raise ValueError(where + f"this student was distilled at sigma_g = {gen.sigma_g:g}, but a "
+                         f"{type(scheduler).__name__} one-step call denoises at the scheduler's last noise level "
+                         f"{last:.6g}; distill with --sigma-g {last:.6g} to export it to its pipeline class "
+                         "(`dibregman sample` runs it as is)")
+    teacher_folder = Path(info["text"]["encoder"])
+    if not (teacher_folder / "tokenizer").is_dir() or not (teacher_folder / "text_encoder").is_dir():
+        raise FileNotFoundError(where + f"the export takes the tokenizer and text encoder from the teacher folder "
+                                f"{str(teacher_folder)!r}, which has no tokenizer/ and text_encoder/ now; restore it")
+    codec = load_codec_of(folder, info)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(teacher_folder), unet=den.unet, vae=codec.vae, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+    if int(pipe.tokenizer.model_max_length) != int(info["text"]["length"]):
+        raise ValueError(where + f"the teacher's tokenizer pads to {pipe.tokenizer.model_max_length} tokens, the "
+                         f"student was distilled on {info['text']['length']}: the pipeline would encode prompts "
+                         "differently")
+    readme = _FAMILY_README.format(teacher=info.get("teacher"), cls=type(pipe).__name__, name=name, sigma_g=last,
+                                   timestep=int(scheduler.timesteps[0]), guidance=info.get("guidance", 1.0),
+                                   latent=", ".join(str(n) for n in info["shape"]))
+    return pipe, readme
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

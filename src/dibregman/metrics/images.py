@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..teachers.base import latent_codec
 from .fid import fd_from_features, kid, precision_recall
 
 Tensor = torch.Tensor
@@ -66,7 +67,8 @@ class TeacherFeatures:
         if self.net is None or not hasattr(self.net, "features"):
             raise ValueError("teacher-feature metrics need a teacher network with bottleneck features")
         self.teacher, self.sigma, self.batch_size, self.seed = teacher, float(sigma), batch_size, seed
-        self.name = f"teacher bottleneck at sigma={self.sigma:g}"
+        self.codec = latent_codec(teacher)  # a latent teacher reads the images' latents (its VAE's encoding)
+        self.name = f"teacher bottleneck at sigma={self.sigma:g}" + (" of the VAE latents" if self.codec else "")
 
     def _cond(self, n: int, start: int, device: torch.device) -> Tensor | None:
         null = getattr(self.teacher, "null_hidden", None)
@@ -81,6 +83,8 @@ class TeacherFeatures:
     @torch.no_grad()
     def __call__(self, images: Tensor) -> np.ndarray:
         device = next(self.net.parameters()).device
+        if self.codec is not None:
+            images = self.codec.encode(images)
         gen = torch.Generator().manual_seed(self.seed + 17)
         noise = torch.randn(images.shape, generator=gen)  # the same n_i for samples and reference
         out = []

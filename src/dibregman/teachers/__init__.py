@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Teacher, exact_mixture
+from .base import Teacher, exact_mixture, latent_codec
 from .objects import ModuleTeacher, check_teacher
 
-__all__ = ["ModuleTeacher", "Teacher", "check_teacher", "exact_mixture", "load_teacher"]
+__all__ = ["ModuleTeacher", "Teacher", "check_teacher", "exact_mixture", "latent_codec", "load_teacher"]
 
 
 def load_teacher(spec: str) -> Teacher:

@@ -39,3 +39,11 @@ def exact_mixture(teacher: Any) -> Any:
     """``teacher`` if it is an analytic mixture with every member the exact metrics and diagnostics read
     (``log_prob``, ``assign``, ``mahalanobis2``, ``weights``, ``num_components``), else None."""
     return teacher if all(hasattr(teacher, m) for m in MIXTURE_MEMBERS) else None
+
+
+def latent_codec(teacher: Any) -> Any:
+    """The teacher's VAE if it denoises latents (``codec`` with ``encode``, ``decode``, ``image_shape``), else
+    None: a latent teacher's samples are decoded wherever images are shown or measured."""
+    codec = getattr(teacher, "codec", None)
+    return codec if codec is not None and all(hasattr(codec, m) for m in ("encode", "decode", "image_shape")) \
+        else None

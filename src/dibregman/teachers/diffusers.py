@@ -19,6 +19,10 @@ Everything is converted at the edge (docs/concepts.md, "Noise convention") so th
 
 Sampler post-processing (``clip_sample``, thresholding) is not part of the denoiser and is not applied.
 
+A pipeline folder with a ``vae/`` (Stable Diffusion 1.x/2.x: ``UNet2DConditionModel`` + ``AutoencoderKL`` + CLIP) is
+a latent teacher: everything above happens on the VAE's scaled latents, and the VAE (``teachers/latent.py``)
+decodes for grids, metrics and samples.
+
 The conversion lives in ``DiffusersDenoiser``, a trainable module with ``Precond``'s interface; the teacher is
 a frozen wrapper around one, and students (``distill --teacher diffusers:<folder>``) start from copies of it.
 """
@@ -43,6 +47,7 @@ from ..schedules import (
     vp_input_from_x_sigma,
     vp_sigma_from_alpha_bar,
 )
+from .latent import VAE_FOLDER, LatentCodec, load_codec
 
 Tensor = torch.Tensor
 
@@ -275,7 +280,10 @@ class DiffusersTeacher(nn.Module):
     """A frozen ``DiffusersDenoiser`` (the Teacher protocol): a diffusers ``UNet2DModel`` + scheduler.
 
     ``sigma_data`` defaults to 0.5: diffusers pixel models are trained on images in [-1, 1], whose spread EDM
-    takes as 0.5 (its CIFAR-10 value); pass another value for other data (e.g. latents).
+    takes as 0.5 (its CIFAR-10 value); pass another value for other data. A latent pipeline's teacher
+    (``codec``: its VAE, ``teachers/latent.py``) lives on the scaled latents, whose ``scaling_factor`` is chosen
+    to give them unit variance, so the loader passes 1.0 there; ``shape`` is then the latents' shape and
+    ``image_shape`` the decoded images'.
 
     ``network`` is the wrapped denoiser: students start from a copy of it, so they compute exactly the
     teacher's converted denoiser at step 0. As with ``NetworkTeacher``, calls run without autograd unless
@@ -284,15 +292,21 @@ class DiffusersTeacher(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, no_grad: bool = True,
-                 source: str | None = None, text_encoder: Any = None):
+                 source: str | None = None, text_encoder: Any = None, codec: LatentCodec | None = None):
         super().__init__()
         self.net = DiffusersDenoiser(unet, scheduler, sigma_data).eval().requires_grad_(False)
+        if codec is not None and codec.latent_channels != self.net.shape[0]:
+            raise ValueError(f"{source or 'this pipeline'}: its UNet takes {self.net.shape[0]} input channels but its "
+                             f"VAE makes {codec.latent_channels}-channel latents (an inpainting or depth UNet takes "
+                             "extra channels, which one-step students cannot supply): use a text-to-image pipeline")
+        self.codec = codec
         self.scheduler = scheduler
         self.source = source
         self.no_grad = no_grad
         net = self.net
         self.shape, self.num_classes, self.sigma_data = net.shape, net.num_classes, net.sigma_data
         self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
+        self.image_shape = codec.image_shape(net.shape) if codec is not None else net.shape
         self.text: dict[str, Any] | None = None
         self.class_names: tuple[str, ...] = ()
         if net.backbone.text:  # Stable Diffusion's conventions: the empty prompt is the unconditional input
@@ -408,9 +422,8 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad:
     if unet_name not in UNET_CLASSES:
         raise ValueError(f"{str(unet_dir / UNET_FILE)!r}: unsupported model class {unet_name!r}; supported: "
                          f"{', '.join(UNET_CLASSES)} (unconditional or class-conditional pixel U-Nets)")
-    if (folder / "vae").is_dir():
-        raise ValueError(f"{str(folder)!r} is a latent pipeline (it has vae/): this version distills pixel-space "
-                         "U-Nets only; latent teachers need the VAE in the loop and the metrics (not built yet)")
+    _refuse_unsupported(folder)
+    codec = load_codec(folder / VAE_FOLDER) if (folder / VAE_FOLDER).is_dir() else None  # a latent pipeline
     encoder = None
     if unet_name == "UNet2DConditionModel":
         from ..text import load_text_encoder
@@ -423,5 +436,25 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad:
     lazy = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then loads eagerly
     unet = getattr(diffusers, unet_name).from_pretrained(str(unet_dir), local_files_only=True,
                                                          torch_dtype=torch.float32, low_cpu_mem_usage=lazy)
+    if codec is not None and sigma_data == 0.5:  # the pixel default; scaled latents have unit variance
+        sigma_data = 1.0
     return DiffusersTeacher(unet, scheduler, sigma_data=sigma_data, no_grad=no_grad, source=str(folder),
-                            text_encoder=encoder)
+                            text_encoder=encoder, codec=codec)
+
+
+def _refuse_unsupported(folder: Path) -> None:
+    """Pipelines whose denoiser is not a text- or class-conditional image UNet: said in one line, before loading."""
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    name = index.get("_class_name", "")
+    missing = [sub for sub in (VAE_FOLDER, "tokenizer", "text_encoder") if index.get(sub) and index[sub] != [None, None]
+               and not (folder / sub).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{str(folder)!r}: its model_index.json lists {', '.join(missing)} but the folder "
+                                f"has no {'/, '.join(missing)}/: copy the whole pipeline (pipeline.save_pretrained)")
+    if any(word in str(name) for word in ("Video", "Img2Img", "Inpaint", "Upscale", "Depth", "ControlNet")):
+        raise ValueError(f"{str(folder)!r} is a {name} folder: only text-to-image (or unconditional / class) "
+                         "pipelines distill to a one-step generator; pass the text-to-image pipeline it derives from")
+    for sub in ("transformer", "prior"):
+        if (folder / sub).is_dir():
+            raise ValueError(f"{str(folder)!r} has a {sub}/ denoiser: transformer pipelines (SD3, Flux, PixArt, "
+                             "Sana) are not read yet; U-Net pipelines (Stable Diffusion 1.x/2.x, pixel UNets) are")

@@ -23,7 +23,7 @@ from ..nets.mlp import MLP
 from ..precond import Precond
 from ..ratio import Critic, FeatureCritic, feature_head
 from ..schedules import KarrasUniform, LogNormal
-from ..teachers import Teacher
+from ..teachers import Teacher, latent_codec
 from ..teachers.objects import weights_digest
 from .conditions import Conditions
 from .config import ConfigError, DistillConfig, divergence_from_spec, eval_samples
@@ -96,7 +96,7 @@ def reference_teacher_samples(teacher: Teacher, cfg: DistillConfig, device: torc
     key = (cfg.teacher, weights_digest(teacher), cfg.guidance, cfg.prompts, n, cfg.seed, str(device))
     if key not in _TEACHER_ROWS:
         t0 = time.perf_counter()
-        x = teacher_samples(teacher, n, cfg.seed + 5, device, conds).cpu()
+        x = teacher_samples(teacher, n, cfg.seed + 5, device, conds, decode=True).cpu()
         _TEACHER_ROWS.clear()  # one teacher's samples at a time: bounded memory
         _TEACHER_ROWS[key] = (x, time.perf_counter() - t0)
     return _TEACHER_ROWS[key]
@@ -109,21 +109,25 @@ def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu"
 
 @torch.no_grad()
 def teacher_samples(teacher: Teacher, n: int, seed: int, device: torch.device, conds: Conditions | None = None,
-                    batch: int = 4096, return_noise: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                    batch: int = 4096, return_noise: bool = False, decode: bool = False
+                    ) -> Tensor | tuple[Tensor, Tensor]:
     """The teacher's own 35-NFE Heun samples (what stands for p when no data is used), sample ``i`` with
     condition ``i % K`` (``Conditions.cycle``; by default the teacher's classes). ``return_noise``: also the
-    unit noise each sample's deterministic ODE started from (the pairs of DMD's regression loss)."""
+    unit noise each sample's deterministic ODE started from (the pairs of DMD's regression loss).
+    ``decode``: a latent teacher's samples as images (its VAE's decoding), for metrics and grids."""
     g = torch.Generator().manual_seed(seed)
     conds = conds if conds is not None else Conditions(teacher.num_classes)
     idx = conds.cycle(n)
+    codec = latent_codec(teacher) if decode else None
     if len(teacher.shape) == 3:
         batch = min(batch, 512)  # an image network: keep the activations of one call small
     out, noises = [], []
     for i in range(0, n, batch):
         noise = torch.randn((min(batch, n - i), *teacher.shape), generator=g).to(device)
         cond = conds.lookup(idx[i:i + len(noise)], device) if idx is not None else None
-        out.append(sampling.sample(teacher, noise, num_steps=18, sigma_min=teacher.sigma_min,
-                                   sigma_max=teacher.sigma_max, cond=cond).float())
+        x = sampling.sample(teacher, noise, num_steps=18, sigma_min=teacher.sigma_min,
+                            sigma_max=teacher.sigma_max, cond=cond).float()
+        out.append(codec.decode(x) if codec is not None else x)
         noises.append(noise)
     return (torch.cat(out), torch.cat(noises)) if return_noise else torch.cat(out)
 

@@ -24,7 +24,7 @@ from ..metrics.toy import evaluate as evaluate_points
 from ..sampling import seeded_noise
 from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
-from ..teachers import Teacher, check_teacher, exact_mixture, load_teacher
+from ..teachers import Teacher, check_teacher, exact_mixture, latent_codec, load_teacher
 from ..teachers.objects import fingerprint, object_spec
 from .checkpoint import CheckpointError, check_any, entry, list_checkpoints, load_latest, read_meta, save_checkpoint
 from .components import (
@@ -159,9 +159,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     shape, bsz, num_classes = teacher.shape, cfg.batch_size, conds.num_classes
     images = len(shape) == 3
     n_eval = eval_samples(cfg.eval_samples, shape)
+    codec = latent_codec(teacher)  # a latent teacher: students make latents, people and metrics see images
     reference = true_samples(teacher, n_eval, cfg.seed + 2, split="test", classes=num_classes)
     if reference is None:
-        reference = teacher_samples(teacher, n_eval, cfg.seed + 2, device, conds).cpu()
+        reference = teacher_samples(teacher, n_eval, cfg.seed + 2, device, conds, decode=True).cpu()
     pool, pool_idx, pairs = None, None, None
     if cfg.regression_weight > 0:  # DMD's regression pairs: unit noise, and the teacher's ODE sample made from it
         x_pairs, z_pairs = teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1, device, conds, return_noise=True)
@@ -245,8 +246,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     def sample_ema() -> torch.Tensor:
         zs = eval_z.split(1024)  # bounded activations for image networks
         ys = eval_idx.split(1024) if eval_idx is not None else (None,) * len(zs)
-        return torch.cat([c.ema.module(z.to(device), conds.lookup(y, device)).cpu()
-                          for z, y in zip(zs, ys, strict=True)])
+        xs = (c.ema.module(z.to(device), conds.lookup(y, device)) for z, y in zip(zs, ys, strict=True))
+        return torch.cat([(codec.decode(x) if codec is not None else x).cpu() for x in xs])
 
     stats = Stats(out / "stats.jsonl", write=main, tensorboard=out / "tensorboard" if cfg.tensorboard else None)
     step_times: list[float] = []
@@ -338,11 +339,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     if not main:
         return out
     info = {"teacher": cfg.teacher, "divergence": c.generator_loss.divergence.name, "shape": list(shape),
-            "num_classes": teacher.num_classes, "steps": step}
+            "num_classes": teacher.num_classes, "steps": step, "guidance": cfg.guidance}
     if conds.text:  # what `dibregman sample --prompt` needs to encode new prompts for this generator
         info["text"] = dict(teacher.text)
         info["class_names"] = list(getattr(teacher, "class_names", ()))
-    save_generator(out / "generator", c.ema.module, info)
+    save_generator(out / "generator", c.ema.module, info, codec=codec)
     t0 = time.perf_counter()
     student = sample_ema()
     student_s = time.perf_counter() - t0

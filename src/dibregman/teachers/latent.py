@@ -1,0 +1,107 @@
+"""The VAE of a latent pipeline (Stable Diffusion and kin): images in, scaled latents out, and back.
+
+A latent teacher's denoiser, its students and their fake scores all work on the *scaled* latents the
+pipeline's UNet sees, ``z = (E(x) - shift_factor) * scaling_factor`` (``shift_factor`` 0 where the VAE config has
+none, as in SD 1.x/2.x); images are only made where a person or a metric looks at them: grids, evaluation,
+``sample``. Decoding inverts that map as the pipelines do (``D(z / scaling_factor + shift_factor)``) and
+clamps to [-1, 1], the range their image post-processing keeps. Encoding takes the posterior mean (no
+sampling noise), so a real image always gives the same latent.
+
+The VAE is frozen: eval mode whatever the caller does, parameters without gradients, never optimised, and
+saved beside a latent student's weights so ``dibregman sample`` decodes without the teacher folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+VAE_CLASSES = ("AutoencoderKL",)
+VAE_FOLDER = "vae"  # the subfolder name in a pipeline folder and in a latent generator's folder
+
+
+class LatentCodec(nn.Module):
+    """A frozen ``AutoencoderKL`` with its pipeline's latent scaling: ``encode`` / ``decode`` in batches."""
+
+    def __init__(self, vae: nn.Module, batch_size: int = 64):
+        super().__init__()
+        name = type(vae).__name__
+        if name not in VAE_CLASSES:
+            raise ValueError(f"unsupported VAE class {name}; supported: {', '.join(VAE_CLASSES)}")
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        self.scaling_factor = float(cfg.get("scaling_factor") or 1.0)
+        self.shift_factor = float(cfg.get("shift_factor") or 0.0)
+        self.factor = 2 ** (len(cfg["block_out_channels"]) - 1)  # every down block but the last halves the size
+        self.latent_channels = int(cfg["latent_channels"])
+        self.image_channels = int(cfg["out_channels"])
+        self.batch_size = int(batch_size)
+
+    def train(self, mode: bool = True) -> LatentCodec:
+        return super().train(False)
+
+    def image_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """The decoded image's ``(C, H, W)`` for latents of ``latent_shape``."""
+        _, h, w = latent_shape
+        return self.image_channels, int(h) * self.factor, int(w) * self.factor
+
+    def _device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] ``[N, C, H, W]`` -> scaled latents (posterior mean), on the images' device."""
+        out = [((self.vae.encode(x.to(self._device(), torch.float32)).latent_dist.mean - self.shift_factor)
+                * self.scaling_factor).to(images.device) for x in images.split(self.batch_size)]
+        return torch.cat(out) if out else images.new_zeros((0, self.latent_channels, 1, 1))
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1] ``[N, C, H, W]``, on the latents' device."""
+        out = [self.vae.decode(z.to(self._device(), torch.float32) / self.scaling_factor + self.shift_factor)
+               .sample.clamp(-1, 1).to(latents.device) for z in latents.split(self.batch_size)]
+        if not out:
+            return latents.new_zeros((0, *self.image_shape(tuple(latents.shape[1:]))))
+        return torch.cat(out)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the VAE as a diffusers model folder (config + safetensors weights)."""
+        self.vae.save_pretrained(str(folder), safe_serialization=True)
+        return Path(folder)
+
+
+def read_vae(folder: str | Path) -> Any:
+    """The ``AutoencoderKL`` saved in ``folder`` (a diffusers model folder), on the CPU in float32, offline."""
+    import importlib.util
+
+    import diffusers
+
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} holds no VAE: expected config.json with its weights "
+                                "(vae.save_pretrained)")
+    import json
+
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"cannot read {str(config)!r}: {e}") from None
+    if name not in VAE_CLASSES:
+        raise ValueError(f"{str(config)!r}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
+    if not list(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{str(folder)!r} has no safetensors weights for its VAE (pickled .bin weights can "
+                                "run code when loaded): save it with vae.save_pretrained(folder, "
+                                "safe_serialization=True)")
+    lazy = importlib.util.find_spec("accelerate") is not None
+    return getattr(diffusers, name).from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32,
+                                                    low_cpu_mem_usage=lazy, use_safetensors=True)
+
+
+def load_codec(folder: str | Path) -> LatentCodec:
+    return LatentCodec(read_vae(folder))

@@ -1,0 +1,64 @@
+"""Tiny randomly initialised instances of the real diffusers / transformers classes, saved as pipeline folders
+the way ``save_pretrained`` writes them, for tests that read ``diffusers:<folder>`` offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TOKENS, WIDTH = 12, 32  # CLIP's token budget and width here
+
+
+def clip_tokenizer(root: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single letters (no merges): enough to turn prompts into distinct ids."""
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=TOKENS,
+                         unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TOKENS,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+
+def cond_unet(sample_size: int, channels: int, in_channels: int | None = None, **kw) -> UNet2DConditionModel:
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=in_channels or channels, out_channels=channels,
+                                block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                cross_attention_dim=WIDTH, attention_head_dim=2,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **kw)
+
+
+def tiny_vae(image_channels: int = 3, latent_channels: int = 4, **kw) -> AutoencoderKL:
+    """Images of side ``2 * latent side``: two blocks, one halving."""
+    return AutoencoderKL(in_channels=image_channels, out_channels=image_channels, latent_channels=latent_channels,
+                         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         sample_size=16, **kw)
+
+
+def sd_pipeline(root: Path, scheduler, latent_side: int = 8, unet_in_channels: int | None = None,
+                vae_kw: dict | None = None) -> Path:
+    """A Stable Diffusion 1.x-shaped folder (VAE + CLIP + UNet2DConditionModel + scheduler) saved by the real
+    ``StableDiffusionPipeline.save_pretrained``; returns the folder."""
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(root / "tok")
+    vae = tiny_vae(**(vae_kw or {}))
+    unet = cond_unet(latent_side, vae.config.latent_channels, in_channels=unet_in_channels)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=clip_text_encoder(tokenizer), tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    folder = root / "pipeline"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
