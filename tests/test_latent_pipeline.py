@@ -143,9 +143,11 @@ def test_pipelines_it_cannot_distill_are_refused_in_one_line(tmp_path):
     (video / "model_index.json").write_text(json.dumps({**index, "_class_name": "TextToVideoSDPipeline"}))
     with pytest.raises(ValueError, match="TextToVideoSDPipeline folder: only text-to-image"):
         load_teacher(f"diffusers:{video}")
-    transformer = sd_pipeline(tmp_path / "dit", sched)
+    transformer = sd_pipeline(tmp_path / "dit", sched)  # a transformer class not read yet, in place of the UNet
+    shutil.rmtree(transformer / "unet")
     (transformer / "transformer").mkdir()
-    with pytest.raises(ValueError, match="transformer/ denoiser"):
+    (transformer / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    with pytest.raises(ValueError, match="unsupported model class 'FluxTransformer2DModel'"):
         load_teacher(f"diffusers:{transformer}")
     for bad in (inpaint, missing, video, transformer):  # nothing was written beside the folders
         assert not (bad.parent / "runs").exists()

@@ -62,3 +62,32 @@ def sd_pipeline(root: Path, scheduler, latent_side: int = 8, unet_in_channels: i
     folder = root / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def sd3_pipeline(root: Path, shift: float = 3.0, latent_side: int = 8) -> Path:
+    """A Stable Diffusion 3-shaped folder: two CLIP encoders with projections (no T5, which SD3 allows), an
+    ``SD3Transformer2DModel``, a 16-channel VAE with a shift factor, flow matching with a shifted grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(root / "tok")
+
+    def clip(width: int, projection: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            projection_dim=projection))
+
+    vae = tiny_vae(latent_channels=16, scaling_factor=1.5, shift_factor=0.1)
+    transformer = SD3Transformer2DModel(sample_size=latent_side, patch_size=2, in_channels=16, out_channels=16,
+                                        num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                        joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=40,
+                                        pos_embed_max_size=latent_side)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+                                    vae=vae, text_encoder=clip(16, 24), tokenizer=tokenizer,
+                                    text_encoder_2=clip(32, 16),
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    folder = root / "pipeline"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -160,6 +160,10 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: s
 
     den = gen.denoiser
     where = f"{folder}: "
+    if den.kind == "flow":
+        raise ValueError(where + "a student of a flow-matching pipeline (SD3, a flow UNet) does not export to its "
+                         "pipeline class yet: that class's one-step call starts from pure noise at t = 1, an infinite "
+                         "EDM noise level, while the student denoises at a finite sigma_g; use `dibregman sample`")
     if not info.get("text") or type(den.unet).__name__ != "UNet2DConditionModel" or den.kind != "vp" \
             or den.continuous_timesteps:
         raise ValueError(where + "only text-to-image students of Stable Diffusion 1.x/2.x pipelines "

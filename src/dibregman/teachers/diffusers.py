@@ -21,7 +21,9 @@ Sampler post-processing (``clip_sample``, thresholding) is not part of the denoi
 
 A pipeline folder with a ``vae/`` (Stable Diffusion 1.x/2.x: ``UNet2DConditionModel`` + ``AutoencoderKL`` + CLIP) is
 a latent teacher: everything above happens on the VAE's scaled latents, and the VAE (``teachers/latent.py``)
-decodes for grids, metrics and samples.
+decodes for grids, metrics and samples. A Stable Diffusion 3 folder (``transformer/`` with an
+``SD3Transformer2DModel``, flow matching) has the same conversion around a transformer backbone (``dit.py``) and
+the pipeline's own three-encoder prompt handling (``text/sd3.py``).
 
 The conversion lives in ``DiffusersDenoiser``, a trainable module with ``Precond``'s interface; the teacher is
 a frozen wrapper around one, and students (``distill --teacher diffusers:<folder>``) start from copies of it.
@@ -47,6 +49,7 @@ from ..schedules import (
     vp_input_from_x_sigma,
     vp_sigma_from_alpha_bar,
 )
+from .dit import TRANSFORMER_CLASSES, DiffusersSD3
 from .latent import VAE_FOLDER, LatentCodec, load_codec
 
 Tensor = torch.Tensor
@@ -56,6 +59,7 @@ FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS
 PREDICTIONS = ("epsilon", "v_prediction", "sample")  # for the VP schedulers; flow models predict velocity
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+MODEL_CLASSES = UNET_CLASSES + TRANSFORMER_CLASSES
 SCHEDULER_FILE = "scheduler_config.json"
 UNET_FILE = "config.json"
 ARCH_KIND = "diffusers"  # generator.json's arch kind for a student made from a diffusers teacher
@@ -104,7 +108,7 @@ class DiffusersUNet(nn.Module):
 
 
 class DiffusersDenoiser(nn.Module):
-    """A diffusers ``UNet2DModel`` + its scheduler's conventions as a trainable EDM denoiser.
+    """A diffusers UNet (or SD3 transformer) + its scheduler's conventions as a trainable EDM denoiser.
 
     The same interface as ``Precond`` (``forward``, ``features``, ``loss_weight``, ``sigma_data``,
     ``backbone``), so students start from a copy of it as from one of our networks; the conversion is the
@@ -132,6 +136,10 @@ class DiffusersDenoiser(nn.Module):
                                  f"{', '.join(PREDICTIONS)} (and velocity via FlowMatchEulerDiscreteScheduler)")
             self.prediction_type = pred
         ucfg = unet.config
+        transformer = type(unet).__name__ in TRANSFORMER_CLASSES
+        if transformer and self.kind != "flow":
+            raise ValueError(f"{type(unet).__name__} is a flow-matching model: it needs "
+                             f"FlowMatchEulerDiscreteScheduler, not {sched_name}")
         if type(unet).__name__ == "UNet2DConditionModel":
             extra = {k: ucfg.get(k) for k in ("class_embed_type", "addition_embed_type", "num_class_embeds",
                                               "encoder_hid_dim") if ucfg.get(k)}
@@ -141,7 +149,7 @@ class DiffusersDenoiser(nn.Module):
         if ucfg.get("time_embedding_type", "positional") != "positional":  # those embed integer steps or sigma
             raise ValueError(f"UNet time_embedding_type {ucfg.get('time_embedding_type')!r} is not supported; "
                              "only 'positional' takes the continuous timesteps this teacher feeds")
-        self.backbone = DiffusersUNet(unet)
+        self.backbone = DiffusersSD3(unet) if transformer else DiffusersUNet(unet)
         self.scheduler_class = sched_name
         self.scheduler_config = _plain(cfg)  # for arch(): the scheduler is rebuilt from it, not pickled
         self.sigma_data = float(sigma_data)
@@ -193,9 +201,10 @@ class DiffusersDenoiser(nn.Module):
         name = arch.get("scheduler_class")
         if name not in SCHEDULERS:
             raise ValueError(f"arch names unsupported scheduler {name!r}; supported: {', '.join(SCHEDULERS)}")
-        unet_class = arch.get("unet_class", "UNet2DModel")
-        if unet_class not in UNET_CLASSES:
-            raise ValueError(f"arch names unsupported UNet class {unet_class!r}; supported: {', '.join(UNET_CLASSES)}")
+        unet_class = arch.get("unet_class", "UNet2DModel")  # "unet": the denoising model, a UNet or a transformer
+        if unet_class not in MODEL_CLASSES:
+            raise ValueError(f"arch names unsupported model class {unet_class!r}; supported: "
+                             f"{', '.join(MODEL_CLASSES)}")
         check_arch_size(arch)
         try:
             unet = getattr(diffusers, unet_class).from_config(arch["unet_config"])
@@ -410,22 +419,23 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad:
     if sched_dir is None:
         raise FileNotFoundError(f"diffusers teacher folder {str(folder)!r} has no scheduler config: expected "
                                 f"scheduler/{SCHEDULER_FILE} or {SCHEDULER_FILE} (scheduler.save_pretrained)")
-    unet_dir = _find(folder, "unet", UNET_FILE)
+    unet_dir = _find(folder, "unet", UNET_FILE) or (folder / "transformer" if (folder / "transformer" / UNET_FILE)
+                                                    .is_file() else None)
     if unet_dir is None:
         raise FileNotFoundError(f"diffusers teacher folder {str(folder)!r} has no UNet: expected unet/{UNET_FILE} "
-                                f"or {UNET_FILE} with its weights (unet.save_pretrained)")
+                                f"(or transformer/{UNET_FILE}) or {UNET_FILE} with its weights (unet.save_pretrained)")
     sched_name = _read_json(sched_dir / SCHEDULER_FILE).get("_class_name")
     if sched_name not in SCHEDULERS:
         raise ValueError(f"{str(sched_dir / SCHEDULER_FILE)!r}: unsupported scheduler {sched_name!r}; supported: "
                          f"{', '.join(SCHEDULERS)}")
     unet_name = _read_json(unet_dir / UNET_FILE).get("_class_name")
-    if unet_name not in UNET_CLASSES:
+    if unet_name not in MODEL_CLASSES:
         raise ValueError(f"{str(unet_dir / UNET_FILE)!r}: unsupported model class {unet_name!r}; supported: "
-                         f"{', '.join(UNET_CLASSES)} (unconditional or class-conditional pixel U-Nets)")
+                         f"{', '.join(MODEL_CLASSES)} (Flux, PixArt, Sana transformers are not read yet)")
     _refuse_unsupported(folder)
     codec = load_codec(folder / VAE_FOLDER) if (folder / VAE_FOLDER).is_dir() else None  # a latent pipeline
     encoder = None
-    if unet_name == "UNet2DConditionModel":
+    if unet_name == "UNet2DConditionModel" or unet_name in TRANSFORMER_CLASSES:
         from ..text import load_text_encoder
 
         if not ((folder / "tokenizer").is_dir() and (folder / "text_encoder").is_dir()):
@@ -454,7 +464,6 @@ def _refuse_unsupported(folder: Path) -> None:
     if any(word in str(name) for word in ("Video", "Img2Img", "Inpaint", "Upscale", "Depth", "ControlNet")):
         raise ValueError(f"{str(folder)!r} is a {name} folder: only text-to-image (or unconditional / class) "
                          "pipelines distill to a one-step generator; pass the text-to-image pipeline it derives from")
-    for sub in ("transformer", "prior"):
-        if (folder / sub).is_dir():
-            raise ValueError(f"{str(folder)!r} has a {sub}/ denoiser: transformer pipelines (SD3, Flux, PixArt, "
-                             "Sana) are not read yet; U-Net pipelines (Stable Diffusion 1.x/2.x, pixel UNets) are")
+    if (folder / "prior").is_dir():
+        raise ValueError(f"{str(folder)!r} is a two-stage (prior + decoder) pipeline: not supported; U-Net pipelines "
+                         "(Stable Diffusion 1.x/2.x, pixel UNets) and SD3 transformer pipelines are")

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .sd3 import SD3PromptEncoder
+
 Tensor = torch.Tensor
 
 BUILTIN = {"minilm": 16}  # built-in encoders and their token budget (captions here are under 12 tokens)
@@ -59,8 +61,9 @@ class TextEncoder(nn.Module):
         return torch.cat(out)
 
 
-def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder:
-    """``minilm`` or a local folder (see the module docstring); a clear ValueError when it cannot be read."""
+def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder | SD3PromptEncoder:
+    """``minilm`` or a local folder (see the module docstring; a Stable Diffusion 3 pipeline folder gives its
+    three-encoder ``SD3PromptEncoder``); a clear ValueError when it cannot be read."""
     try:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging
@@ -74,6 +77,10 @@ def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder:
         max_length = max_length or BUILTIN[spec]
     else:
         root = Path(spec)
+        from .sd3 import SD3PromptEncoder, is_sd3_folder
+
+        if is_sd3_folder(root):  # three encoders and pooled projections: the pipeline's own prompt handling
+            return SD3PromptEncoder(root, max_length)
         if not root.is_dir():
             raise ValueError(f"text encoder {spec!r}: no such folder (give 'minilm' or a local folder with a "
                              "tokenizer and a transformer model, e.g. a Stable Diffusion pipeline folder)")
