@@ -91,3 +91,42 @@ def sd3_pipeline(root: Path, shift: float = 3.0, latent_side: int = 8) -> Path:
     folder = root / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def t5_tokenizer(root: Path):
+    """A T5 (Unigram) tokenizer over single letters, built with the tokenizers library and saved as T5's is."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(ch, -1.0) for ch in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    t5.save_pretrained(root)
+    return T5TokenizerFast.from_pretrained(root)
+
+
+def flux_pipeline(root: Path, guidance_embeds: bool = True) -> Path:
+    """A Flux-shaped folder: CLIP (pooled output) + T5, a ``FluxTransformer2DModel`` over 2x2-packed 16-channel
+    latents with a guidance embedding, flow matching with dynamic shifting."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(root / "tok")
+    t5_tok = t5_tokenizer(root / "t5tok")
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=WIDTH, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(scheduler=scheduler, vae=tiny_vae(latent_channels=16, scaling_factor=0.4, shift_factor=0.1),
+                        text_encoder=clip_text_encoder(tokenizer), tokenizer=tokenizer, text_encoder_2=t5,
+                        tokenizer_2=t5_tok, transformer=transformer)
+    folder = root / "pipeline"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -23,7 +23,8 @@ A pipeline folder with a ``vae/`` (Stable Diffusion 1.x/2.x: ``UNet2DConditionMo
 a latent teacher: everything above happens on the VAE's scaled latents, and the VAE (``teachers/latent.py``)
 decodes for grids, metrics and samples. A Stable Diffusion 3 folder (``transformer/`` with an
 ``SD3Transformer2DModel``, flow matching) has the same conversion around a transformer backbone (``dit.py``) and
-the pipeline's own three-encoder prompt handling (``text/sd3.py``).
+the pipeline's own prompt handling (``text/pipeline_prompts.py``); so does a Flux folder
+(``FluxTransformer2DModel``: packed latents, position ids, a guidance embedding).
 
 The conversion lives in ``DiffusersDenoiser``, a trainable module with ``Precond``'s interface; the teacher is
 a frozen wrapper around one, and students (``distill --teacher diffusers:<folder>``) start from copies of it.
@@ -49,7 +50,7 @@ from ..schedules import (
     vp_input_from_x_sigma,
     vp_sigma_from_alpha_bar,
 )
-from .dit import TRANSFORMER_CLASSES, DiffusersSD3
+from .dit import TRANSFORMER_CLASSES, transformer_backbone
 from .latent import VAE_FOLDER, LatentCodec, load_codec
 
 Tensor = torch.Tensor
@@ -117,7 +118,7 @@ class DiffusersDenoiser(nn.Module):
     offline with ``from_arch``. The scheduler itself is not kept: only its noise table is needed.
     """
 
-    def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5):
+    def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, options: dict | None = None):
         super().__init__()
         sched_name = type(scheduler).__name__
         if sched_name not in SCHEDULERS:
@@ -149,13 +150,16 @@ class DiffusersDenoiser(nn.Module):
         if ucfg.get("time_embedding_type", "positional") != "positional":  # those embed integer steps or sigma
             raise ValueError(f"UNet time_embedding_type {ucfg.get('time_embedding_type')!r} is not supported; "
                              "only 'positional' takes the continuous timesteps this teacher feeds")
-        self.backbone = DiffusersSD3(unet) if transformer else DiffusersUNet(unet)
+        self.backbone = transformer_backbone(unet, options) if transformer else DiffusersUNet(unet)
         self.scheduler_class = sched_name
         self.scheduler_config = _plain(cfg)  # for arch(): the scheduler is rebuilt from it, not pickled
         self.sigma_data = float(sigma_data)
-        size = ucfg["sample_size"]
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        self.shape: tuple[int, ...] = (int(ucfg["in_channels"]), int(h), int(w))
+        if transformer:
+            self.shape: tuple[int, ...] = self.backbone.sample_shape
+        else:
+            size = ucfg["sample_size"]
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            self.shape = (int(ucfg["in_channels"]), int(h), int(w))
         self.num_classes = self.backbone.num_classes
         self.num_train_timesteps = int(cfg["num_train_timesteps"])
         # Euler's EDM-style variant feeds 0.25 log sigma instead of an index (diffusers only does it for v)
@@ -188,8 +192,10 @@ class DiffusersDenoiser(nn.Module):
 
     def arch(self) -> dict[str, Any]:
         """JSON-able description that ``from_arch`` rebuilds (weights aside), as saved in generator.json."""
+        options = getattr(self.backbone, "options", None)  # what a transformer's config lacks (Flux: latent size)
         return {"kind": ARCH_KIND, "unet_class": type(self.unet).__name__, "unet_config": _plain(self.unet.config),
-                "scheduler_class": self.scheduler_class, "scheduler_config": dict(self.scheduler_config)}
+                "scheduler_class": self.scheduler_class, "scheduler_config": dict(self.scheduler_config),
+                **({"options": dict(options)} if options else {})}
 
     @classmethod
     def from_arch(cls, arch: dict[str, Any], sigma_data: float = 0.5) -> DiffusersDenoiser:
@@ -211,7 +217,7 @@ class DiffusersDenoiser(nn.Module):
             scheduler = getattr(diffusers, name).from_config(arch["scheduler_config"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"cannot build a diffusers denoiser from arch ({e})") from None
-        return cls(unet, scheduler, sigma_data)
+        return cls(unet, scheduler, sigma_data, arch.get("options"))
 
     # --- sigma <-> the UNet's timestep ----------------------------------------------------------------
 
@@ -301,9 +307,10 @@ class DiffusersTeacher(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, no_grad: bool = True,
-                 source: str | None = None, text_encoder: Any = None, codec: LatentCodec | None = None):
+                 source: str | None = None, text_encoder: Any = None, codec: LatentCodec | None = None,
+                 options: dict | None = None):
         super().__init__()
-        self.net = DiffusersDenoiser(unet, scheduler, sigma_data).eval().requires_grad_(False)
+        self.net = DiffusersDenoiser(unet, scheduler, sigma_data, options).eval().requires_grad_(False)
         if codec is not None and codec.latent_channels != self.net.shape[0]:
             raise ValueError(f"{source or 'this pipeline'}: its UNet takes {self.net.shape[0]} input channels but its "
                              f"VAE makes {codec.latent_channels}-channel latents (an inpainting or depth UNet takes "
@@ -448,8 +455,13 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad:
                                                          torch_dtype=torch.float32, low_cpu_mem_usage=lazy)
     if codec is not None and sigma_data == 0.5:  # the pixel default; scaled latents have unit variance
         sigma_data = 1.0
+    options = None
+    if unet_name == "FluxTransformer2DModel":  # its config has no sample size: the VAE's, over its factor
+        if codec is None:
+            raise FileNotFoundError(f"{str(folder)!r}: a Flux transformer needs the pipeline's vae/ beside it")
+        options = {"latent_size": int(codec.vae.config["sample_size"]) // codec.factor}
     return DiffusersTeacher(unet, scheduler, sigma_data=sigma_data, no_grad=no_grad, source=str(folder),
-                            text_encoder=encoder, codec=codec)
+                            text_encoder=encoder, codec=codec, options=options)
 
 
 def _refuse_unsupported(folder: Path) -> None:

@@ -1,5 +1,8 @@
 """Transformer backbones of diffusers pipelines behind the same denoiser contract as the U-Nets.
 
+Each wrapper takes the sample as ``[B, C, H, W]`` latents and the text condition as one tensor, and calls its
+model in the pipeline's own conventions (packing, position ids, timestep scale, guidance embedding).
+
 ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5) takes two text conditions: the token states
 ``encoder_hidden_states [N, L, joint_dim]`` and the pooled CLIP projections ``pooled_projections [N, P]``. The
 rest of the library carries one condition tensor per sample, so the pooled vector travels as ``ceil(P /
@@ -17,7 +20,8 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-TRANSFORMER_CLASSES = ("SD3Transformer2DModel",)
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale: what a guidance-distilled Flux is fed
 
 
 def pooled_tokens(pooled_dim: int, joint_dim: int) -> int:
@@ -52,6 +56,9 @@ class DiffusersSD3(nn.Module):
         super().__init__()
         self.unet = transformer
         cfg = transformer.config
+        size = int(cfg["sample_size"])
+        self.sample_shape = (int(cfg["in_channels"]), size, size)
+        self.options: dict = {}
         self.pooled_dim = int(cfg["pooled_projection_dim"])
         self.feature_channels = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
         self.feature_block = len(transformer.transformer_blocks) // 2  # the middle one: both streams still there
@@ -73,3 +80,80 @@ class DiffusersSD3(nn.Module):
         for block in t.transformer_blocks[: self.feature_block + 1]:
             context, x = block(hidden_states=x, encoder_hidden_states=context, temb=temb)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+
+
+class DiffusersFlux(nn.Module):
+    """A ``FluxTransformer2DModel`` called as ``FluxPipeline`` calls it: latents packed into 2x2 patches
+    (``FluxPipeline._pack_latents``), image position ids, zero text ids, ``timestep / 1000``, and, for a
+    guidance-distilled model (``guidance_embeds``), the guidance scale as an input (``embedded_guidance``, the
+    pipeline's ``guidance_scale``). ``cond`` packs T5's states and CLIP's pooled output (``pack_text``).
+
+    The config has no sample size, so ``latent_size`` (the latents' side, even) comes from the loader (the
+    VAE's ``sample_size`` over its down-sampling factor) and is saved with the arch."""
+
+    text = True
+    num_classes = 0
+
+    def __init__(self, transformer: nn.Module, latent_size: int, embedded_guidance: float = FLUX_GUIDANCE):
+        super().__init__()
+        cfg = transformer.config
+        if int(cfg.get("patch_size", 1)) != 1 or int(cfg["in_channels"]) % 4:
+            raise ValueError("FluxTransformer2DModel: only patch_size 1 over 2x2-packed latents (in_channels a "
+                             f"multiple of 4) is supported; got {dict(cfg)}")
+        if int(latent_size) % 2:
+            raise ValueError(f"Flux latents must have an even side to be packed in 2x2 patches; got {latent_size}")
+        self.unet = transformer
+        self.sample_shape = (int(cfg["in_channels"]) // 4, int(latent_size), int(latent_size))
+        self.embedded_guidance = float(embedded_guidance) if cfg.get("guidance_embeds") else None
+        self.options = {"latent_size": int(latent_size), "embedded_guidance": float(embedded_guidance)}
+        self.pooled_dim = int(cfg["pooled_projection_dim"])
+        self.feature_channels = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+
+    def _inputs(self, x_t: Tensor, timestep: Tensor, cond: Tensor) -> dict[str, Tensor | None]:
+        from diffusers import FluxPipeline
+
+        b, c, h, w = x_t.shape
+        hidden, pooled = unpack_text(cond, self.pooled_dim)
+        dtype = x_t.dtype
+        guidance = None
+        if self.embedded_guidance is not None:
+            guidance = torch.full((b,), self.embedded_guidance, device=x_t.device, dtype=torch.float32)
+        return {"hidden_states": FluxPipeline._pack_latents(x_t, b, c, h, w),
+                "timestep": (timestep.expand(b) / 1000).to(dtype), "guidance": guidance,
+                "pooled_projections": pooled, "encoder_hidden_states": hidden,
+                "txt_ids": torch.zeros(hidden.shape[1], 3, device=x_t.device, dtype=dtype),
+                "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, dtype)}
+
+    def forward(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
+        from diffusers import FluxPipeline
+
+        out = self.unet(**self._inputs(x_t, timestep, cond), return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, x_t.shape[2], x_t.shape[3], 1)
+
+    def features(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The image stream after the last dual-stream block (``FluxTransformer2DModel.forward`` up to its single
+        blocks) as a map ``[B, inner_dim, H/2, W/2]``."""
+        t, a = self.unet, self._inputs(x_t, timestep, cond)
+        x = t.x_embedder(a["hidden_states"])
+        step = a["timestep"].to(x.dtype) * 1000
+        temb = (t.time_text_embed(step, a["pooled_projections"]) if a["guidance"] is None
+                else t.time_text_embed(step, a["guidance"].to(x.dtype) * 1000, a["pooled_projections"]))
+        context = t.context_embedder(a["encoder_hidden_states"])
+        rotary = t.pos_embed(torch.cat((a["txt_ids"], a["img_ids"]), 0))
+        for block in t.transformer_blocks:
+            context, x = block(hidden_states=x, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
+        h, w = x_t.shape[2] // 2, x_t.shape[3] // 2
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+
+
+def transformer_backbone(model: nn.Module, options: dict | None = None) -> nn.Module:
+    """The wrapper of a diffusers transformer (``TRANSFORMER_CLASSES``); ``options``: what its config lacks."""
+    name = type(model).__name__
+    if name == "SD3Transformer2DModel":
+        return DiffusersSD3(model)
+    if name == "FluxTransformer2DModel":
+        options = options or {}
+        if "latent_size" not in options:
+            raise ValueError("a Flux transformer needs its latent size (the loader reads it from the VAE)")
+        return DiffusersFlux(model, options["latent_size"], options.get("embedded_guidance", FLUX_GUIDANCE))
+    raise ValueError(f"unsupported transformer class {name}; supported: {', '.join(TRANSFORMER_CLASSES)}")

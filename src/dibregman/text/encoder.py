@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .sd3 import SD3PromptEncoder
+from .pipeline_prompts import PipelinePromptEncoder, pipeline_class
 
 Tensor = torch.Tensor
 
@@ -61,9 +61,9 @@ class TextEncoder(nn.Module):
         return torch.cat(out)
 
 
-def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder | SD3PromptEncoder:
-    """``minilm`` or a local folder (see the module docstring; a Stable Diffusion 3 pipeline folder gives its
-    three-encoder ``SD3PromptEncoder``); a clear ValueError when it cannot be read."""
+def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder | PipelinePromptEncoder:
+    """``minilm`` or a local folder (see the module docstring; a Stable Diffusion 3 pipeline folder gives a
+    ``PipelinePromptEncoder``; so does a Flux folder); a clear ValueError when it cannot be read."""
     try:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging
@@ -77,10 +77,8 @@ def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder |
         max_length = max_length or BUILTIN[spec]
     else:
         root = Path(spec)
-        from .sd3 import SD3PromptEncoder, is_sd3_folder
-
-        if is_sd3_folder(root):  # three encoders and pooled projections: the pipeline's own prompt handling
-            return SD3PromptEncoder(root, max_length)
+        if pipeline_class(root):  # SD3, Flux: several encoders and pooled projections, the pipeline's own handling
+            return PipelinePromptEncoder(root, max_length)
         if not root.is_dir():
             raise ValueError(f"text encoder {spec!r}: no such folder (give 'minilm' or a local folder with a "
                              "tokenizer and a transformer model, e.g. a Stable Diffusion pipeline folder)")

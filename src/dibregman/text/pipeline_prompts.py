@@ -1,0 +1,82 @@
+"""The prompt handling of transformer pipelines, taken from the pipelines themselves: Stable Diffusion 3's
+``encode_prompt`` (CLIP-L and CLIP-G penultimate states and pooled projections, T5) and Flux's (T5 states,
+CLIP's pooled output), packed into one condition tensor per prompt (``teachers/dit.py: pack_text``).
+
+Only the text half of the pipeline is loaded (no transformer, no VAE). An SD3 folder saved without T5 (SD3
+allows dropping it) gets the zeros the pipeline itself uses in its place; their width is the transformer's
+``joint_attention_dim``, read from ``transformer/config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+# pipeline class -> its T5 token budget (the pipeline's default max_sequence_length)
+PIPELINES = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+
+
+def pipeline_class(folder: Path) -> str | None:
+    """The folder's pipeline class if its prompts are encoded here (``PIPELINES``), else None."""
+    try:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if name in PIPELINES else None
+
+
+class PipelinePromptEncoder(nn.Module):
+    """``encode(prompts) -> [N, L + k, joint_dim]``: the pipeline's prompt embeddings followed by the pooled
+    projections as ``k`` packed tokens. ``spec`` is the folder, so runs re-create it from ``generator.json``;
+    ``max_length`` is T5's token budget."""
+
+    def __init__(self, folder: str | Path, max_length: int | None = None):
+        super().__init__()
+        import diffusers
+
+        folder = Path(folder)
+        self.pipeline = pipeline_class(folder) or "StableDiffusion3Pipeline"
+        absent = {}
+        if self.pipeline == "StableDiffusion3Pipeline":
+            absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if not (folder / name).is_dir()}
+        try:
+            pipe = getattr(diffusers, self.pipeline).from_pretrained(str(folder), transformer=None, vae=None,
+                                                                     **absent, local_files_only=True)
+            joint = json.loads((folder / "transformer" / "config.json").read_text())["joint_attention_dim"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read the text encoders of the {self.pipeline} folder {str(folder)!r} "
+                             f"({str(e).splitlines()[0]}); it needs its tokenizer*/ and text_encoder*/ folders "
+                             "and transformer/config.json (pipeline.save_pretrained)") from None
+        pipe.transformer = SimpleNamespace(config=SimpleNamespace(joint_attention_dim=int(joint)))  # SD3's T5 zeros
+        self.encoders = nn.ModuleList([e.eval().requires_grad_(False) for e in
+                                       (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None))
+                                       if e is not None])  # so .to(device) moves them
+        self.pipe = pipe
+        self.spec, self.dim = str(folder), int(joint)
+        self.max_length = int(max_length or PIPELINES[self.pipeline])
+
+    def train(self, mode: bool = True) -> PipelinePromptEncoder:
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch: int = 64) -> Tensor:
+        from ..teachers.dit import pack_text
+
+        out = []
+        for i in range(0, len(prompts), batch):
+            chunk = list(prompts[i:i + batch])
+            if self.pipeline == "FluxPipeline":
+                hidden, pooled, _ = self.pipe.encode_prompt(chunk, None, max_sequence_length=self.max_length)
+            else:
+                hidden, _, pooled, _ = self.pipe.encode_prompt(chunk, None, None, do_classifier_free_guidance=False,
+                                                               max_sequence_length=self.max_length)
+            out.append(pack_text(hidden.float(), pooled.float()).cpu())
+        if not out:
+            return torch.zeros(0, 0, self.dim)
+        return torch.cat(out)
