@@ -33,9 +33,9 @@ def clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def cond_unet(sample_size: int, channels: int, in_channels: int | None = None, **kw) -> UNet2DConditionModel:
+    kw = {"cross_attention_dim": WIDTH, **kw}
     return UNet2DConditionModel(sample_size=sample_size, in_channels=in_channels or channels, out_channels=channels,
-                                block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                                cross_attention_dim=WIDTH, attention_head_dim=2,
+                                block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=2,
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **kw)
 
@@ -127,6 +127,28 @@ def flux_pipeline(root: Path, guidance_embeds: bool = True) -> Path:
     pipe = FluxPipeline(scheduler=scheduler, vae=tiny_vae(latent_channels=16, scaling_factor=0.4, shift_factor=0.1),
                         text_encoder=clip_text_encoder(tokenizer), tokenizer=tokenizer, text_encoder_2=t5,
                         tokenizer_2=t5_tok, transformer=transformer)
+    folder = root / "pipeline"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def sdxl_pipeline(root: Path) -> Path:
+    """An SDXL-shaped folder: CLIP-L + CLIP-G with projection, a UNet with added ``text_time`` conditions (pooled
+    text and six size ids), a 4-channel VAE, Euler's scheduler; saved by ``StableDiffusionXLPipeline``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(root / "tok")
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
+    unet = cond_unet(8, 4, cross_attention_dim=2 * WIDTH, addition_embed_type="text_time", addition_time_embed_dim=4,
+                     projection_class_embeddings_input_dim=16 + 6 * 4)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=clip_text_encoder(tokenizer), text_encoder_2=clip_g,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     folder = root / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -1,9 +1,10 @@
 """Export a U-Net one-step generator as a diffusers pipeline folder that loads without dibregman.
 
-A student of a Stable Diffusion 1.x/2.x pipeline goes back into that family: a ``StableDiffusionPipeline``
-folder (the teacher's tokenizer and text encoder, the student's UNet, its VAE, Euler's scheduler with trailing
-timesteps) that ``DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=1.0)``
-runs with no custom code (``_family_pipeline``). Students of our own networks export as follows.
+A student of a Stable Diffusion 1.x/2.x or SDXL pipeline goes back into that family: a
+``StableDiffusionPipeline`` (``StableDiffusionXLPipeline``) folder (the teacher's tokenizers and text encoders,
+the student's UNet, its VAE, Euler's scheduler with trailing timesteps) that
+``DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=1.0)`` runs with no
+custom code (``_family_pipeline``). Students of our own networks export as follows.
 
 The folder holds the student's ``UNet2DModel`` (``unet/``; a text student's ``UNet2DConditionModel`` with its
 ``tokenizer/`` and ``text_encoder/``), ``model_index.json`` naming the custom pipeline
@@ -152,11 +153,13 @@ def _write(pipe: Any, out_folder: str | Path, info: dict[str, Any], readme: str,
 
 
 def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: str) -> tuple[Any, str]:
-    """A one-step student of a Stable Diffusion 1.x/2.x pipeline as a ``StableDiffusionPipeline``: the teacher
-    folder's tokenizer and text encoder, the student's UNet, the VAE saved with it, and Euler's scheduler with
+    """A one-step student of a Stable Diffusion 1.x/2.x (or SDXL) pipeline as a ``StableDiffusionPipeline`` (or
+    ``StableDiffusionXLPipeline``): the teacher folder's tokenizers and text encoders, the student's UNet, the
+    VAE saved with it, and Euler's scheduler with
     trailing timesteps, whose single step from noise level S returns the UNet's x0 at S. That is the student's
     one step exactly when it was distilled at ``sigma_g`` = S (the scheduler's last noise level)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    import diffusers
+    from diffusers import EulerDiscreteScheduler
 
     den = gen.denoiser
     where = f"{folder}: "
@@ -166,7 +169,7 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: s
                          "EDM noise level, while the student denoises at a finite sigma_g; use `dibregman sample`")
     if not info.get("text") or type(den.unet).__name__ != "UNet2DConditionModel" or den.kind != "vp" \
             or den.continuous_timesteps:
-        raise ValueError(where + "only text-to-image students of Stable Diffusion 1.x/2.x pipelines "
+        raise ValueError(where + "only text-to-image students of Stable Diffusion 1.x/2.x and SDXL pipelines "
                          "(UNet2DConditionModel, a DDPM/DDIM/Euler scheduler) export to their own pipeline class")
     if gen.steps != 1:
         raise ValueError(where + f"a {gen.steps}-step student re-noises between its steps, which no diffusers "
@@ -185,9 +188,13 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: s
         raise FileNotFoundError(where + f"the export takes the tokenizer and text encoder from the teacher folder "
                                 f"{str(teacher_folder)!r}, which has no tokenizer/ and text_encoder/ now; restore it")
     codec = load_codec_of(folder, info)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(teacher_folder), unet=den.unet, vae=codec.vae, scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+    if den.backbone.added:  # SDXL: its own class, whose default size gives the student's time ids
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
+            str(teacher_folder), unet=den.unet, vae=codec.vae, scheduler=scheduler, local_files_only=True)
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            str(teacher_folder), unet=den.unet, vae=codec.vae, scheduler=scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False, local_files_only=True)
     if int(pipe.tokenizer.model_max_length) != int(info["text"]["length"]):
         raise ValueError(where + f"the teacher's tokenizer pads to {pipe.tokenizer.model_max_length} tokens, the "
                          f"student was distilled on {info['text']['length']}: the pipeline would encode prompts "

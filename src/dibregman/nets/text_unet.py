@@ -20,12 +20,14 @@ Tensor = torch.Tensor
 
 
 def cond_unet_features(unet: nn.Module, x: Tensor, timestep: Tensor, hidden: Tensor,
-                       class_labels: Tensor | None = None) -> Tensor:
-    """A ``UNet2DConditionModel``'s bottleneck: its forward's time/class embedding, down blocks and mid
-    block, without the decoder (what critic heads read)."""
+                       class_labels: Tensor | None = None, added_cond_kwargs: dict | None = None) -> Tensor:
+    """A ``UNet2DConditionModel``'s bottleneck: its forward's time/class embedding (and SDXL's added text and
+    size embedding), down blocks and mid block, without the decoder (what critic heads read)."""
     emb = unet.time_embedding(unet.time_proj(timestep.reshape(-1).expand(x.shape[0])).to(x.dtype))
     if unet.class_embedding is not None:
         emb = emb + unet.class_embedding(class_labels).to(x.dtype)
+    if added_cond_kwargs is not None:
+        emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=hidden, added_cond_kwargs=added_cond_kwargs)
     h = unet.conv_in(x)
     for block in unet.down_blocks:
         if getattr(block, "has_cross_attention", False):

@@ -50,7 +50,7 @@ from ..schedules import (
     vp_input_from_x_sigma,
     vp_sigma_from_alpha_bar,
 )
-from .dit import TRANSFORMER_CLASSES, transformer_backbone
+from .dit import TRANSFORMER_CLASSES, transformer_backbone, unpack_text
 from .latent import VAE_FOLDER, LatentCodec, load_codec
 
 Tensor = torch.Tensor
@@ -72,16 +72,37 @@ class DiffusersUNet(nn.Module):
     ``DiffusersDenoiser``, with what our training code reads from an image backbone (``unet`` for gradient
     checkpointing, ``feature_channels`` and ``features`` for critic heads)."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, options: dict | None = None):
         super().__init__()
         self.unet = unet
-        self.feature_channels = int(unet.config["block_out_channels"][-1])  # what the mid block returns
+        cfg = unet.config
+        self.feature_channels = int(cfg["block_out_channels"][-1])  # what the mid block returns
         self.text = type(unet).__name__ == "UNet2DConditionModel"
-        self.num_classes = 0 if self.text else int(unet.config.get("num_class_embeds") or 0)
+        self.num_classes = 0 if self.text else int(cfg.get("num_class_embeds") or 0)
+        self.options: dict = {}
+        # SDXL: pooled text embeddings (packed after the tokens, teachers/dit.py) and size / crop "time ids"
+        self.added = self.text and cfg.get("addition_embed_type") == "text_time"
+        if self.added:
+            ids = (options or {}).get("time_ids")
+            if not isinstance(ids, list | tuple) or len(ids) != 6:
+                raise ValueError("an SDXL UNet needs its six time ids (original size, crop corner, target size); "
+                                 "the loader computes them from the VAE's image size")
+            self.options = {"time_ids": [float(v) for v in ids]}
+            time_dims = 6 * int(cfg["addition_time_embed_dim"])
+            self.pooled_dim = int(cfg["projection_class_embeddings_input_dim"]) - time_dims
+
+    def _text(self, cond: Tensor) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if not self.added:
+            return cond, None
+        hidden, pooled = unpack_text(cond, self.pooled_dim)
+        ids = torch.tensor(self.options["time_ids"], device=cond.device, dtype=cond.dtype)
+        return hidden, {"text_embeds": pooled, "time_ids": ids.expand(len(cond), 6)}
 
     def forward(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
         if self.text:
-            return self.unet(x_t, timestep, encoder_hidden_states=cond, return_dict=False)[0]
+            hidden, added = self._text(cond)
+            return self.unet(x_t, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added,
+                             return_dict=False)[0]
         return self.unet(x_t, timestep, class_labels=cond, return_dict=False)[0]
 
     def features(self, x_t: Tensor, timestep: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -90,7 +111,8 @@ class DiffusersUNet(nn.Module):
         if self.text:
             from ..nets.text_unet import cond_unet_features
 
-            return cond_unet_features(self.unet, x_t, timestep, labels)
+            hidden, added = self._text(labels)
+            return cond_unet_features(self.unet, x_t, timestep, hidden, added_cond_kwargs=added)
         u, cfg = self.unet, self.unet.config
         if cfg["center_input_sample"]:
             x_t = 2 * x_t - 1.0
@@ -144,22 +166,21 @@ class DiffusersDenoiser(nn.Module):
         if type(unet).__name__ == "UNet2DConditionModel":
             extra = {k: ucfg.get(k) for k in ("class_embed_type", "addition_embed_type", "num_class_embeds",
                                               "encoder_hid_dim") if ucfg.get(k)}
-            if extra:  # SDXL-style added conditions need inputs a text encoder alone does not give
+            if extra and extra != {"addition_embed_type": "text_time"}:  # SDXL's pooled text + time ids are read
                 raise ValueError(f"UNet2DConditionModel with {extra} is not supported: only text conditioning "
-                                 "through encoder_hidden_states (cross-attention), as in Stable Diffusion 1.x/2.x")
+                                 "through encoder_hidden_states (cross-attention), as in Stable Diffusion 1.x/2.x, "
+                                 "and SDXL's added text_time conditions")
         if ucfg.get("time_embedding_type", "positional") != "positional":  # those embed integer steps or sigma
             raise ValueError(f"UNet time_embedding_type {ucfg.get('time_embedding_type')!r} is not supported; "
                              "only 'positional' takes the continuous timesteps this teacher feeds")
-        self.backbone = transformer_backbone(unet, options) if transformer else DiffusersUNet(unet)
+        self.backbone = transformer_backbone(unet, options) if transformer else DiffusersUNet(unet, options)
         self.scheduler_class = sched_name
         self.scheduler_config = _plain(cfg)  # for arch(): the scheduler is rebuilt from it, not pickled
         self.sigma_data = float(sigma_data)
         if transformer:
             self.shape: tuple[int, ...] = self.backbone.sample_shape
         else:
-            size = ucfg["sample_size"]
-            h, w = (size, size) if isinstance(size, int) else tuple(size)
-            self.shape = (int(ucfg["in_channels"]), int(h), int(w))
+            self.shape = (int(ucfg["in_channels"]), *_size(ucfg))
         self.num_classes = self.backbone.num_classes
         self.num_train_timesteps = int(cfg["num_train_timesteps"])
         # Euler's EDM-style variant feeds 0.25 log sigma instead of an index (diffusers only does it for v)
@@ -329,7 +350,7 @@ class DiffusersTeacher(nn.Module):
             if text_encoder is None:
                 raise ValueError("a text-conditional UNet needs its text encoder (tokenizer/ and text_encoder/)")
             self.text = {"encoder": text_encoder.spec, "length": text_encoder.max_length}
-            self.register_buffer("null_hidden", text_encoder.encode([""]), persistent=False)
+            self.register_buffer("null_hidden", text_encoder.unconditional(), persistent=False)
             self.guidance = 1.0  # classifier-free guidance scale (1: none)
 
     @property
@@ -372,6 +393,11 @@ class DiffusersTeacher(nn.Module):
             if cond is None or self.guidance == 1.0:
                 return d
             return torch.lerp(self.net(x, sigma, null), d, self.guidance)
+
+
+def _size(config: Any) -> tuple[int, int]:
+    size = config["sample_size"]
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _plain(config: Any) -> dict[str, Any]:
@@ -456,6 +482,11 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad:
     if codec is not None and sigma_data == 0.5:  # the pixel default; scaled latents have unit variance
         sigma_data = 1.0
     options = None
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL: the pipeline's default size, no crop
+        if codec is None:
+            raise FileNotFoundError(f"{str(folder)!r}: an SDXL UNet needs the pipeline's vae/ beside it")
+        h, w = codec.image_shape(tuple(int(n) for n in (unet.config["in_channels"], *_size(unet.config))))[1:]
+        options = {"time_ids": [h, w, 0, 0, h, w]}
     if unet_name == "FluxTransformer2DModel":  # its config has no sample size: the VAE's, over its factor
         if codec is None:
             raise FileNotFoundError(f"{str(folder)!r}: a Flux transformer needs the pipeline's vae/ beside it")

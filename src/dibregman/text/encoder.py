@@ -45,6 +45,10 @@ class TextEncoder(nn.Module):
     def train(self, mode: bool = True) -> TextEncoder:
         return super().train(False)  # frozen
 
+    def unconditional(self) -> Tensor:
+        """The condition of "no text" (classifier-free guidance's other half): the empty prompt's states."""
+        return self.encode([""])
+
     @torch.no_grad()
     def encode(self, prompts: list[str], batch: int = 256) -> Tensor:
         device = next(self.model.parameters()).device

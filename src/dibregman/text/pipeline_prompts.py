@@ -1,6 +1,7 @@
-"""The prompt handling of transformer pipelines, taken from the pipelines themselves: Stable Diffusion 3's
-``encode_prompt`` (CLIP-L and CLIP-G penultimate states and pooled projections, T5) and Flux's (T5 states,
-CLIP's pooled output), packed into one condition tensor per prompt (``teachers/dit.py: pack_text``).
+"""The prompt handling of multi-encoder pipelines, taken from the pipelines themselves: SDXL's
+``encode_prompt`` (CLIP-L and CLIP-G penultimate states, CLIP-G's pooled projection), Stable Diffusion 3's (the
+same and T5) and Flux's (T5 states, CLIP's pooled output), packed into one condition tensor per prompt
+(``teachers/dit.py: pack_text``).
 
 Only the text half of the pipeline is loaded (no transformer, no VAE). An SD3 folder saved without T5 (SD3
 allows dropping it) gets the zeros the pipeline itself uses in its place; their width is the transformer's
@@ -18,8 +19,8 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-# pipeline class -> its T5 token budget (the pipeline's default max_sequence_length)
-PIPELINES = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+# pipeline class -> its T5 token budget (the pipeline's default max_sequence_length; SDXL has no T5)
+PIPELINES = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "StableDiffusionXLPipeline": None}
 
 
 def pipeline_class(folder: Path) -> str | None:
@@ -45,24 +46,34 @@ class PipelinePromptEncoder(nn.Module):
         absent = {}
         if self.pipeline == "StableDiffusion3Pipeline":
             absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if not (folder / name).is_dir()}
+        denoiser = "unet" if self.pipeline == "StableDiffusionXLPipeline" else "transformer"
         try:
-            pipe = getattr(diffusers, self.pipeline).from_pretrained(str(folder), transformer=None, vae=None,
+            pipe = getattr(diffusers, self.pipeline).from_pretrained(str(folder), **{denoiser: None}, vae=None,
                                                                      **absent, local_files_only=True)
-            joint = json.loads((folder / "transformer" / "config.json").read_text())["joint_attention_dim"]
+            config = json.loads((folder / denoiser / "config.json").read_text())
+            joint = config["cross_attention_dim" if denoiser == "unet" else "joint_attention_dim"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"cannot read the text encoders of the {self.pipeline} folder {str(folder)!r} "
                              f"({str(e).splitlines()[0]}); it needs its tokenizer*/ and text_encoder*/ folders "
-                             "and transformer/config.json (pipeline.save_pretrained)") from None
+                             f"and {denoiser}/config.json (pipeline.save_pretrained)") from None
         pipe.transformer = SimpleNamespace(config=SimpleNamespace(joint_attention_dim=int(joint)))  # SD3's T5 zeros
         self.encoders = nn.ModuleList([e.eval().requires_grad_(False) for e in
                                        (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None))
                                        if e is not None])  # so .to(device) moves them
         self.pipe = pipe
         self.spec, self.dim = str(folder), int(joint)
-        self.max_length = int(max_length or PIPELINES[self.pipeline])
+        self.max_length = int(max_length or PIPELINES[self.pipeline] or pipe.tokenizer.model_max_length)
+        # SDXL's guidance pairs a prompt with zeros, not with the empty prompt's states
+        self.zero_unconditional = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
 
     def train(self, mode: bool = True) -> PipelinePromptEncoder:
         return super().train(False)
+
+    def unconditional(self) -> Tensor:
+        """What the pipeline's classifier-free guidance pairs a prompt with: the empty prompt's condition, or
+        zeros where the pipeline forces them (SDXL's ``force_zeros_for_empty_prompt``)."""
+        empty = self.encode([""])
+        return torch.zeros_like(empty) if self.zero_unconditional else empty
 
     @torch.no_grad()
     def encode(self, prompts: list[str], batch: int = 64) -> Tensor:
@@ -73,6 +84,8 @@ class PipelinePromptEncoder(nn.Module):
             chunk = list(prompts[i:i + batch])
             if self.pipeline == "FluxPipeline":
                 hidden, pooled, _ = self.pipe.encode_prompt(chunk, None, max_sequence_length=self.max_length)
+            elif self.pipeline == "StableDiffusionXLPipeline":
+                hidden, _, pooled, _ = self.pipe.encode_prompt(chunk, do_classifier_free_guidance=False)
             else:
                 hidden, _, pooled, _ = self.pipe.encode_prompt(chunk, None, None, do_classifier_free_guidance=False,
                                                                max_sequence_length=self.max_length)
