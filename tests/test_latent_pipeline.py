@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
-from tiny_pipelines import sd_pipeline, tiny_vae
 
 import dibregman as db
 from dibregman.artifacts import load_codec_of, load_generator
 from dibregman.teachers import latent_codec, load_teacher
 from dibregman.teachers.latent import LatentCodec
+from dibregman.tiny import sd_pipeline, tiny_vae
 from dibregman.train.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,3 +176,20 @@ def test_a_student_exports_to_its_teachers_own_pipeline_class_without_remote_cod
     ours = db.sample(run, 2, prompts=prompts)
     torch.testing.assert_close(theirs * 2 - 1, ours, rtol=1e-5, atol=1e-5)
     assert export_diffusers(run, out) == out  # an earlier export is replaced
+
+
+def test_the_tiny_pipeline_command_writes_a_folder_the_loader_reads_and_never_overwrites(tmp_path):
+    from dibregman.cli import main
+
+    def code(*argv: str) -> int:
+        with pytest.raises(SystemExit) as e:
+            main(list(argv))
+        return e.value.code
+
+    out = tmp_path / "tiny-sd"
+    assert code("tiny-pipeline", "sd", "--out", str(out)) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert load_teacher(f"diffusers:{out}").image_shape == IMAGE
+    assert code("tiny-pipeline", "sdxl", "--out", str(out)) == 2  # an existing folder is refused, untouched
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert code("tiny-pipeline", "video", "--out", str(tmp_path / "v")) == 2 and not (tmp_path / "v").exists()

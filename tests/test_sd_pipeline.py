@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-from tiny_pipelines import TOKENS, clip_text_encoder, clip_tokenizer, cond_unet
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import dibregman as db
 from dibregman.artifacts import load_generator
 from dibregman.generator import OneStepGenerator
 from dibregman.teachers import load_teacher
+from dibregman.tiny import TOKENS, clip_text_encoder, clip_tokenizer, cond_unet
 from dibregman.train.checkpoint import list_checkpoints, load_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +28,7 @@ R = 8
 def _pipeline(root: Path, scheduler, **unet_kw) -> str:
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
-    tokenizer = clip_tokenizer(root)
+    tokenizer = clip_tokenizer()
     text = clip_text_encoder(tokenizer)
     unet = cond_unet(R, 1, **unet_kw)
     folder = root / "pipeline"

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
-from tiny_pipelines import sdxl_pipeline
 
 import dibregman as db
 from dibregman.export import export_diffusers
@@ -18,6 +17,7 @@ from dibregman.sampling import seeded_noise
 from dibregman.teachers import load_teacher
 from dibregman.teachers.dit import pack_text
 from dibregman.text import load_text_encoder
+from dibregman.tiny import sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,12 +11,12 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_pipelines import flux_pipeline, sd3_pipeline
 
 import dibregman as db
 from dibregman.teachers import load_teacher
 from dibregman.teachers.dit import FLUX_GUIDANCE, pack_text, unpack_text
 from dibregman.text import load_text_encoder
+from dibregman.tiny import flux_pipeline, sd3_pipeline
 from dibregman.train.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")

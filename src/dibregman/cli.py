@@ -1,4 +1,4 @@
-"""``dibregman`` command line: demo, train-teacher, distill, sample, eval.
+"""``dibregman`` command line: demo, train-teacher, distill, sample, eval, export, tiny-pipeline.
 
 Options of ``distill`` and ``train-teacher`` are generated from the config dataclasses, so the CLI, the
 config files and the Python API accept exactly the same names.
@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples from a finished run's generator")
     p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
-    p.add_argument("--num", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=1000, help="how many samples; integer >= 1")
+    p.add_argument("--seed", type=int, default=0, help="noise draw: sample i depends on (seed, i) alone")
     p.add_argument("--label", type=int, default=None,
                    help="class-conditional generator: every sample of this class (default: sample i has class i mod K)")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
@@ -205,14 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image data spec (fashion-mnist, mnist, digits, cifar10:<dir>, "
                    "folder:<dir>, file.npz)")
     p.add_argument("--out", required=True, help="folder for the classifier")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=8, help="passes over the training split; integer >= 1")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
 
     p = sub.add_parser("export", help="write a finished image run's generator as a diffusers pipeline folder")
     p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
     p.add_argument("--out", required=True, help="folder to write: DiffusionPipeline.from_pretrained(out) loads a "
                    "Stable Diffusion student's (its teacher's own class), DiffusionPipeline.from_pretrained(out, "
                    "trust_remote_code=True) one of our networks' students")
+
+    p = sub.add_parser("tiny-pipeline", help="write a tiny random-weight diffusers pipeline folder (a few hundred kB) "
+                       "to try commands on before a real one: --teacher diffusers:<out>")
+    p.add_argument("family", choices=("sd", "sdxl", "sd3", "flux"), help="sd: Stable Diffusion 1.x (CLIP, UNet, VAE); "
+                   "sdxl: two CLIPs and added size conditions; sd3: SD3 transformer, flow matching; flux: Flux "
+                   "transformer with a guidance embedding, CLIP and T5")
+    p.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
 
     p = sub.add_parser("eval", help="metrics of a finished run against its teacher, with the teacher's row")
     p.add_argument("run", help="run folder written by distill")
@@ -300,6 +307,12 @@ def run(argv: list[str] | None = None) -> int:
         command = shlex.join(["dibregman", *(sys.argv[1:] if argv is None else argv)])
         folder = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed, command=command)
         print(f"classifier folder: {folder} (use it with --classifier {folder})")
+        return 0
+    if args.command == "tiny-pipeline":
+        from .tiny import make_tiny_pipeline
+
+        folder = make_tiny_pipeline(args.family, args.out)
+        print(f"tiny {args.family} pipeline (random weights): {folder} (use it with --teacher diffusers:{folder})")
         return 0
     if args.command == "export":
         from .export import export_diffusers

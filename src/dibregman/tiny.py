@@ -1,29 +1,38 @@
-"""Tiny randomly initialised instances of the real diffusers / transformers classes, saved as pipeline folders
-the way ``save_pretrained`` writes them, for tests that read ``diffusers:<folder>`` offline."""
+"""Tiny randomly initialised pipeline folders of the real diffusers / transformers classes, saved by the
+pipelines' own ``save_pretrained``: Stable Diffusion 1.x, SDXL, SD3 and Flux shapes in a few hundred kB.
+
+They exist to try a command line or a script before pointing it at a 10 GB folder (``dibregman tiny-pipeline
+sd3 --out tiny-sd3``, then ``--teacher diffusers:tiny-sd3``), and they are what the test suite distills. Their
+weights are random: a student of one learns nothing worth looking at. Nothing is downloaded; the tokenizers
+are built here over single letters.
+"""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TOKENS, WIDTH = 12, 32  # CLIP's token budget and width here
 
 
-def clip_tokenizer(root: Path) -> CLIPTokenizer:
+def clip_tokenizer() -> CLIPTokenizer:
     """A CLIP BPE tokenizer over single letters (no merges): enough to turn prompts into distinct ids."""
-    root.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
         vocab[ch] = len(vocab)
         vocab[ch + "</w>"] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=TOKENS,
-                         unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    with tempfile.TemporaryDirectory() as tmp:  # the class reads its vocabulary from files
+        root = Path(tmp)
+        (root / "vocab.json").write_text(json.dumps(vocab))
+        (root / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=TOKENS,
+                             unk_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
@@ -48,30 +57,30 @@ def tiny_vae(image_channels: int = 3, latent_channels: int = 4, **kw) -> Autoenc
                          sample_size=16, **kw)
 
 
-def sd_pipeline(root: Path, scheduler, latent_side: int = 8, unet_in_channels: int | None = None,
+def sd_pipeline(folder: Path, scheduler: Any = None, latent_side: int = 8, unet_in_channels: int | None = None,
                 vae_kw: dict | None = None) -> Path:
-    """A Stable Diffusion 1.x-shaped folder (VAE + CLIP + UNet2DConditionModel + scheduler) saved by the real
-    ``StableDiffusionPipeline.save_pretrained``; returns the folder."""
+    """A Stable Diffusion 1.x-shaped folder (VAE + CLIP + UNet2DConditionModel + scheduler, DDPM by default) saved
+    by the real ``StableDiffusionPipeline.save_pretrained``; returns the folder."""
     torch.manual_seed(0)
-    tokenizer = clip_tokenizer(root / "tok")
+    scheduler = scheduler if scheduler is not None else DDPMScheduler(clip_sample=False, steps_offset=1)
+    tokenizer = clip_tokenizer()
     vae = tiny_vae(**(vae_kw or {}))
     unet = cond_unet(latent_side, vae.config.latent_channels, in_channels=unet_in_channels)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=clip_text_encoder(tokenizer), tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    folder = root / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return Path(folder)
 
 
-def sd3_pipeline(root: Path, shift: float = 3.0, latent_side: int = 8) -> Path:
+def sd3_pipeline(folder: Path, shift: float = 3.0, latent_side: int = 8) -> Path:
     """A Stable Diffusion 3-shaped folder: two CLIP encoders with projections (no T5, which SD3 allows), an
     ``SD3Transformer2DModel``, a 16-channel VAE with a shift factor, flow matching with a shifted grid."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    tokenizer = clip_tokenizer(root / "tok")
+    tokenizer = clip_tokenizer()
 
     def clip(width: int, projection: int) -> CLIPTextModelWithProjection:
         return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -88,12 +97,11 @@ def sd3_pipeline(root: Path, shift: float = 3.0, latent_side: int = 8) -> Path:
                                     vae=vae, text_encoder=clip(16, 24), tokenizer=tokenizer,
                                     text_encoder_2=clip(32, 16),
                                     tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
-    folder = root / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return Path(folder)
 
 
-def t5_tokenizer(root: Path):
+def t5_tokenizer() -> Any:
     """A T5 (Unigram) tokenizer over single letters, built with the tokenizers library and saved as T5's is."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
@@ -104,19 +112,20 @@ def t5_tokenizer(root: Path):
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
-    t5.save_pretrained(root)
-    return T5TokenizerFast.from_pretrained(root)
+    with tempfile.TemporaryDirectory() as tmp:  # saved and read back: the form T5's loader expects
+        t5.save_pretrained(tmp)
+        return T5TokenizerFast.from_pretrained(tmp)
 
 
-def flux_pipeline(root: Path, guidance_embeds: bool = True) -> Path:
+def flux_pipeline(folder: Path, guidance_embeds: bool = True) -> Path:
     """A Flux-shaped folder: CLIP (pooled output) + T5, a ``FluxTransformer2DModel`` over 2x2-packed 16-channel
     latents with a guidance embedding, flow matching with dynamic shifting."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    tokenizer = clip_tokenizer(root / "tok")
-    t5_tok = t5_tokenizer(root / "t5tok")
+    tokenizer = clip_tokenizer()
+    t5_tok = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
@@ -127,19 +136,18 @@ def flux_pipeline(root: Path, guidance_embeds: bool = True) -> Path:
     pipe = FluxPipeline(scheduler=scheduler, vae=tiny_vae(latent_channels=16, scaling_factor=0.4, shift_factor=0.1),
                         text_encoder=clip_text_encoder(tokenizer), tokenizer=tokenizer, text_encoder_2=t5,
                         tokenizer_2=t5_tok, transformer=transformer)
-    folder = root / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return Path(folder)
 
 
-def sdxl_pipeline(root: Path) -> Path:
+def sdxl_pipeline(folder: Path) -> Path:
     """An SDXL-shaped folder: CLIP-L + CLIP-G with projection, a UNet with added ``text_time`` conditions (pooled
     text and six size ids), a 4-channel VAE, Euler's scheduler; saved by ``StableDiffusionXLPipeline``."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    tokenizer = clip_tokenizer(root / "tok")
+    tokenizer = clip_tokenizer()
     clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
@@ -149,6 +157,29 @@ def sdxl_pipeline(root: Path) -> Path:
                                        steps_offset=1)
     pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=clip_text_encoder(tokenizer), text_encoder_2=clip_g,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
-    folder = root / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return Path(folder)
+
+
+FAMILIES = {"sd": sd_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline}
+
+
+def make_tiny_pipeline(family: str, folder: str | Path) -> Path:
+    """Write a tiny random pipeline folder of ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``) to ``folder``,
+    which must not exist yet or be empty; returns it."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown pipeline family {family!r}; choose one of {', '.join(FAMILIES)}")
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} exists and is not empty; choose a new folder")
+    from diffusers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "text_encoder_3=None cannot be saved": SD3 without T5 is meant
+    logging.disable_progress_bar()
+    try:
+        with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random state left alone
+            return FAMILIES[family](folder)
+    finally:
+        logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
