@@ -13,7 +13,6 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
-    PNDMScheduler,
     UNet2DModel,
 )
 
@@ -245,10 +244,43 @@ def test_missing_scheduler_or_unet(tmp_path):
 
 def test_unsupported_scheduler_and_prediction(tmp_path):
     unet = _unet()
-    with pytest.raises(ValueError, match=r"unsupported scheduler 'PNDMScheduler'.*DDPMScheduler, DDIMScheduler"):
-        load_teacher(_save(tmp_path / "pndm", unet, PNDMScheduler()))
+    from diffusers import ScoreSdeVeScheduler  # variance exploding: another noise convention
+
+    with pytest.raises(ValueError, match=r"unsupported scheduler 'ScoreSdeVeScheduler'.*DDPMScheduler, DDIMScheduler"):
+        load_teacher(_save(tmp_path / "ve", unet, ScoreSdeVeScheduler()))
     spec = _save(tmp_path / "pred", unet, DDPMScheduler())
     path = tmp_path / "pred" / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "flow_prediction"}))
     with pytest.raises(ValueError, match=r"unsupported prediction_type 'flow_prediction'.*epsilon, v_prediction"):
         load_teacher(spec)
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_samplers_over_the_same_alpha_bar_table_give_the_same_denoiser(tmp_path, name):
+    """Stable Diffusion 1.5 ships PNDM: a sampler choice, so the folder reads as its DDPM twin does."""
+    import diffusers
+
+    unet = _unet()
+    sched = getattr(diffusers, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    teacher = load_teacher(_save(tmp_path / "a", unet, sched))
+    twin = load_teacher(_save(tmp_path / "b", unet, DDPMScheduler.from_config(sched.config, clip_sample=False)))
+    sigma = torch.tensor([0.05, 1.0, 9.0])
+    x = _x(3) * (1 + sigma).reshape(-1, 1, 1, 1)
+    assert (teacher.sigma_min, teacher.sigma_max) == (twin.sigma_min, twin.sigma_max)
+    torch.testing.assert_close(teacher(x, sigma), twin(x, sigma), rtol=0, atol=0)
+    k = 500  # and the closed form at a trained step
+    a = sched.alphas_cumprod[k].double()
+    s = float(((1 - a) / a).sqrt())
+    x_t = _x(1, 2)
+    got = teacher(x_t * math.sqrt(1 + s * s), torch.tensor([s]))
+    torch.testing.assert_close(got, ((x_t - (1 - a).sqrt() * _unet_out(unet, x_t, k)) / a.sqrt()).float(), rtol=1e-4,
+                               atol=1e-4 * (1 + s))
+
+
+def test_a_dpm_solver_over_flow_sigmas_is_refused(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    with pytest.raises(ValueError, match="use_flow_sigmas"):
+        sched = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+        load_teacher(_save(tmp_path, _unet(), sched))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import dibregman as db
 from dibregman.teachers import load_teacher
-from dibregman.teachers.dit import FLUX_GUIDANCE, pack_text, unpack_text
+from dibregman.teachers.dit import pack_text, unpack_text
 from dibregman.text import load_text_encoder
 from dibregman.tiny import flux_pipeline, sd3_pipeline
 from dibregman.train.checkpoint import list_checkpoints
@@ -37,8 +37,9 @@ def _pipe(name, folder):
     return FluxPipeline.from_pretrained(folder, local_files_only=True)
 
 
-def _pipeline_x0(name, pipe, x_t, t, timesteps, prompts):
-    """x0 as the pipeline predicts it: its own prompt encoding, model call and velocity."""
+def _pipeline_x0(name, pipe, x_t, t, timesteps, prompts, guidance=1.0):
+    """x0 as the pipeline predicts it: its own prompt encoding, model call and velocity (Flux: with its
+    ``guidance_scale`` as the model's guidance input)."""
     b = len(x_t)
     with torch.no_grad():
         if name == "sd3":
@@ -49,11 +50,21 @@ def _pipeline_x0(name, pipe, x_t, t, timesteps, prompts):
             hidden, pooled, text_ids = pipe.encode_prompt(prompts, None)
             c, h, w = x_t.shape[1:]
             v = pipe.transformer(hidden_states=pipe._pack_latents(x_t, b, c, h, w), timestep=timesteps / 1000,
-                                 guidance=torch.full((b,), FLUX_GUIDANCE), pooled_projections=pooled,
+                                 guidance=torch.full((b,), guidance), pooled_projections=pooled,
                                  encoder_hidden_states=hidden, txt_ids=text_ids,
                                  img_ids=pipe._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", x_t.dtype)).sample
             v = pipe._unpack_latents(v, h, w, 1)
     return x_t - t.float().reshape(-1, 1, 1, 1) * v, pack_text(hidden, pooled)
+
+
+def test_flux_latent_packing_is_the_pipelines():
+    from dibregman.teachers.dit import pack_latents, unpack_latents
+
+    x = torch.randn(2, 3, 6, 4)
+    packed = pack_latents(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 3, 6, 4))
+    assert torch.equal(unpack_latents(packed, 6, 4), x)
+    assert torch.equal(unpack_latents(packed, 6, 4), FluxPipeline._unpack_latents(packed, 6, 4, 1))
 
 
 @settings(max_examples=25, deadline=None)
@@ -80,7 +91,12 @@ def test_the_denoiser_is_the_pipelines_own_x0_with_its_prompt_handling(family):
     sigma = t / (1 - t)  # x_t = (1 - t) x0 + t n  <=>  x_sigma = x_t / (1 - t), sigma = t / (1 - t)
     x_sigma = x_t * (1 + sigma.float()).reshape(-1, 1, 1, 1)
     torch.testing.assert_close(teacher(x_sigma, sigma, cond), ref, rtol=1e-4, atol=1e-4)
-    teacher.guidance = 3.0  # guidance on x0 is guidance on the velocity (x0 is affine in v), as true CFG does it
+    teacher.guidance = 3.0
+    if name == "flux":  # guidance-distilled: the scale is the model's guidance input, one call, as the pipeline
+        ref, _ = _pipeline_x0(name, pipe, x_t, t, timesteps, prompts, guidance=3.0)
+        torch.testing.assert_close(teacher(x_sigma, sigma, cond), ref, rtol=1e-4, atol=1e-4)
+        return
+    # classifier-free guidance on x0 is guidance on the velocity (x0 is affine in v), as true CFG does it
     d_c, d_u = teacher.net(x_sigma[:2], sigma[:2], cond[:2]), teacher.net(x_sigma[:2], sigma[:2],
                                                                          cond[2:].expand(2, -1, -1))
     torch.testing.assert_close(teacher(x_sigma[:2], sigma[:2], cond[:2]), d_u + 3.0 * (d_c - d_u), rtol=1e-5,
@@ -107,8 +123,10 @@ def test_distill_sample_new_prompts_resume_exactly_and_say_why_it_does_not_expor
     assert arrays["student"].shape[1:] == IMAGE and arrays["teacher"].shape[1:] == IMAGE
     x = db.sample(whole, 2, prompts=["a green star"])
     assert x.shape == (2, *IMAGE) and torch.isfinite(x).all() and x.abs().max() <= 1
-    gen, _ = load_generator(whole)  # rebuilt offline from generator.json (a Flux arch keeps its latent size)
+    gen, info = load_generator(whole)  # rebuilt offline from generator.json (a Flux arch keeps its latent size)
     assert gen.denoiser.shape == LATENT
+    if family[0] == "flux":  # and the guidance input the student was distilled with
+        assert info["arch"]["options"]["embedded_guidance"] == 2.0 == gen.denoiser.backbone.embedded_guidance
     _distill(folder, tmp_path / "part", guidance=2.0, steps=2)
     part = _distill(folder, tmp_path / "part", guidance=2.0, resume=True)
 

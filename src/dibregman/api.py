@@ -17,7 +17,7 @@ import torch
 
 from .artifacts import load_codec_of, load_generator
 from .metrics.toy import evaluate
-from .sampling import seeded_noise
+from .sampling import batch_for, seeded_noise
 from .teachers import Teacher, check_teacher, exact_mixture, load_teacher
 from .text.prompts import PromptSet
 from .train.components import balanced_labels, teacher_samples, true_samples
@@ -66,15 +66,16 @@ def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = N
 
 def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = None,
            prompts: str | list[str] | Conditions | None = None, device: str | torch.device = "cpu",
-           batch_size: int = 1024, decode: bool = True) -> Tensor:
+           batch_size: int | None = None, decode: bool = True) -> Tensor:
     """``num`` samples from a finished run (a network call each, per step of a few-step student); sample ``i``
     depends only on ``(seed, i)`` and its condition: a class-conditional generator's label (default
     ``i % num_classes``, see ``balanced_labels``), a text generator's prompt ``i % len(prompts)`` (a list, a
     prompt file, ``unseen``, or an encoded ``Conditions`` table; default: the teacher's training captions).
     ``device``: where the generator runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``; the noise is drawn on the
     CPU, so the samples are the same on any device up to float rounding); the result is on ``device``, in
-    ``batch_size`` network calls. A latent generator's samples are decoded by the VAE saved with it (images in
-    [-1, 1]); ``decode=False`` returns the latents themselves."""
+    network calls of ``batch_size`` samples (default: 1024, fewer for large samples, ``sampling.batch_for``).
+    A latent generator's samples are decoded by the VAE saved with it (images in [-1, 1]); ``decode=False``
+    returns the latents themselves."""
     from .dist import resolve_device
 
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
@@ -92,6 +93,7 @@ def sample(run: str | Path, num: int, seed: int = 0, labels: Tensor | None = Non
                          + ("labels" if info.get("num_classes") else "no condition"))
     else:
         cond = labels if labels is not None else balanced_labels(num, int(info.get("num_classes", 0)))
+    batch_size = batch_size or batch_for(info["shape"])
     codec = load_codec_of(run, info) if decode else None
     if codec is not None:
         codec = codec.to(device)
@@ -174,6 +176,8 @@ def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher
     gen, info = load_generator(run)
     num = run_eval_samples(run) if num is None else num
     the_teacher = _teacher(teacher if teacher is not None else info["teacher"])
+    if hasattr(the_teacher, "guidance"):  # the law the run was distilled towards: its teacher at its guidance
+        the_teacher.guidance = float(info.get("guidance", 1.0))
     conds = conditions_for(the_teacher, prompts)
     score = _scorer(the_teacher, num, seed, classifier, conds)
     t0 = time.perf_counter()

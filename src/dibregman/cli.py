@@ -446,10 +446,11 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     if not 0 <= args.seed < MAX_SEED:
         raise UserError(f"--seed must be an integer in [0, 2**40); got {args.seed}")
     gen, info = load_generator(args.run)
-    need = (gen.steps + 1) * args.num * math.prod(info["shape"]) * 4  # noise per step and samples, float32
+    shown = (info.get("latent") or {}).get("image_shape") or info["shape"]  # a latent student's decoded images
+    need = args.num * (gen.steps * math.prod(info["shape"]) + math.prod(shown)) * 4  # noise per step, samples
     if need > _memory_bytes():
         raise UserError(f"--num {args.num} needs {need / 2**30:.1f} GiB for noise and samples of shape "
-                        f"{info['shape']}, "
+                        f"{shown}, "
                         f"more than this machine's {_memory_bytes() / 2**30:.1f} GiB; draw fewer (several calls with "
                         "other --seed values give other samples)")
     if args.label is not None:

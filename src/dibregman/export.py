@@ -93,6 +93,7 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
     Only U-Net generators export (diffusers has no MLP model). An existing ``out_folder`` is replaced only
     when it is empty or an earlier export; the new folder is built beside it and swapped in once complete.
     """
+    _check_out(Path(out_folder))  # before anything is loaded
     gen, info = load_generator(generator_folder)
     backbone = gen.denoiser.backbone
     if info.get("latent"):  # a student of a Stable Diffusion pipeline: back into that pipeline class
@@ -128,8 +129,7 @@ def _write(pipe: Any, out_folder: str | Path, info: dict[str, Any], readme: str,
     """``pipe.save_pretrained`` into a folder beside ``out_folder``, with ``generator.json`` (provenance), the
     README and, for a ``custom`` pipeline class, its source file; swapped in once complete."""
     out = Path(out_folder)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
-        raise FileExistsError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
+    _check_out(out)
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # mkdir, not mkdtemp: usual (not 0700) permissions
@@ -150,6 +150,11 @@ def _write(pipe: Any, out_folder: str | Path, info: dict[str, Any], readme: str,
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
+        raise FileExistsError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
 
 
 def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: str) -> tuple[Any, str]:

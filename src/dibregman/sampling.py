@@ -52,6 +52,16 @@ def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device: str | t
     return out
 
 
+CALL_VALUES = 1 << 22  # values in the inputs of one evaluation-time network call (4 Mi): 1024 28x28 images,
+# 64 SD latents of 4x64x64, 5 decoded 512x512 RGB images; activations scale with it
+
+
+def batch_for(shape: Sequence[int], cap: int = 1024) -> int:
+    """Samples of ``shape`` per network call outside training (sampling, evaluation, decoding): at most ``cap``,
+    fewer for large samples so a call's activations stay bounded whatever the resolution."""
+    return max(1, min(int(cap), CALL_VALUES // max(1, math.prod(shape))))
+
+
 def _memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

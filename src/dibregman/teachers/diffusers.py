@@ -17,7 +17,9 @@ Everything is converted at the edge (docs/concepts.md, "Noise convention") so th
   ``x_t = x_sigma / (1+sigma)``, timestep ``t * num_train_timesteps`` (as diffusers feeds it; ``shift`` only
   moves the sampling grid, not this map), velocity ``v = n - x0`` gives ``x0 = x_t - t v``.
 
-Sampler post-processing (``clip_sample``, thresholding) is not part of the denoiser and is not applied.
+Sampler post-processing (``clip_sample``, thresholding) is not part of the denoiser and is not applied. Every
+VP sampler over the discrete ``alpha_bar`` table (PNDM, LMS, DPM-Solver, UniPC, ...) gives the same denoiser: the
+sampler only chooses where to evaluate it.
 
 A pipeline folder with a ``vae/`` (Stable Diffusion 1.x/2.x: ``UNet2DConditionModel`` + ``AutoencoderKL`` + CLIP) is
 a latent teacher: everything above happens on the VAE's scaled latents, and the VAE (``teachers/latent.py``)
@@ -55,12 +57,19 @@ from .latent import VAE_FOLDER, LatentCodec, load_codec
 
 Tensor = torch.Tensor
 
-VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
+VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+                 # samplers over the same discrete alpha_bar table (SD 1.5 ships PNDM): the denoiser is the same
+                 "PNDMScheduler", "LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                 "KDPM2DiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                 "UniPCMultistepScheduler", "DEISMultistepScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS
 PREDICTIONS = ("epsilon", "v_prediction", "sample")  # for the VP schedulers; flow models predict velocity
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 MODEL_CLASSES = UNET_CLASSES + TRANSFORMER_CLASSES
+# models whose text conditions come from several encoders, read through that pipeline class's encode_prompt
+MULTI_ENCODER = {"text_time": "StableDiffusionXLPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline",
+                 "FluxTransformer2DModel": "FluxPipeline"}
 SCHEDULER_FILE = "scheduler_config.json"
 UNET_FILE = "config.json"
 ARCH_KIND = "diffusers"  # generator.json's arch kind for a student made from a diffusers teacher
@@ -152,6 +161,9 @@ class DiffusersDenoiser(nn.Module):
                 raise ValueError(f"{sched_name} with invert_sigmas=True is not supported (x_t = (1-t) x0 + t n only)")
             self.prediction_type = "velocity"
         else:
+            if cfg.get("use_flow_sigmas"):  # a flow model sampled by a DPM-Solver (Sana): another convention
+                raise ValueError(f"{sched_name} with use_flow_sigmas=True is not supported: read the model with "
+                                 "FlowMatchEulerDiscreteScheduler (its scheduler_config.json)")
             pred = cfg.get("prediction_type", "epsilon")
             pred = "sample" if pred == "original_sample" else pred  # Euler's alias
             if pred not in PREDICTIONS:
@@ -354,6 +366,23 @@ class DiffusersTeacher(nn.Module):
             self.guidance = 1.0  # classifier-free guidance scale (1: none)
 
     @property
+    def embeds_guidance(self) -> bool:
+        """A guidance-distilled model (Flux dev): the scale is one of its inputs, not two calls extrapolated."""
+        return getattr(self.net.backbone, "embedded_guidance", None) is not None
+
+    @property
+    def guidance(self) -> float:
+        if self.text is None:  # only text pipelines are guided here (hasattr(teacher, "guidance") is then False)
+            raise AttributeError("guidance")
+        return self._guidance
+
+    @guidance.setter
+    def guidance(self, scale: float) -> None:
+        self._guidance = float(scale)
+        if self.embeds_guidance:  # before the students are copied from the network, so they share it
+            self.net.backbone.set_embedded_guidance(scale)
+
+    @property
     def network(self) -> DiffusersDenoiser:
         return self.net
 
@@ -390,7 +419,7 @@ class DiffusersTeacher(nn.Module):
                 return self.net(x, sigma, cond)
             null = self.null_hidden.expand(x.shape[0], -1, -1)
             d = self.net(x, sigma, null if cond is None else cond)
-            if cond is None or self.guidance == 1.0:
+            if cond is None or self.guidance == 1.0 or self.embeds_guidance:
                 return d
             return torch.lerp(self.net(x, sigma, null), d, self.guidance)
 
@@ -421,6 +450,11 @@ def _interp(q: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
 # --- loading -----------------------------------------------------------------------------------------------
 
 
+def lazy_loading() -> bool:
+    """diffusers' ``low_cpu_mem_usage`` needs accelerate; without it diffusers warns, then loads eagerly."""
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def _find(folder: Path, sub: str, name: str) -> Path | None:
     """The folder holding ``name``: ``folder/sub`` (a saved pipeline) or ``folder`` itself."""
     for d in (folder / sub, folder):
@@ -439,8 +473,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return doc
 
 
-def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad: bool = True) -> DiffusersTeacher:
-    """Read a local diffusers folder (see the module docstring) onto the CPU in float32, offline."""
+def load_diffusers_teacher(folder: str | Path, sigma_data: float | None = None, no_grad: bool = True
+                           ) -> DiffusersTeacher:
+    """Read a local diffusers folder (see the module docstring) onto the CPU in float32, offline. ``sigma_data``:
+    0.5 for pixels in [-1, 1] and 1.0 for a VAE's scaled latents unless given."""
     import diffusers  # imported here: the other teachers do not need it loaded
 
     folder = Path(folder).expanduser()
@@ -461,11 +497,18 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad:
     if sched_name not in SCHEDULERS:
         raise ValueError(f"{str(sched_dir / SCHEDULER_FILE)!r}: unsupported scheduler {sched_name!r}; supported: "
                          f"{', '.join(SCHEDULERS)}")
-    unet_name = _read_json(unet_dir / UNET_FILE).get("_class_name")
+    unet_json = _read_json(unet_dir / UNET_FILE)
+    unet_name = unet_json.get("_class_name")
     if unet_name not in MODEL_CLASSES:
         raise ValueError(f"{str(unet_dir / UNET_FILE)!r}: unsupported model class {unet_name!r}; supported: "
-                         f"{', '.join(MODEL_CLASSES)} (Flux, PixArt, Sana transformers are not read yet)")
+                         f"{', '.join(MODEL_CLASSES)} (PixArt and Sana transformers are not read yet)")
     _refuse_unsupported(folder)
+    family = MULTI_ENCODER.get("text_time" if unet_json.get("addition_embed_type") == "text_time" else unet_name)
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    if family is not None and index.get("_class_name") != family:  # its prompts are encoded by that class
+        raise ValueError(f"{str(folder)!r}: a {unet_name} with these conditions is read as a {family} folder, but "
+                         f"its model_index.json names {index.get('_class_name')!r}: save the whole pipeline with "
+                         f"{family}.save_pretrained")
     codec = load_codec(folder / VAE_FOLDER) if (folder / VAE_FOLDER).is_dir() else None  # a latent pipeline
     encoder = None
     if unet_name == "UNet2DConditionModel" or unet_name in TRANSFORMER_CLASSES:
@@ -476,11 +519,10 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float = 0.5, no_grad:
                                     "folders beside it: save the whole pipeline (pipeline.save_pretrained)")
         encoder = load_text_encoder(str(folder.resolve()))
     scheduler = getattr(diffusers, sched_name).from_pretrained(str(sched_dir), local_files_only=True)
-    lazy = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then loads eagerly
     unet = getattr(diffusers, unet_name).from_pretrained(str(unet_dir), local_files_only=True,
-                                                         torch_dtype=torch.float32, low_cpu_mem_usage=lazy)
-    if codec is not None and sigma_data == 0.5:  # the pixel default; scaled latents have unit variance
-        sigma_data = 1.0
+                                                         torch_dtype=torch.float32, low_cpu_mem_usage=lazy_loading())
+    if sigma_data is None:  # pixels in [-1, 1]: EDM's 0.5; scaled latents have unit variance
+        sigma_data = 1.0 if codec is not None else 0.5
     options = None
     if unet.config.get("addition_embed_type") == "text_time":  # SDXL: the pipeline's default size, no crop
         if codec is None:

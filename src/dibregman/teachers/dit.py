@@ -82,11 +82,25 @@ class DiffusersSD3(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
 
+def pack_latents(x: Tensor) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, H/2 * W/2, 4C]``: 2x2 patches in row-major order, channels outermost, as Flux's
+    pipeline packs them (checked against ``FluxPipeline._pack_latents`` in the tests)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(x: Tensor, h: int, w: int) -> Tensor:
+    """The inverse of ``pack_latents`` for latents of side ``h x w``."""
+    b, _, d = x.shape
+    return x.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
 class DiffusersFlux(nn.Module):
     """A ``FluxTransformer2DModel`` called as ``FluxPipeline`` calls it: latents packed into 2x2 patches
-    (``FluxPipeline._pack_latents``), image position ids, zero text ids, ``timestep / 1000``, and, for a
+    (``pack_latents``), image position ids ``(0, row, col)``, zero text ids, ``timestep / 1000``, and, for a
     guidance-distilled model (``guidance_embeds``), the guidance scale as an input (``embedded_guidance``, the
-    pipeline's ``guidance_scale``). ``cond`` packs T5's states and CLIP's pooled output (``pack_text``).
+    pipeline's ``guidance_scale``; the teacher sets it from ``--guidance``). ``cond`` packs T5's states and CLIP's
+    pooled output (``pack_text``).
 
     The config has no sample size, so ``latent_size`` (the latents' side, even) comes from the loader (the
     VAE's ``sample_size`` over its down-sampling factor) and is saved with the arch."""
@@ -109,26 +123,29 @@ class DiffusersFlux(nn.Module):
         self.pooled_dim = int(cfg["pooled_projection_dim"])
         self.feature_channels = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
 
-    def _inputs(self, x_t: Tensor, timestep: Tensor, cond: Tensor) -> dict[str, Tensor | None]:
-        from diffusers import FluxPipeline
+    def set_embedded_guidance(self, scale: float) -> None:
+        """The guidance input of a guidance-distilled model (no effect on one without ``guidance_embeds``)."""
+        self.options["embedded_guidance"] = float(scale)
+        if self.embedded_guidance is not None:
+            self.embedded_guidance = float(scale)
 
-        b, c, h, w = x_t.shape
+    def _inputs(self, x_t: Tensor, timestep: Tensor, cond: Tensor) -> dict[str, Tensor | None]:
+        b, _, h, w = x_t.shape
         hidden, pooled = unpack_text(cond, self.pooled_dim)
         dtype = x_t.dtype
         guidance = None
         if self.embedded_guidance is not None:
             guidance = torch.full((b,), self.embedded_guidance, device=x_t.device, dtype=torch.float32)
-        return {"hidden_states": FluxPipeline._pack_latents(x_t, b, c, h, w),
-                "timestep": (timestep.expand(b) / 1000).to(dtype), "guidance": guidance,
-                "pooled_projections": pooled, "encoder_hidden_states": hidden,
+        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)  # (0, row, col) per patch
+        return {"hidden_states": pack_latents(x_t), "timestep": (timestep.expand(b) / 1000).to(dtype),
+                "guidance": guidance, "pooled_projections": pooled, "encoder_hidden_states": hidden,
                 "txt_ids": torch.zeros(hidden.shape[1], 3, device=x_t.device, dtype=dtype),
-                "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, dtype)}
+                "img_ids": img_ids.to(x_t.device, dtype)}
 
     def forward(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
-        from diffusers import FluxPipeline
-
         out = self.unet(**self._inputs(x_t, timestep, cond), return_dict=False)[0]
-        return FluxPipeline._unpack_latents(out, x_t.shape[2], x_t.shape[3], 1)
+        return unpack_latents(out, x_t.shape[2], x_t.shape[3])
 
     def features(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
         """The image stream after the last dual-stream block (``FluxTransformer2DModel.forward`` up to its single

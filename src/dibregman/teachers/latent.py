@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..sampling import batch_for
+
 Tensor = torch.Tensor
 
 VAE_CLASSES = ("AutoencoderKL",)
@@ -28,19 +30,22 @@ VAE_FOLDER = "vae"  # the subfolder name in a pipeline folder and in a latent ge
 class LatentCodec(nn.Module):
     """A frozen ``AutoencoderKL`` with its pipeline's latent scaling: ``encode`` / ``decode`` in batches."""
 
-    def __init__(self, vae: nn.Module, batch_size: int = 64):
+    def __init__(self, vae: nn.Module, batch_size: int | None = None):
         super().__init__()
         name = type(vae).__name__
         if name not in VAE_CLASSES:
             raise ValueError(f"unsupported VAE class {name}; supported: {', '.join(VAE_CLASSES)}")
-        self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
+        if cfg.get("latents_mean") is not None or cfg.get("latents_std") is not None:
+            raise ValueError(f"this {name} normalises latents per channel (latents_mean / latents_std in its config), "
+                             "which only some pipelines apply; not supported yet: only scaling_factor / shift_factor")
+        self.vae = vae.eval().requires_grad_(False)
         self.scaling_factor = float(cfg.get("scaling_factor") or 1.0)
         self.shift_factor = float(cfg.get("shift_factor") or 0.0)
         self.factor = 2 ** (len(cfg["block_out_channels"]) - 1)  # every down block but the last halves the size
         self.latent_channels = int(cfg["latent_channels"])
         self.image_channels = int(cfg["out_channels"])
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size  # None: sized from the image (sampling.batch_for)
 
     def train(self, mode: bool = True) -> LatentCodec:
         return super().train(False)
@@ -56,15 +61,17 @@ class LatentCodec(nn.Module):
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Images in [-1, 1] ``[N, C, H, W]`` -> scaled latents (posterior mean), on the images' device."""
+        size = self.batch_size or batch_for(images.shape[1:], 64)
         out = [((self.vae.encode(x.to(self._device(), torch.float32)).latent_dist.mean - self.shift_factor)
-                * self.scaling_factor).to(images.device) for x in images.split(self.batch_size)]
+                * self.scaling_factor).to(images.device) for x in images.split(size)]
         return torch.cat(out) if out else images.new_zeros((0, self.latent_channels, 1, 1))
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents -> images in [-1, 1] ``[N, C, H, W]``, on the latents' device."""
+        size = self.batch_size or batch_for(self.image_shape(tuple(latents.shape[1:])), 64)
         out = [self.vae.decode(z.to(self._device(), torch.float32) / self.scaling_factor + self.shift_factor)
-               .sample.clamp(-1, 1).to(latents.device) for z in latents.split(self.batch_size)]
+               .sample.clamp(-1, 1).to(latents.device) for z in latents.split(size)]
         if not out:
             return latents.new_zeros((0, *self.image_shape(tuple(latents.shape[1:]))))
         return torch.cat(out)
@@ -77,30 +84,24 @@ class LatentCodec(nn.Module):
 
 def read_vae(folder: str | Path) -> Any:
     """The ``AutoencoderKL`` saved in ``folder`` (a diffusers model folder), on the CPU in float32, offline."""
-    import importlib.util
-
     import diffusers
+
+    from .diffusers import _read_json, lazy_loading
 
     folder = Path(folder)
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{str(folder)!r} holds no VAE: expected config.json with its weights "
                                 "(vae.save_pretrained)")
-    import json
-
-    try:
-        name = json.loads(config.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"cannot read {str(config)!r}: {e}") from None
+    name = _read_json(config).get("_class_name")
     if name not in VAE_CLASSES:
         raise ValueError(f"{str(config)!r}: unsupported VAE class {name!r}; supported: {', '.join(VAE_CLASSES)}")
     if not list(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{str(folder)!r} has no safetensors weights for its VAE (pickled .bin weights can "
                                 "run code when loaded): save it with vae.save_pretrained(folder, "
                                 "safe_serialization=True)")
-    lazy = importlib.util.find_spec("accelerate") is not None
     return getattr(diffusers, name).from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32,
-                                                    low_cpu_mem_usage=lazy, use_safetensors=True)
+                                                    low_cpu_mem_usage=lazy_loading(), use_safetensors=True)
 
 
 def load_codec(folder: str | Path) -> LatentCodec:

@@ -66,8 +66,8 @@ class TextEncoder(nn.Module):
 
 
 def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder | PipelinePromptEncoder:
-    """``minilm`` or a local folder (see the module docstring; a Stable Diffusion 3 pipeline folder gives a
-    ``PipelinePromptEncoder``; so does a Flux folder); a clear ValueError when it cannot be read."""
+    """``minilm`` or a local folder (see the module docstring; an SDXL, SD3 or Flux pipeline folder gives a
+    ``PipelinePromptEncoder``, its pipeline's own prompt handling); a clear ValueError when it cannot be read."""
     try:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging

@@ -42,21 +42,25 @@ class PipelinePromptEncoder(nn.Module):
         import diffusers
 
         folder = Path(folder)
-        self.pipeline = pipeline_class(folder) or "StableDiffusion3Pipeline"
+        self.pipeline = pipeline_class(folder)
+        if self.pipeline is None:
+            raise ValueError(f"{str(folder)!r} is not a {', '.join(PIPELINES)} folder (its model_index.json)")
         absent = {}
         if self.pipeline == "StableDiffusion3Pipeline":
             absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if not (folder / name).is_dir()}
         denoiser = "unet" if self.pipeline == "StableDiffusionXLPipeline" else "transformer"
         try:
             pipe = getattr(diffusers, self.pipeline).from_pretrained(str(folder), **{denoiser: None}, vae=None,
-                                                                     **absent, local_files_only=True)
+                                                                     **absent, local_files_only=True,
+                                                                     use_safetensors=True)
             config = json.loads((folder / denoiser / "config.json").read_text())
             joint = config["cross_attention_dim" if denoiser == "unet" else "joint_attention_dim"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"cannot read the text encoders of the {self.pipeline} folder {str(folder)!r} "
                              f"({str(e).splitlines()[0]}); it needs its tokenizer*/ and text_encoder*/ folders "
                              f"and {denoiser}/config.json (pipeline.save_pretrained)") from None
-        pipe.transformer = SimpleNamespace(config=SimpleNamespace(joint_attention_dim=int(joint)))  # SD3's T5 zeros
+        if absent:  # SD3 without T5: the pipeline sizes the zeros in its place from its transformer's config
+            pipe.transformer = SimpleNamespace(config=SimpleNamespace(joint_attention_dim=int(joint)))
         self.encoders = nn.ModuleList([e.eval().requires_grad_(False) for e in
                                        (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None))
                                        if e is not None])  # so .to(device) moves them

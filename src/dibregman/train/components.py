@@ -120,14 +120,14 @@ def teacher_samples(teacher: Teacher, n: int, seed: int, device: torch.device, c
     idx = conds.cycle(n)
     codec = latent_codec(teacher) if decode else None
     if len(teacher.shape) == 3:
-        batch = min(batch, 512)  # an image network: keep the activations of one call small
+        batch = sampling.batch_for(teacher.shape, min(batch, 512))  # an image network: bounded activations
     out, noises = [], []
     for i in range(0, n, batch):
         noise = torch.randn((min(batch, n - i), *teacher.shape), generator=g).to(device)
         cond = conds.lookup(idx[i:i + len(noise)], device) if idx is not None else None
         x = sampling.sample(teacher, noise, num_steps=18, sigma_min=teacher.sigma_min,
                             sigma_max=teacher.sigma_max, cond=cond).float()
-        out.append(codec.decode(x) if codec is not None else x)
+        out.append(codec.decode(x).cpu() if codec is not None else x)  # images wait on the CPU, not the GPU
         noises.append(noise)
     return (torch.cat(out), torch.cat(noises)) if return_noise else torch.cat(out)
 

@@ -21,7 +21,7 @@ from ..io import atomic_open, write_json
 from ..losses import critic_loss, fake_score_loss, regression_loss
 from ..metrics.images import make_evaluator
 from ..metrics.toy import evaluate as evaluate_points
-from ..sampling import seeded_noise
+from ..sampling import batch_for, seeded_noise
 from ..schedules import SigmaSampler
 from ..stats import Stats, append_jsonl, truncate_jsonl
 from ..teachers import Teacher, check_teacher, exact_mixture, latent_codec, load_teacher
@@ -244,8 +244,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
 
     @torch.no_grad()
     def sample_ema() -> torch.Tensor:
-        zs = eval_z.split(1024)  # bounded activations for image networks
-        ys = eval_idx.split(1024) if eval_idx is not None else (None,) * len(zs)
+        size = batch_for(latent)  # bounded activations for image networks
+        zs = eval_z.split(size)
+        ys = eval_idx.split(size) if eval_idx is not None else (None,) * len(zs)
         xs = (c.ema.module(z.to(device), conds.lookup(y, device)) for z, y in zip(zs, ys, strict=True))
         return torch.cat([(codec.decode(x) if codec is not None else x).cpu() for x in xs])
 
