@@ -109,6 +109,7 @@ def test_distill_a_latent_pipeline_to_a_one_step_student_that_decodes(tmp_path, 
     assert again["tnet_fd"] == pytest.approx(summary["metrics"]["tnet_fd"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_latent_run_resumes_exactly(tmp_path, folder):
     whole = _distill(folder, tmp_path / "whole")
     _distill(folder, tmp_path / "part", steps=2)
