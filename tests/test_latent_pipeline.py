@@ -196,3 +196,24 @@ def test_the_tiny_pipeline_command_writes_a_folder_the_loader_reads_and_never_ov
     assert code("tiny-pipeline", "sdxl", "--out", str(out)) == 2  # an existing folder is refused, untouched
     assert sorted(p.name for p in out.iterdir()) == before
     assert code("tiny-pipeline", "video", "--out", str(tmp_path / "v")) == 2 and not (tmp_path / "v").exists()
+
+
+def test_a_damaged_or_swapped_vae_in_the_generator_folder_is_refused(tmp_path, folder):
+    from safetensors.torch import load_file, save_file
+
+    from dibregman.train.checkpoint import CheckpointError, write_manifest
+
+    run = _distill(folder, tmp_path / "run", steps=2)
+    vae = run / "generator" / "vae"
+    weights = next(vae.glob("*.safetensors"))
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-8] + bytes(8))  # a damaged tail
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        db.sample(run, 2, prompts=["a cat"])
+    weights.write_bytes(original)
+    assert db.sample(run, 2, prompts=["a cat"]).shape == (2, *IMAGE)  # restored: it loads again
+    tensors = {k: v + 0.01 for k, v in load_file(weights).items()}  # another VAE, with a manifest of its own
+    save_file(tensors, weights)
+    write_manifest(vae, sorted(f.name for f in vae.iterdir() if f.name != "manifest.json"))
+    with pytest.raises(CheckpointError, match="not the VAE this generator was saved with"):
+        db.sample(run, 2, prompts=["a cat"])

@@ -25,6 +25,7 @@ from .train.checkpoint import (
     MANIFEST,
     CheckpointError,
     _brief,
+    _sha256,
     load_module,
     verify_manifest,
     write_manifest,
@@ -63,7 +64,8 @@ def save_generator(folder: str | Path, generator: Generator, meta: dict[str, Any
         shutil.rmtree(folder / VAE_FOLDER, ignore_errors=True)  # a resumed run's older copy
         codec.save(folder / VAE_FOLDER)  # with a manifest of its own (a manifest names files of its folder only)
         write_manifest(folder / VAE_FOLDER, sorted(f.name for f in (folder / VAE_FOLDER).iterdir()))
-        meta = {**meta, "latent": {"vae": VAE_FOLDER, "image_shape": list(codec.image_shape(meta["shape"]))}}
+        meta = {**meta, "latent": {"vae": VAE_FOLDER, "image_shape": list(codec.image_shape(meta["shape"])),
+                                   "vae_manifest_sha256": _sha256(folder / VAE_FOLDER / MANIFEST)}}
     write_json(folder / "generator.json", {
         "format": FORMAT, "version": 1, "arch": arch_of(generator.denoiser),
         "sigma_data": generator.denoiser.sigma_data, "sigma_g": generator.sigma_g,
@@ -90,6 +92,9 @@ def load_codec_of(folder: str | Path, info: dict[str, Any]) -> LatentCodec | Non
     try:
         if not verify_manifest(vae, ("config.json",), what="generator's VAE folder"):
             raise CheckpointError(f"{vae} has no {MANIFEST}")
+        if latent.get("vae_manifest_sha256") != _sha256(vae / MANIFEST):  # a VAE swapped in whole, manifest too
+            raise CheckpointError(f"{vae} is not the VAE this generator was saved with (its manifest's SHA-256 "
+                                  "differs from generator.json's)")
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {_REMAKE}") from None
     return load_codec(vae)
