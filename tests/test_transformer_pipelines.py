@@ -155,3 +155,41 @@ def test_gradient_checkpointing_changes_no_weight_and_a_standalone_critic_trains
     assert plain.keys() == saved.keys() and any(k.startswith("critic/") for k in plain)
     for k in plain:  # recomputing activations in the backward pass is the same arithmetic
         torch.testing.assert_close(saved[k], plain[k], rtol=1e-5, atol=1e-6)
+
+
+def test_pixart_sigma_reads_as_a_vp_transformer_with_t5_and_its_attention_mask(tmp_path):
+    """PixArt-Sigma: T5 states and their padding mask, a VP (DPM-Solver) table, learned variance."""
+    import math
+
+    from diffusers import PixArtSigmaPipeline
+
+    from dibregman.teachers.dit import unpack_masked
+    from dibregman.tiny import pixart_pipeline
+
+    folder = pixart_pipeline(tmp_path / "pixart")
+    teacher = load_teacher(f"diffusers:{folder}")
+    assert teacher.shape == (4, 8, 8) and teacher.image_shape == IMAGE and teacher.kind == "vp"
+    pipe = PixArtSigmaPipeline.from_pretrained(folder, local_files_only=True)
+    prompts = ["a red square", "two dots"]
+    states, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    cond = load_text_encoder(str(folder)).encode(prompts)
+    s, m = unpack_masked(cond)
+    torch.testing.assert_close(s, states)
+    assert torch.equal(m, mask.float()) and 0 < m.sum() < m.numel()  # padding is masked out
+    steps = [10, 600]
+    ab = pipe.scheduler.alphas_cumprod.double()[steps]
+    sigma = ((1 - ab) / ab).sqrt()
+    x_sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * (1 + sigma.float()).reshape(-1, 1,
+                                                                                                                 1, 1)
+    got = teacher(x_sigma, sigma, cond)
+    for i, k in enumerate(steps):
+        x_t = x_sigma[i:i + 1] / math.sqrt(1 + sigma[i].item() ** 2)
+        with torch.no_grad():
+            out = pipe.transformer(x_t, encoder_hidden_states=states[i:i + 1], encoder_attention_mask=mask[i:i + 1],
+                                   timestep=torch.tensor([k]), added_cond_kwargs={"resolution": None,
+                                                                                  "aspect_ratio": None}).sample
+        eps = out.chunk(2, dim=1)[0]  # the learned-variance half is not the denoiser's
+        torch.testing.assert_close(got[i:i + 1], x_sigma[i:i + 1] - sigma[i].float() * eps, rtol=1e-4,
+                                   atol=1e-4 * (1 + sigma[i].item()))
+    run = _distill(folder, tmp_path / "run", guidance=2.0)
+    assert db.sample(run, 2, prompts=["a green star"]).shape == (2, *IMAGE)

@@ -1,5 +1,6 @@
 """Tiny randomly initialised pipeline folders of the real diffusers / transformers classes, saved by the
-pipelines' own ``save_pretrained``: Stable Diffusion 1.x, SDXL, SD3 and Flux shapes in a few hundred kB.
+pipelines' own ``save_pretrained``: Stable Diffusion 1.x, SDXL, SD3, Flux and PixArt-Sigma shapes in a few
+hundred kB.
 
 They exist to try a command line or a script before pointing it at a 10 GB folder (``dibregman tiny-pipeline
 sd3 --out tiny-sd3``, then ``--teacher diffusers:tiny-sd3``), and they are what the test suite distills. Their
@@ -161,12 +162,32 @@ def sdxl_pipeline(folder: Path) -> Path:
     return Path(folder)
 
 
-FAMILIES = {"sd": sd_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline}
+def pixart_pipeline(folder: Path) -> Path:
+    """A PixArt-Sigma-shaped folder: T5 (states and attention mask), a ``PixArtTransformer2DModel`` with learned
+    variance, a 4-channel VAE, DPM-Solver over the VP table; saved by ``PixArtSigmaPipeline``."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5_tok = t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                           caption_channels=32)
+    pipe = PixArtSigmaPipeline(tokenizer=t5_tok, text_encoder=t5, vae=tiny_vae(), transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+FAMILIES = {"sd": sd_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline,
+            "pixart": pixart_pipeline}
 
 
 def make_tiny_pipeline(family: str, folder: str | Path) -> Path:
-    """Write a tiny random pipeline folder of ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``) to ``folder``,
-    which must not exist yet or be empty; returns it."""
+    """Write a tiny random pipeline folder of ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``, ``pixart``) to
+    ``folder``, which must not exist yet or be empty; returns it."""
     if family not in FAMILIES:
         raise ValueError(f"unknown pipeline family {family!r}; choose one of {', '.join(FAMILIES)}")
     folder = Path(folder)

@@ -69,7 +69,7 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 MODEL_CLASSES = UNET_CLASSES + TRANSFORMER_CLASSES
 # models whose text conditions come from several encoders, read through that pipeline class's encode_prompt
 MULTI_ENCODER = {"text_time": "StableDiffusionXLPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline",
-                 "FluxTransformer2DModel": "FluxPipeline"}
+                 "FluxTransformer2DModel": "FluxPipeline", "PixArtTransformer2DModel": "PixArtSigmaPipeline"}
 SCHEDULER_FILE = "scheduler_config.json"
 UNET_FILE = "config.json"
 ARCH_KIND = "diffusers"  # generator.json's arch kind for a student made from a diffusers teacher
@@ -172,7 +172,7 @@ class DiffusersDenoiser(nn.Module):
             self.prediction_type = pred
         ucfg = unet.config
         transformer = type(unet).__name__ in TRANSFORMER_CLASSES
-        if transformer and self.kind != "flow":
+        if transformer and self.kind != "flow" and type(unet).__name__ != "PixArtTransformer2DModel":
             raise ValueError(f"{type(unet).__name__} is a flow-matching model: it needs "
                              f"FlowMatchEulerDiscreteScheduler, not {sched_name}")
         if type(unet).__name__ == "UNet2DConditionModel":
@@ -501,7 +501,7 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float | None = None, 
     unet_name = unet_json.get("_class_name")
     if unet_name not in MODEL_CLASSES:
         raise ValueError(f"{str(unet_dir / UNET_FILE)!r}: unsupported model class {unet_name!r}; supported: "
-                         f"{', '.join(MODEL_CLASSES)} (PixArt and Sana transformers are not read yet)")
+                         f"{', '.join(MODEL_CLASSES)} (Sana transformers are not read yet)")
     _refuse_unsupported(folder)
     family = MULTI_ENCODER.get("text_time" if unet_json.get("addition_embed_type") == "text_time" else unet_name)
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}

@@ -14,13 +14,14 @@ Stable Diffusion 1.x UNet.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 Tensor = torch.Tensor
 
-TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel", "PixArtTransformer2DModel")
 FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale: what a guidance-distilled Flux is fed
 
 
@@ -163,11 +164,72 @@ class DiffusersFlux(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
 
+def unpack_masked(cond: Tensor) -> tuple[Tensor, Tensor]:
+    """``pack_text(states, mask)`` read back without knowing the token count ``L``: ``(states [N, L, D],
+    mask [N, L])``, ``L`` being the one count whose ``ceil(L / D)`` mask tokens fill the rest."""
+    n, d = cond.shape[1], cond.shape[2]
+    for k in range(1, n):
+        if pooled_tokens(n - k, d) == k:
+            return unpack_text(cond, n - k)
+    raise ValueError(f"a condition of {n} tokens of width {d} does not hold states and their mask")
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a forward pass once the activations it wants are captured."""
+
+
+class DiffusersPixArt(nn.Module):
+    """A ``PixArtTransformer2DModel`` called as ``PixArtSigmaPipeline`` calls it: T5 states with their
+    attention mask (``cond`` = ``pack_text(states, mask)``; T5 pads and the mask says which tokens are real),
+    the VP timestep, ``added_cond_kwargs`` of ``None`` sizes. Its learned-variance half is dropped by the
+    denoiser. ``features``: the image tokens after the middle block, captured by a forward hook that ends the
+    pass there, as a map ``[B, inner_dim, H/p, W/p]``."""
+
+    text = True
+    num_classes = 0
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.unet = transformer
+        cfg = transformer.config
+        size = int(cfg["sample_size"])
+        self.sample_shape = (int(cfg["in_channels"]), size, size)
+        self.options: dict = {}
+        self.feature_channels = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+        self.feature_block = len(transformer.transformer_blocks) // 2
+
+    def forward(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
+        states, mask = unpack_masked(cond)
+        return self.unet(x_t, encoder_hidden_states=states, encoder_attention_mask=mask,
+                         timestep=timestep.expand(x_t.shape[0]), added_cond_kwargs={"resolution": None,
+                                                                                    "aspect_ratio": None},
+                         return_dict=False)[0]
+
+    def features(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
+        captured: list[Tensor] = []
+
+        def stop(module: nn.Module, args: Any, out: Tensor) -> None:
+            captured.append(out)
+            raise _Stop
+
+        handle = self.unet.transformer_blocks[self.feature_block].register_forward_hook(stop)
+        try:  # removed before any backward pass, so a checkpointed recomputation never meets the hook
+            self(x_t, timestep, cond)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        x, p = captured[0], int(self.unet.config["patch_size"])
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x_t.shape[2] // p, x_t.shape[3] // p)
+
+
 def transformer_backbone(model: nn.Module, options: dict | None = None) -> nn.Module:
     """The wrapper of a diffusers transformer (``TRANSFORMER_CLASSES``); ``options``: what its config lacks."""
     name = type(model).__name__
     if name == "SD3Transformer2DModel":
         return DiffusersSD3(model)
+    if name == "PixArtTransformer2DModel":
+        return DiffusersPixArt(model)
     if name == "FluxTransformer2DModel":
         options = options or {}
         if "latent_size" not in options:

@@ -1,7 +1,7 @@
 """The prompt handling of multi-encoder pipelines, taken from the pipelines themselves: SDXL's
 ``encode_prompt`` (CLIP-L and CLIP-G penultimate states, CLIP-G's pooled projection), Stable Diffusion 3's (the
-same and T5) and Flux's (T5 states, CLIP's pooled output), packed into one condition tensor per prompt
-(``teachers/dit.py: pack_text``).
+same and T5), Flux's (T5 states, CLIP's pooled output) and PixArt-Sigma's (T5 states and their attention mask),
+packed into one condition tensor per prompt (``teachers/dit.py: pack_text``).
 
 Only the text half of the pipeline is loaded (no transformer, no VAE). An SD3 folder saved without T5 (SD3
 allows dropping it) gets the zeros the pipeline itself uses in its place; their width is the transformer's
@@ -20,7 +20,8 @@ from torch import nn
 Tensor = torch.Tensor
 
 # pipeline class -> its T5 token budget (the pipeline's default max_sequence_length; SDXL has no T5)
-PIPELINES = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "StableDiffusionXLPipeline": None}
+PIPELINES = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "StableDiffusionXLPipeline": None,
+             "PixArtSigmaPipeline": 300}
 
 
 def pipeline_class(folder: Path) -> str | None:
@@ -54,16 +55,16 @@ class PipelinePromptEncoder(nn.Module):
                                                                      **absent, local_files_only=True,
                                                                      use_safetensors=True)
             config = json.loads((folder / denoiser / "config.json").read_text())
-            joint = config["cross_attention_dim" if denoiser == "unet" else "joint_attention_dim"]
+            joint = config.get("cross_attention_dim" if denoiser == "unet" else "joint_attention_dim",
+                               config.get("caption_channels"))  # PixArt: T5's width
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"cannot read the text encoders of the {self.pipeline} folder {str(folder)!r} "
                              f"({str(e).splitlines()[0]}); it needs its tokenizer*/ and text_encoder*/ folders "
                              f"and {denoiser}/config.json (pipeline.save_pretrained)") from None
         if absent:  # SD3 without T5: the pipeline sizes the zeros in its place from its transformer's config
             pipe.transformer = SimpleNamespace(config=SimpleNamespace(joint_attention_dim=int(joint)))
-        self.encoders = nn.ModuleList([e.eval().requires_grad_(False) for e in
-                                       (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None))
-                                       if e is not None])  # so .to(device) moves them
+        found = (getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+        self.encoders = nn.ModuleList([e.eval().requires_grad_(False) for e in found if e is not None])  # for .to()
         self.pipe = pipe
         self.spec, self.dim = str(folder), int(joint)
         self.max_length = int(max_length or PIPELINES[self.pipeline] or pipe.tokenizer.model_max_length)
@@ -88,6 +89,9 @@ class PipelinePromptEncoder(nn.Module):
             chunk = list(prompts[i:i + batch])
             if self.pipeline == "FluxPipeline":
                 hidden, pooled, _ = self.pipe.encode_prompt(chunk, None, max_sequence_length=self.max_length)
+            elif self.pipeline == "PixArtSigmaPipeline":  # T5 states and the attention mask of their padding
+                hidden, pooled, _, _ = self.pipe.encode_prompt(chunk, do_classifier_free_guidance=False,
+                                                               max_sequence_length=self.max_length)
             elif self.pipeline == "StableDiffusionXLPipeline":
                 hidden, _, pooled, _ = self.pipe.encode_prompt(chunk, do_classifier_free_guidance=False)
             else:
