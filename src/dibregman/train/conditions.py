@@ -77,10 +77,12 @@ class Conditions:
         return (self.hidden[idx.cpu()] if self.text else idx).to(device)
 
 
-def conditions_for(teacher: object, prompts: str | PromptSet = "") -> Conditions:
+def conditions_for(teacher: object, prompts: str | PromptSet = "", device: torch.device | str = "cpu"
+                   ) -> Conditions:
     """The conditions of a run: the teacher's classes, or, for a text teacher (or a generator distilled from
-    one), ``prompts`` encoded once: ``""`` its own training captions, ``unseen`` captions in templates it
-    never saw, a prompt file (``text/prompts.py``), or a ``PromptSet``."""
+    one), ``prompts`` encoded once (on ``device``; the table is kept on the CPU): ``""`` its own training
+    captions, ``unseen`` captions in templates it never saw, a prompt file (``text/prompts.py``), or a
+    ``PromptSet``."""
     from ..text import caption_prompts, load_text_encoder, read_prompts
     from ..text.prompts import UNSEEN_TEMPLATES
     from .config import ConfigError
@@ -106,4 +108,4 @@ def conditions_for(teacher: object, prompts: str | PromptSet = "") -> Conditions
         encoder = load_text_encoder(text["encoder"], text.get("length"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Conditions.from_prompts(chosen, encoder.encode(chosen.prompts))
+    return Conditions.from_prompts(chosen, encoder.to(device).encode(chosen.prompts).cpu())

@@ -117,7 +117,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     if hasattr(teacher, "guidance"):  # also 1: a teacher object may come from a run with another scale
         teacher.guidance = cfg.guidance
     noise_range(cfg, teacher)  # an empty sigma range fails before the run folder is made
-    conds = conditions_for(teacher, cfg.prompts)  # prompts are read and encoded before the run folder is made
+    conds = conditions_for(teacher, cfg.prompts, device)  # read and encoded before the run folder is made
     if conds.text and cfg.critic_data == "data" and generator_loss(cfg).needs_critic:
         try:  # the critic's real images are paired with prompts asking for their class
             conds.for_classes(torch.arange(max(conds.num_classes, 1)))
