@@ -44,25 +44,41 @@ def unpack_text(cond: Tensor, pooled_dim: int) -> tuple[Tensor, Tensor]:
     return cond[:, :-k], cond[:, -k:].flatten(1)[:, :pooled_dim]
 
 
-class DiffusersSD3(nn.Module):
-    """An ``SD3Transformer2DModel`` called as ``F(x_t, timestep, cond)`` with ``cond`` from ``pack_text``, and
-    ``features``: the image tokens after the middle joint block as a map ``[B, inner_dim, H/p, W/p]`` (what
-    critic heads read). ``unet`` names the wrapped model, as in ``DiffusersUNet``: the training code enables
-    gradient checkpointing and reads dtypes through it."""
+class _Transformer(nn.Module):
+    """What the three wrappers share: ``unet`` names the wrapped model, as in ``DiffusersUNet`` (the training
+    code enables gradient checkpointing and reads dtypes through it); ``sample_shape`` is the latents' shape;
+    ``options`` what the arch must record beyond the model's config; ``features`` return token maps."""
 
     text = True
     num_classes = 0
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, sample_shape: tuple[int, int, int]):
         super().__init__()
         self.unet = transformer
         cfg = transformer.config
-        size = int(cfg["sample_size"])
-        self.sample_shape = (int(cfg["in_channels"]), size, size)
+        self.sample_shape = sample_shape
         self.options: dict = {}
-        self.pooled_dim = int(cfg["pooled_projection_dim"])
         self.feature_channels = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
-        self.feature_block = len(transformer.transformer_blocks) // 2  # the middle one: both streams still there
+        self.feature_block = len(transformer.transformer_blocks) // 2  # the middle one
+
+    @staticmethod
+    def token_map(tokens: Tensor, h: int, w: int) -> Tensor:
+        """Image tokens ``[B, h * w, D]`` (row-major patches) as a map ``[B, D, h, w]``."""
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def _square(cfg: dict) -> tuple[int, int, int]:
+    return int(cfg["in_channels"]), int(cfg["sample_size"]), int(cfg["sample_size"])
+
+
+class DiffusersSD3(_Transformer):
+    """An ``SD3Transformer2DModel`` called as ``F(x_t, timestep, cond)`` with ``cond`` from ``pack_text``, and
+    ``features``: the image tokens after the middle joint block as a map ``[B, inner_dim, H/p, W/p]`` (what
+    critic heads read)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__(transformer, _square(transformer.config))
+        self.pooled_dim = int(transformer.config["pooled_projection_dim"])
 
     def forward(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
         hidden, pooled = unpack_text(cond, self.pooled_dim)
@@ -80,7 +96,7 @@ class DiffusersSD3(nn.Module):
         context = t.context_embedder(hidden)
         for block in t.transformer_blocks[: self.feature_block + 1]:
             context, x = block(hidden_states=x, encoder_hidden_states=context, temb=temb)
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+        return self.token_map(x, h, w)
 
 
 def pack_latents(x: Tensor) -> Tensor:
@@ -96,7 +112,7 @@ def unpack_latents(x: Tensor, h: int, w: int) -> Tensor:
     return x.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
 
-class DiffusersFlux(nn.Module):
+class DiffusersFlux(_Transformer):
     """A ``FluxTransformer2DModel`` called as ``FluxPipeline`` calls it: latents packed into 2x2 patches
     (``pack_latents``), image position ids ``(0, row, col)``, zero text ids, ``timestep / 1000``, and, for a
     guidance-distilled model (``guidance_embeds``), the guidance scale as an input (``embedded_guidance``, the
@@ -106,23 +122,17 @@ class DiffusersFlux(nn.Module):
     The config has no sample size, so ``latent_size`` (the latents' side, even) comes from the loader (the
     VAE's ``sample_size`` over its down-sampling factor) and is saved with the arch."""
 
-    text = True
-    num_classes = 0
-
     def __init__(self, transformer: nn.Module, latent_size: int, embedded_guidance: float = FLUX_GUIDANCE):
-        super().__init__()
         cfg = transformer.config
         if int(cfg.get("patch_size", 1)) != 1 or int(cfg["in_channels"]) % 4:
             raise ValueError("FluxTransformer2DModel: only patch_size 1 over 2x2-packed latents (in_channels a "
                              f"multiple of 4) is supported; got {dict(cfg)}")
         if int(latent_size) % 2:
             raise ValueError(f"Flux latents must have an even side to be packed in 2x2 patches; got {latent_size}")
-        self.unet = transformer
-        self.sample_shape = (int(cfg["in_channels"]) // 4, int(latent_size), int(latent_size))
+        super().__init__(transformer, (int(cfg["in_channels"]) // 4, int(latent_size), int(latent_size)))
         self.embedded_guidance = float(embedded_guidance) if cfg.get("guidance_embeds") else None
         self.options = {"latent_size": int(latent_size), "embedded_guidance": float(embedded_guidance)}
         self.pooled_dim = int(cfg["pooled_projection_dim"])
-        self.feature_channels = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
 
     def set_embedded_guidance(self, scale: float) -> None:
         """The guidance input of a guidance-distilled model (no effect on one without ``guidance_embeds``)."""
@@ -160,8 +170,7 @@ class DiffusersFlux(nn.Module):
         rotary = t.pos_embed(torch.cat((a["txt_ids"], a["img_ids"]), 0))
         for block in t.transformer_blocks:
             context, x = block(hidden_states=x, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
-        h, w = x_t.shape[2] // 2, x_t.shape[3] // 2
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+        return self.token_map(x, x_t.shape[2] // 2, x_t.shape[3] // 2)
 
 
 def unpack_masked(cond: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,25 +187,15 @@ class _Stop(Exception):
     """Raised by a forward hook to end a forward pass once the activations it wants are captured."""
 
 
-class DiffusersPixArt(nn.Module):
+class DiffusersPixArt(_Transformer):
     """A ``PixArtTransformer2DModel`` called as ``PixArtSigmaPipeline`` calls it: T5 states with their
     attention mask (``cond`` = ``pack_text(states, mask)``; T5 pads and the mask says which tokens are real),
     the VP timestep, ``added_cond_kwargs`` of ``None`` sizes. Its learned-variance half is dropped by the
     denoiser. ``features``: the image tokens after the middle block, captured by a forward hook that ends the
     pass there, as a map ``[B, inner_dim, H/p, W/p]``."""
 
-    text = True
-    num_classes = 0
-
     def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.unet = transformer
-        cfg = transformer.config
-        size = int(cfg["sample_size"])
-        self.sample_shape = (int(cfg["in_channels"]), size, size)
-        self.options: dict = {}
-        self.feature_channels = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
-        self.feature_block = len(transformer.transformer_blocks) // 2
+        super().__init__(transformer, _square(transformer.config))
 
     def forward(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
         states, mask = unpack_masked(cond)
@@ -219,8 +218,8 @@ class DiffusersPixArt(nn.Module):
             pass
         finally:
             handle.remove()
-        x, p = captured[0], int(self.unet.config["patch_size"])
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x_t.shape[2] // p, x_t.shape[3] // p)
+        p = int(self.unet.config["patch_size"])
+        return self.token_map(captured[0], x_t.shape[2] // p, x_t.shape[3] // p)
 
 
 def transformer_backbone(model: nn.Module, options: dict | None = None) -> nn.Module:
