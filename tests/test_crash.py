@@ -45,6 +45,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 120)
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # 26 s; SIGINT's save-and-resume stays in the default suite (test_reliability)
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     # The run asks for far more steps than it gets to, so the signal always lands inside training; it is then
     # resumed to a length fixed after the fact (steps may change on resume) and compared with a fresh run of it.

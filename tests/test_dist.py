@@ -56,6 +56,7 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
     assert "does not divide among 2 processes" in res.stderr
 
 
+@pytest.mark.slow  # 20-35 s: the one-step distillation check stays in the default suite
 def test_image_teacher_training_two_processes_match_one(tmp_path):
     """A class-conditional U-Net teacher (label dropout, EMA) under torchrun, against one process."""
     args = ["train-teacher", "--preset", "tiny-images", "--no-progress"]
@@ -78,6 +79,7 @@ def test_image_teacher_training_two_processes_match_one(tmp_path):
     assert two.stdout.count("teacher folder:") == 1
 
 
+@pytest.mark.slow  # 20-35 s: the one-step distillation check stays in the default suite
 def test_text_distillation_two_processes_match_one(tmp_path):
     """Prompt conditions under torchrun: every process draws the global batch's prompt indices and looks up
     its slice, and real images are paired with prompts of their class the same way."""
