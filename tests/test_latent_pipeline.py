@@ -147,8 +147,8 @@ def test_pipelines_it_cannot_distill_are_refused_in_one_line(tmp_path):
     transformer = sd_pipeline(tmp_path / "dit", sched)  # a transformer class not read yet, in place of the UNet
     shutil.rmtree(transformer / "unet")
     (transformer / "transformer").mkdir()
-    (transformer / "transformer" / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
-    with pytest.raises(ValueError, match="unsupported model class 'PixArtTransformer2DModel'"):
+    (transformer / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SanaTransformer2DModel"}))
+    with pytest.raises(ValueError, match="unsupported model class 'SanaTransformer2DModel'"):
         load_teacher(f"diffusers:{transformer}")
     out = tmp_path / "runs" / "inpaint"  # and through distill: refused before its run folder is made
     with pytest.raises(ValueError, match="input channels"):
