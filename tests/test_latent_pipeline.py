@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from vp_check import assert_vp_x0
 
 import dibregman as db
 from dibregman.artifacts import load_codec_of, load_generator
@@ -49,18 +50,9 @@ def test_a_latent_pipeline_is_a_teacher_on_its_scaled_latents(folder):
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     # the denoiser on latents equals the pipeline's own x0 prediction from its UNet and scheduler
     states = pipe.encode_prompt(["a red square", "two dots", ""], "cpu", 1, False)[0]
-    steps = [5, 500, 980]
-    ab = pipe.scheduler.alphas_cumprod.double()[steps]
-    sigma = ((1 - ab) / ab).sqrt()
-    x_sigma = torch.randn(3, *LATENT, generator=torch.Generator().manual_seed(1)) * (1 + sigma.float()).reshape(-1, 1,
-                                                                                                                  1, 1)
-    got = teacher(x_sigma, sigma, states)
-    for i, k in enumerate(steps):
-        x_t = x_sigma[i:i + 1] / math.sqrt(1 + sigma[i].item() ** 2)
-        with torch.no_grad():
-            eps = pipe.unet(x_t, k, encoder_hidden_states=states[i:i + 1]).sample
-        ref = pipe.scheduler.step(eps, k, x_t).pred_original_sample
-        torch.testing.assert_close(got[i:i + 1], ref, rtol=1e-4, atol=1e-4 * (1 + sigma[i].item()))
+    assert_vp_x0(teacher, pipe.scheduler.alphas_cumprod, [5, 500, 980], LATENT, states,
+                 lambda x_t, k, i, s: pipe.scheduler.step(pipe.unet(x_t, k, encoder_hidden_states=states[i:i + 1])
+                                                          .sample, k, x_t).pred_original_sample)
     # decoding is the pipeline's: VAE of latents / scaling_factor, post-processed into [0, 1]
     z = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

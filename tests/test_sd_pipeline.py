@@ -5,13 +5,13 @@ checked against the scheduler's own x0 prediction, and distilled to a one-step t
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from transformers import CLIPTextModel, CLIPTokenizer
+from vp_check import assert_vp_x0
 
 import dibregman as db
 from dibregman.artifacts import load_generator
@@ -68,18 +68,9 @@ def test_text_denoiser_matches_the_schedulers_x0_with_the_pipelines_own_text_sta
     torch.testing.assert_close(load_text_encoder(teacher.text["encoder"]).encode(prompts), states)
     torch.testing.assert_close(teacher.null_hidden, _clip_states(sd, [""]))  # the empty prompt is "no text"
     sched, unet = teacher.scheduler, teacher.unet
-    steps = [3, 400, 990]
-    ab = sched.alphas_cumprod.double()[steps]
-    sigma = ((1 - ab) / ab).sqrt()
-    x_sigma = torch.randn(3, 1, R, R, generator=torch.Generator().manual_seed(1)) * (1 + sigma.float()).reshape(-1, 1,
-                                                                                                                 1, 1)
-    got = teacher(x_sigma, sigma, states)
-    for i, k in enumerate(steps):
-        x_t = x_sigma[i:i + 1] / math.sqrt(1 + sigma[i].item() ** 2)
-        with torch.no_grad():
-            out = unet(x_t, k, encoder_hidden_states=states[i:i + 1]).sample
-        ref = sched.step(out, k, x_t, generator=torch.Generator().manual_seed(0)).pred_original_sample
-        torch.testing.assert_close(got[i:i + 1], ref, rtol=1e-4, atol=1e-4 * (1 + sigma[i].item()))
+    assert_vp_x0(teacher, sched.alphas_cumprod, [3, 400, 990], (1, R, R), states,
+                 lambda x_t, k, i, s: sched.step(unet(x_t, k, encoder_hidden_states=states[i:i + 1]).sample, k, x_t,
+                                                 generator=torch.Generator().manual_seed(0)).pred_original_sample)
 
 
 def test_guidance_is_the_empty_prompt_extrapolated(sd):

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from vp_check import assert_vp_x0
 
 import dibregman as db
 from dibregman.export import export_diffusers
@@ -41,19 +42,13 @@ def test_the_sdxl_denoiser_is_the_pipelines_own_x0_with_pooled_text_and_time_ids
     h, w = IMAGE[1:]  # the pipeline's default size: no crop, original = target
     ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), torch.float32,
                                  text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    steps = [3, 500, 990]
-    ab = pipe.scheduler.alphas_cumprod.double()[steps]
-    sigma = ((1 - ab) / ab).sqrt()
-    x_sigma = torch.randn(3, *LATENT, generator=torch.Generator().manual_seed(1)) * (1 + sigma.float()).reshape(-1, 1,
-                                                                                                                  1, 1)
-    got = teacher(x_sigma, sigma, cond)
-    for i, k in enumerate(steps):
-        x_t = x_sigma[i:i + 1] / math.sqrt(1 + sigma[i].item() ** 2)
-        with torch.no_grad():
-            eps = pipe.unet(x_t, k, encoder_hidden_states=hidden[i:i + 1],
-                            added_cond_kwargs={"text_embeds": pooled[i:i + 1], "time_ids": ids}).sample
-        torch.testing.assert_close(got[i:i + 1], x_sigma[i:i + 1] - sigma[i].float() * eps, rtol=1e-4,
-                                   atol=1e-4 * (1 + sigma[i].item()))
+
+    def x0(x_t, k, i, s):  # epsilon prediction: x0 = x_sigma - sigma eps
+        eps = pipe.unet(x_t, k, encoder_hidden_states=hidden[i:i + 1],
+                        added_cond_kwargs={"text_embeds": pooled[i:i + 1], "time_ids": ids}).sample
+        return x_t * math.sqrt(1 + s * s) - s * eps
+
+    assert_vp_x0(teacher, pipe.scheduler.alphas_cumprod, [3, 500, 990], LATENT, cond, x0)
 
 
 def test_an_sdxl_student_exports_to_a_stable_diffusion_xl_pipeline_that_reproduces_it(tmp_path, folder):

@@ -11,6 +11,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vp_check import assert_vp_x0
 
 import dibregman as db
 from dibregman.teachers import load_teacher
@@ -176,20 +177,14 @@ def test_pixart_sigma_reads_as_a_vp_transformer_with_t5_and_its_attention_mask(t
     s, m = unpack_masked(cond)
     torch.testing.assert_close(s, states)
     assert torch.equal(m, mask.float()) and 0 < m.sum() < m.numel()  # padding is masked out
-    steps = [10, 600]
-    ab = pipe.scheduler.alphas_cumprod.double()[steps]
-    sigma = ((1 - ab) / ab).sqrt()
-    x_sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * (1 + sigma.float()).reshape(-1, 1,
-                                                                                                                 1, 1)
-    got = teacher(x_sigma, sigma, cond)
-    for i, k in enumerate(steps):
-        x_t = x_sigma[i:i + 1] / math.sqrt(1 + sigma[i].item() ** 2)
-        with torch.no_grad():
-            out = pipe.transformer(x_t, encoder_hidden_states=states[i:i + 1], encoder_attention_mask=mask[i:i + 1],
-                                   timestep=torch.tensor([k]), added_cond_kwargs={"resolution": None,
-                                                                                  "aspect_ratio": None}).sample
+
+    def x0(x_t, k, i, s):
+        out = pipe.transformer(x_t, encoder_hidden_states=states[i:i + 1], encoder_attention_mask=mask[i:i + 1],
+                               timestep=torch.tensor([k]), added_cond_kwargs={"resolution": None,
+                                                                              "aspect_ratio": None}).sample
         eps = out.chunk(2, dim=1)[0]  # the learned-variance half is not the denoiser's
-        torch.testing.assert_close(got[i:i + 1], x_sigma[i:i + 1] - sigma[i].float() * eps, rtol=1e-4,
-                                   atol=1e-4 * (1 + sigma[i].item()))
+        return x_t * math.sqrt(1 + s * s) - s * eps
+
+    assert_vp_x0(teacher, pipe.scheduler.alphas_cumprod, [10, 600], (4, 8, 8), cond, x0)
     run = _distill(folder, tmp_path / "run", guidance=2.0)
     assert db.sample(run, 2, prompts=["a green star"]).shape == (2, *IMAGE)
