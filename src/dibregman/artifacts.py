@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,12 @@ from .nets import build_backbone, image_shape
 from .precond import Precond
 from .teachers.diffusers import ARCH_KIND as DIFFUSERS_KIND
 from .teachers.diffusers import DiffusersDenoiser
-from .teachers.latent import VAE_FOLDER, LatentCodec, load_codec
+from .teachers.latent import VAE_FOLDER, LatentCodec, load_pinned_vae, save_pinned_vae
 from .train.checkpoint import (
     INTEGRITY,
     MANIFEST,
     CheckpointError,
     _brief,
-    _sha256,
     load_module,
     verify_manifest,
     write_manifest,
@@ -61,11 +59,8 @@ def save_generator(folder: str | Path, generator: Generator, meta: dict[str, Any
     tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     atomic_save_safetensors(folder / "model.safetensors", tensors)
     if codec is not None:
-        shutil.rmtree(folder / VAE_FOLDER, ignore_errors=True)  # a resumed run's older copy
-        codec.save(folder / VAE_FOLDER)  # with a manifest of its own (a manifest names files of its folder only)
-        write_manifest(folder / VAE_FOLDER, sorted(f.name for f in (folder / VAE_FOLDER).iterdir()))
         meta = {**meta, "latent": {"vae": VAE_FOLDER, "image_shape": list(codec.image_shape(meta["shape"])),
-                                   "vae_manifest_sha256": _sha256(folder / VAE_FOLDER / MANIFEST)}}
+                                   "vae_manifest_sha256": save_pinned_vae(codec, folder)}}
     write_json(folder / "generator.json", {
         "format": FORMAT, "version": 1, "arch": arch_of(generator.denoiser),
         "sigma_data": generator.denoiser.sigma_data, "sigma_g": generator.sigma_g,
@@ -90,14 +85,9 @@ def load_codec_of(folder: str | Path, info: dict[str, Any]) -> LatentCodec | Non
         raise CheckpointError(f"{generator_folder(folder) / 'generator.json'} is damaged (bad entry 'latent'); "
                               f"{_REMAKE}")
     try:
-        if not verify_manifest(vae, ("config.json",), what="generator's VAE folder"):
-            raise CheckpointError(f"{vae} has no {MANIFEST}")
-        if latent.get("vae_manifest_sha256") != _sha256(vae / MANIFEST):  # a VAE swapped in whole, manifest too
-            raise CheckpointError(f"{vae} is not the VAE this generator was saved with (its manifest's SHA-256 "
-                                  "differs from generator.json's)")
+        return load_pinned_vae(vae, latent.get("vae_manifest_sha256"), "this generator (generator.json)")
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {_REMAKE}") from None
-    return load_codec(vae)
 
 
 def load_generator(folder: str | Path) -> tuple[Generator, dict[str, Any]]:

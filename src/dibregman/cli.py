@@ -25,7 +25,8 @@ DEMO_DATASETS = {"ring": ("gmm:ring8_imbalanced", "demo"), "fashion-mnist": ("ne
 
 HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones train-teacher reads otherwise
     "teacher": "what to distill: gmm:<built-in or spec.json/.toml> (analytic mixture), net:<folder from "
-               "train-teacher>, net:fashion-mnist or net:fashion-mnist-text (shipped), diffusers:<local folder>, "
+               "train-teacher>, net:fashion-mnist, net:fashion-mnist-text or net:fashion-mnist-latent (shipped), "
+               "diffusers:<local folder>, "
                "edm:<EDM network-snapshot .pkl>, or py:<module>:<function> (your function returns a teacher object)",
     "guidance": "classifier-free guidance scale w of a class- or text-conditional teacher, D_u + w (D_c - D_u); "
                 "a number >= 0, 1 = none",
@@ -105,8 +106,15 @@ TEACHER_HELP = {
     "batch_size": "points or images per step (the global batch under torchrun); integer >= 1",
     "lr": "Adam learning rate; > 0",
     "ema_decay": "EMA decay of the saved weights; in [0, 1)",
-    "hidden": "MLP width (point teachers); integer >= 1",
-    "depth": "MLP residual blocks (point teachers); integer 1 to 256",
+    "hidden": "MLP width (point teachers), or the SD3 transformer's width (backbone sd3: a multiple of 32, "
+              "32-wide attention heads); integer >= 1",
+    "depth": "MLP residual blocks (point teachers), or SD3 joint transformer blocks; integer 1 to 256",
+    "backbone": "auto (an MLP for points, a U-Net for images) or sd3 (a diffusers SD3Transformer2DModel trained "
+                "by rectified flow as Stable Diffusion 3 is; caption-conditioned: needs --text-encoder "
+                "minilm+pooled)",
+    "patch_size": "backbone sd3: side of its square patches (tokens = (side / patch_size)^2); integer >= 1",
+    "vae": "a diffusers AutoencoderKL folder (e.g. from `dibregman train-vae`): train on its scaled latents of "
+           "the images, a latent teacher saved with its VAE; empty = pixels",
     "base_channels": "U-Net: channels of the first level; integer >= 1",
     "channel_mult": "U-Net: channel multiplier per level, comma separated (e.g. 1,2,2); each level after the "
                     "first halves the resolution",
@@ -114,7 +122,7 @@ TEACHER_HELP = {
     "attention": "U-Net: self-attention in the bottleneck; true or false",
     "conditional": "class-conditional when the images have labels; true or false",
     "text_encoder": "condition on captions of the labels instead: minilm or a local tokenizer + text encoder "
-                    "folder; empty = labels",
+                    "folder, either with +pooled to add the sentence embedding (backbone sd3); empty = labels",
     "label_dropout": "share of labels (or captions) dropped to no label (trains classifier-free guidance); "
                      "in [0, 1)",
     "seed": "seed of every random draw (data, weights, batches, noise, evaluation); integer",
@@ -207,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the classifier")
     p.add_argument("--epochs", type=int, default=8, help="passes over the training split; integer >= 1")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+
+    p = sub.add_parser("train-vae", help="train a small AutoencoderKL on an image data set: the VAE of a latent "
+                       "teacher (train-teacher --vae)")
+    p.add_argument("--data", required=True, help="image data spec (fashion-mnist, mnist, digits, cifar10:<dir>, "
+                   "folder:<dir>, file.npz)")
+    p.add_argument("--out", required=True, help="folder to write: <out>/vae (the diffusers VAE), vae.json, "
+                   "reconstructions.png; refused if <out>/vae exists")
+    p.add_argument("--steps", type=int, default=2000, help="training steps; integer >= 1")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step; integer >= 1")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0); > 0")
+    p.add_argument("--channels", default="16,32,64", help="channels per level, comma separated; each level "
+                   "after the first halves the image side (16,32,64: 28 px -> 7x7 latents)")
+    p.add_argument("--latent-channels", type=int, default=4, help="channels of the latents; integer >= 1")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term (summed over the latent) "
+                   "against the mean absolute reconstruction error; >= 0")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, batches and posterior noise")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar on stderr (default: only on a terminal)")
 
     p = sub.add_parser("export", help="write a finished image run's generator as a diffusers pipeline folder")
     p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
@@ -308,6 +335,21 @@ def run(argv: list[str] | None = None) -> int:
         command = shlex.join(["dibregman", *(sys.argv[1:] if argv is None else argv)])
         folder = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed, command=command)
         print(f"classifier folder: {folder} (use it with --classifier {folder})")
+        return 0
+    if args.command == "train-vae":
+        from .train.vae import train_vae
+
+        try:
+            channels = tuple(int(c) for c in args.channels.split(","))
+        except ValueError:
+            raise UserError(f"--channels must be positive integers separated by commas, e.g. 16,32,64; got "
+                            f"{args.channels!r}") from None
+        command = shlex.join(["dibregman", *(sys.argv[1:] if argv is None else argv)])
+        folder = train_vae(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           channels=channels, latent_channels=args.latent_channels,
+                           kl_weight=args.kl_weight, seed=args.seed, device=args.device, progress=args.progress,
+                           command=command)
+        print(f"VAE folder: {folder} (use it with train-teacher --vae {folder})")
         return 0
     if args.command == "tiny-pipeline":
         from .tiny import make_tiny_pipeline

@@ -341,7 +341,7 @@ class DiffusersTeacher(nn.Module):
 
     def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, no_grad: bool = True,
                  source: str | None = None, text_encoder: Any = None, codec: LatentCodec | None = None,
-                 options: dict | None = None):
+                 options: dict | None = None, meta: dict[str, Any] | None = None):
         super().__init__()
         self.net = DiffusersDenoiser(unet, scheduler, sigma_data, options).eval().requires_grad_(False)
         if codec is not None and codec.latent_channels != self.net.shape[0]:
@@ -364,6 +364,15 @@ class DiffusersTeacher(nn.Module):
             self.text = {"encoder": text_encoder.spec, "length": text_encoder.max_length}
             self.register_buffer("null_hidden", text_encoder.unconditional(), persistent=False)
             self.guidance = 1.0  # classifier-free guidance scale (1: none)
+        # a teacher trained here (teachers/trained.py): its data, classes, captions and EDM sampling range
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.data_spec: str | None = self.meta.get("data")
+        if self.meta:
+            self.class_names = tuple(self.meta.get("class_names") or ())
+            self.sigma_min = float(self.meta.get("sigma_min", self.sigma_min))
+            self.sigma_max = float(self.meta.get("sigma_max", self.sigma_max))
+            if self.text is not None and self.meta.get("text", {}).get("templates"):
+                self.text["templates"] = list(self.meta["text"]["templates"])
 
     @property
     def embeds_guidance(self) -> bool:

@@ -13,6 +13,7 @@ saved beside a latent student's weights so ``dibregman sample`` decodes without 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,56 @@ class LatentCodec(nn.Module):
             return latents.new_zeros((0, *self.image_shape(tuple(latents.shape[1:]))))
         return torch.cat(out)
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the VAE as a diffusers model folder (config + safetensors weights)."""
-        self.vae.save_pretrained(str(folder), safe_serialization=True)
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write the VAE as a diffusers model folder (config + safetensors weights of ``dtype``; ``read_vae``
+        loads float32 whatever was stored)."""
+        vae = self.vae if dtype == torch.float32 else copy.deepcopy(self.vae).to(dtype)
+        vae.save_pretrained(str(folder), safe_serialization=True)
         return Path(folder)
+
+
+def save_pinned_vae(codec: LatentCodec, folder: str | Path, dtype: torch.dtype = torch.float32) -> str:
+    """Write ``codec``'s VAE to ``folder/vae`` with a manifest of its own (a manifest names files of its folder
+    only), whole or absent (written beside, then renamed); returns that manifest's SHA-256, which the owner's
+    JSON (``teacher.json``, ``generator.json``) records to pin this VAE."""
+    import shutil
+
+    from ..train.checkpoint import MANIFEST, file_sha256, write_manifest
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial, final = folder / f"{VAE_FOLDER}.partial", folder / VAE_FOLDER
+    shutil.rmtree(partial, ignore_errors=True)
+    codec.save(partial, dtype)
+    write_manifest(partial, sorted(p.name for p in partial.iterdir()))
+    shutil.rmtree(final, ignore_errors=True)  # an older copy (a resumed run's)
+    partial.rename(final)
+    return file_sha256(final / MANIFEST)
+
+
+def load_pinned_vae(vae: str | Path, sha256: Any, owner: str) -> LatentCodec:
+    """The VAE in folder ``vae``, checked against its manifest and that manifest against ``sha256`` (what
+    ``owner``, the JSON file that pins it, records); a ``CheckpointError`` says which check failed."""
+    from ..train.checkpoint import MANIFEST, CheckpointError, file_sha256, verify_manifest
+
+    vae = Path(vae)
+    if not vae.is_dir() or not verify_manifest(vae, ("config.json",), what="VAE folder"):
+        raise CheckpointError(f"{vae} (or its {MANIFEST}) is missing")
+    if file_sha256(vae / MANIFEST) != sha256:  # a VAE swapped in whole, manifest too
+        raise CheckpointError(f"{vae} is not the VAE saved with {owner} (its manifest's SHA-256 differs from the "
+                              "one recorded there)")
+    return load_codec(vae)
+
+
+def vae_sha256(folder: str | Path) -> str:
+    """One SHA-256 over a VAE folder's config and weights (what a resumed latent teacher run checks)."""
+    import hashlib
+
+    from ..train.checkpoint import file_sha256
+
+    folder = Path(folder)
+    names = ["config.json", *sorted(p.name for p in folder.glob("*.safetensors"))]
+    return hashlib.sha256(" ".join(f"{n}:{file_sha256(folder / n)}" for n in names).encode()).hexdigest()
 
 
 def read_vae(folder: str | Path) -> Any:

@@ -1,13 +1,19 @@
-"""Teachers we trained ourselves: an EDM-preconditioned MLP or U-Net saved as a folder.
+"""Teachers we trained ourselves: an EDM-preconditioned MLP or U-Net, or a diffusers transformer under its own
+flow-matching conventions (a latent teacher, with its VAE), saved as a folder.
 
 Folder format (version 1)::
 
-    model.safetensors   the Precond's state dict (EMA weights), float32; keys "backbone.<...>"
+    model.safetensors   the network's state dict (EMA weights), float32 (or float16, loaded as float32); keys
+                        "backbone.<...>"
     teacher.json        {"format": "dibregman-teacher", "version": 1,
-                         "arch": {"kind": "mlp" | "unet" | "edm_songunet", <constructor arguments>},
+                         "arch": {"kind": "mlp" | "unet" | "text_unet" | "edm_songunet", <constructor arguments>}
+                                 or a DiffusersDenoiser's arch (kind "diffusers": model and scheduler configs),
                          "sigma_data": float, "shape": [d], "data": str,
                          "command": str (optional), "metrics": {...} (optional),
                          "sigma_min", "sigma_max": float (optional, default 0.002 and 80)}
+    vae/                a latent teacher's AutoencoderKL (save_pretrained) with its own manifest.json, whose
+                        SHA-256 teacher.json records ("vae_manifest_sha256"): the teacher denoises its scaled
+                        latents, and images are its decodes (teachers/latent.py)
 
 Weights are read only through safetensors (never pickle); every mismatch raises a message that names
 the file and what to do.
@@ -31,6 +37,8 @@ from ..nets.mlp import MLP
 from ..nets.text_unet import TextUNet
 from ..nets.unet import UNet
 from ..precond import Precond
+from .diffusers import ARCH_KIND, DiffusersDenoiser, DiffusersTeacher
+from .latent import VAE_FOLDER, LatentCodec, load_pinned_vae, save_pinned_vae
 
 Tensor = torch.Tensor
 
@@ -83,26 +91,39 @@ class NetworkTeacher(nn.Module):
             return torch.lerp(self.net(x, sigma, None), d, self.guidance)
 
 
-def save_teacher(folder: str | Path, net: Precond, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``net`` (a Precond around an MLP, UNet or EDM SongUNet) and ``meta`` (``data``, ``shape``, ``command``,
-    ``metrics``, any other JSON-able keys) as a teacher folder; returns the folder.
+def save_teacher(folder: str | Path, net: Precond | DiffusersDenoiser, meta: dict[str, Any] | None = None,
+                 codec: LatentCodec | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``net`` (a Precond around an MLP, UNet or EDM SongUNet, or a ``DiffusersDenoiser``) and ``meta``
+    (``data``, ``shape``, ``command``, ``metrics``, any other JSON-able keys) as a teacher folder, with ``codec``'s
+    VAE in ``vae/`` when ``net`` denoises its latents; returns the folder. ``dtype``: of the stored floating-point
+    weights (``torch.float16`` halves a shipped folder; loading always gives float32).
 
-    Each file is written atomically, weights first, so ``teacher.json`` only ever describes complete
+    Each file is written atomically, the VAE and weights first, so ``teacher.json`` only ever describes complete
     weights of the run that wrote it."""
-    if not isinstance(net.backbone, MLP | UNet | TextUNet | SongUNet):
-        raise TypeError("save_teacher stores MLP, UNet, TextUNet and SongUNet backbones; "
+    diffusers_net = isinstance(net, DiffusersDenoiser)
+    if not diffusers_net and not isinstance(net.backbone, MLP | UNet | TextUNet | SongUNet):
+        raise TypeError("save_teacher stores MLP, UNet, TextUNet and SongUNet backbones, and diffusers denoisers; "
                         f"got {type(net.backbone).__name__}")
+    if codec is not None and not diffusers_net:
+        raise TypeError("a VAE is saved with a latent teacher, whose network is a DiffusersDenoiser")
     folder = Path(folder)
     meta = dict(meta or {})
     reserved = {"format", "version", "arch", "sigma_data"} & meta.keys()
     if reserved:
         raise ValueError(f"meta must not set {sorted(reserved)}: save_teacher derives them from the network")
     b = net.backbone
-    shape = [b.dim] if isinstance(b, MLP) else [b.channels, b.resolution, b.resolution]
-    doc = {"shape": shape, **meta, "format": FORMAT, "version": VERSION,
-           "arch": arch_of(b), "sigma_data": float(net.sigma_data)}
+    if diffusers_net:
+        shape, arch = list(net.shape), net.arch()
+    else:
+        shape = [b.dim] if isinstance(b, MLP) else [b.channels, b.resolution, b.resolution]
+        arch = arch_of(b)
+    doc = {"shape": shape, **meta, "format": FORMAT, "version": VERSION, "arch": arch,
+           "sigma_data": float(net.sigma_data)}
     json.dumps(doc)  # fail on non-JSON meta before touching the folder
-    atomic_save_safetensors(folder / WEIGHTS_FILE, net.state_dict(), metadata={"format": FORMAT})
+    if codec is not None:
+        doc["vae_manifest_sha256"] = save_pinned_vae(codec, folder, dtype)  # teacher.json pins its VAE
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    atomic_save_safetensors(folder / WEIGHTS_FILE, state, metadata={"format": FORMAT})
     write_json(folder / META_FILE, doc)
     return folder
 
@@ -112,6 +133,8 @@ def load_teacher(folder: str | Path) -> NetworkTeacher:
     folder = require_files(folder, "teacher", (META_FILE, WEIGHTS_FILE), "train one with `dibregman train-teacher`")
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
     doc = _read_meta(meta_path)
+    if doc["arch"]["kind"] == ARCH_KIND:
+        return _load_diffusers_teacher(folder, doc)
     try:
         net = Precond(build_backbone(doc["arch"]), doc["sigma_data"])
     except ValueError as e:
@@ -119,6 +142,44 @@ def load_teacher(folder: str | Path) -> NetworkTeacher:
     _load_weights(net, weights_path, meta_path)
     return NetworkTeacher(net, doc["shape"], float(doc.get("sigma_min", 0.002)),
                           float(doc.get("sigma_max", 80.0)), meta=doc)
+
+
+def _load_diffusers_teacher(folder: Path, doc: dict[str, Any]) -> DiffusersTeacher:
+    """A trained diffusers-model teacher: its network rebuilt from the arch, its VAE from ``vae/`` (if any), its
+    text encoder from the spec it records, so the unconditional input is the empty prompt's (as it was trained)."""
+    import diffusers
+
+    meta_path = folder / META_FILE
+    arch = doc["arch"]
+    try:
+        net = DiffusersDenoiser.from_arch(arch, doc["sigma_data"])
+    except ValueError as e:
+        raise ValueError(f"{str(meta_path)!r}: {e}") from None
+    _load_weights(net, folder / WEIGHTS_FILE, meta_path)
+    codec = None
+    if "vae_manifest_sha256" in doc or (folder / VAE_FOLDER).exists():
+        from ..train.checkpoint import CheckpointError
+
+        try:
+            codec = load_pinned_vae(folder / VAE_FOLDER, doc.get("vae_manifest_sha256"), f"this teacher ({META_FILE})")
+        except CheckpointError as e:
+            raise ValueError(f"{e}; re-create the teacher folder") from None
+    encoder = None
+    if net.backbone.text:
+        from ..text import load_text_encoder
+
+        text = doc.get("text")
+        if not isinstance(text, dict) or not isinstance(text.get("encoder"), str):
+            raise ValueError(f"{str(meta_path)!r}: a text-conditional network needs its key 'text' with the encoder "
+                             "spec it was trained with; re-create the teacher folder")
+        encoder = load_text_encoder(text["encoder"], text.get("length"))
+    scheduler = getattr(diffusers, arch["scheduler_class"]).from_config(arch["scheduler_config"])
+    meta = {"sigma_min": 0.002, "sigma_max": 80.0, **doc}  # sampled on EDM's range, as our other teachers
+    teacher = DiffusersTeacher(net.unet, scheduler, doc["sigma_data"], source=str(folder), text_encoder=encoder,
+                               codec=codec, options=arch.get("options"), meta=meta)
+    if list(teacher.shape) != doc["shape"]:
+        raise ValueError(f"{str(meta_path)!r}: shape {doc['shape']} is not the network's {list(teacher.shape)}")
+    return teacher
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -130,9 +191,15 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if isinstance(sd, bool) or not isinstance(sd, int | float) or not math.isfinite(sd) or sd <= 0:
         raise ValueError(f"{str(path)!r}: sigma_data must be a positive number; got {sd!r}")
     arch = doc.get("arch")
-    if not isinstance(arch, dict) or arch.get("kind") not in KINDS:
+    if not isinstance(arch, dict) or arch.get("kind") not in (*KINDS, ARCH_KIND):
         kind = arch.get("kind") if isinstance(arch, dict) else arch
-        raise ValueError(f"{str(path)!r}: unknown arch kind {kind!r}; this version knows {', '.join(KINDS)}")
+        raise ValueError(f"{str(path)!r}: unknown arch kind {kind!r}; this version knows {', '.join(KINDS)}, "
+                         f"{ARCH_KIND}")
+    if arch["kind"] == ARCH_KIND:
+        shape = doc.get("shape")
+        if not isinstance(shape, list) or len(shape) != 3:
+            raise ValueError(f"{str(path)!r}: a diffusers network's shape must be [C, H, W]; got {shape!r}")
+        return doc
     expected = image_shape(arch)
     if expected is not None:
         if doc.get("shape", expected) != expected:

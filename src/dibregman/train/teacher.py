@@ -1,6 +1,14 @@
 """Train an EDM teacher with exact resume: an MLP on a point cloud, or a U-Net on images (class-conditional
 when the images have labels, with label dropout so that classifier-free guidance works).
 
+``backbone = "sd3"`` trains a caption-conditioned diffusers ``SD3Transformer2DModel`` as Stable Diffusion 3 is
+trained: rectified flow (``x_t = (1 - t) x0 + t n``, velocity prediction, ``FlowMatchEulerDiscreteScheduler``'s
+conventions, converted to our denoiser at the edge by ``DiffusersDenoiser``) with SD3's logit-normal ``t``
+(``logit t = log sigma ~ N(0, 1)``). The loss is EDM's weighted ``||D - x0||^2``, which is
+``(sigma^2 + 1) / (sigma + 1)^2`` (between 1/2 and 1) times the flow-matching loss ``||v - (n - x0)||^2`` at
+unit ``sigma_data``. With ``vae`` (an ``AutoencoderKL`` folder, ``dibregman train-vae``) the images are encoded
+once to the VAE's scaled latents and the teacher denoises those: a latent teacher, saved with its VAE.
+
 Run folder ``cfg.out``: ``config.json``, ``stats.jsonl`` (``loss/teacher``, ``time/step_s``),
 ``checkpoints/step-XXXXXXXX/`` (the same format as distillation, see ``checkpoint.py``), and at the end
 ``teacher/`` (see ``teachers/trained.py``), usable as ``--teacher net:<out>/teacher``.
@@ -36,8 +44,10 @@ from ..precond import Precond
 from ..sampling import nfe, sample
 from ..schedules import LogNormal
 from ..stats import Stats, truncate_jsonl
+from ..teachers.diffusers import DiffusersDenoiser
+from ..teachers.latent import LatentCodec, load_codec, vae_sha256
 from ..teachers.trained import save_teacher
-from ..text.encoder import BUILTIN
+from ..text.encoder import BUILTIN, POOLED
 from ..text.prompts import TRAIN_TEMPLATES
 from .checkpoint import INTEGRITY, MANIFEST, entry, load_latest, save_checkpoint, write_manifest
 from .config import ConfigError, TeacherConfig, channel_mult, check_resumable, validate
@@ -71,7 +81,7 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
                               "images: crop or resize them to one square size first")
         halvings = len(channel_mult(cfg.channel_mult)) - 1  # each level after the first halves the resolution
         res = points.shape[2]
-        if res % 2**halvings or res < 2**halvings:
+        if cfg.backbone != "sd3" and (res % 2**halvings or res < 2**halvings):
             raise ConfigError(f"{cfg.data} has {res}x{res} images; a U-Net with channel_mult {cfg.channel_mult} halves "
                               f"them {halvings} times, so their size must be a multiple of {2**halvings} (e.g. "
                               f"{max(2**halvings, 8 * 2**halvings // 2)}): resize them, or use fewer levels "
@@ -80,12 +90,29 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         if cfg.text_encoder and labels is None:
             raise ConfigError(f"text_encoder = {cfg.text_encoder!r} captions the labels of {cfg.data}, which has none"
                               + ("" if data.labels is None else " (conditional = false)"))
-    elif cfg.text_encoder:
-        raise ConfigError("text_encoder is for image teachers (captions of labelled images); leave it empty here")
+        if (cfg.backbone == "sd3") != cfg.text_encoder.endswith(POOLED):
+            raise ConfigError("backbone = 'sd3' is caption-conditioned and takes a pooled text embedding beside the "
+                              f"token states: set text_encoder to minilm{POOLED} (or <folder>{POOLED}); the U-Net "
+                              f"takes the token states alone (no {POOLED})")
+        if cfg.vae and cfg.backbone != "sd3":
+            raise ConfigError("vae is for backbone = 'sd3' (a latent teacher is a diffusers transformer saved with its "
+                              "VAE); leave vae empty for a U-Net on pixels")
+        if cfg.backbone == "sd3" and cfg.hidden % 32:
+            raise ConfigError(f"backbone = 'sd3' uses 32-wide attention heads: hidden must be a multiple of 32; "
+                              f"got {cfg.hidden}")
+    elif cfg.text_encoder or cfg.vae or cfg.backbone != "auto":
+        raise ConfigError("text_encoder, vae and backbone = 'sd3' are for image teachers; leave them at their "
+                          "defaults for a point cloud")
     else:
         points = load_points(cfg.data, cfg.num_points, gen)
+    codec = _codec(cfg.vae, points) if cfg.vae else None
+    if codec is not None:  # a latent teacher: the images as the VAE's scaled latents (posterior means), once
+        points = codec.encode(points)
+    if cfg.backbone == "sd3" and points.shape[2] % cfg.patch_size:
+        raise ConfigError(f"patch_size {cfg.patch_size} does not divide the {points.shape[2]}x{points.shape[3]} "
+                          f"{'latents' if codec else 'images'}")
     num_classes = len(class_names) if labels is not None else 0
-    captions = _captions(cfg.text_encoder, class_names) if cfg.text_encoder else None  # [T, K, L, D]
+    captions, null_caption = _captions(cfg.text_encoder, class_names) if cfg.text_encoder else (None, None)
     sigma_data = float(points.std())
     if not sigma_data > 1e-6 or not math.isfinite(sigma_data):  # constant images or points (float rounding)
         raise ConfigError(f"{cfg.data} has standard deviation {sigma_data:g} (every value the same, or beyond "
@@ -96,15 +123,19 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     num, shape = len(points), tuple(points.shape[1:])
     with torch.random.fork_rng(devices=[]):  # layers initialise from the global RNG: seed it from ours
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-        if captions is not None:
-            backbone = TextUNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
-                                cfg.layers_per_block, text_dim=captions.shape[-1], text_length=captions.shape[-2])
-        elif images:
-            backbone = UNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
-                            cfg.layers_per_block, cfg.attention, num_classes)
+        if cfg.backbone == "sd3":
+            net = _sd3_network(shape, captions.shape[-1], cfg, sigma_data)
+            backbone = net.backbone
         else:
-            backbone = MLP(shape[0], cfg.hidden, cfg.depth)
-        net = Precond(backbone, sigma_data)
+            if captions is not None:
+                backbone = TextUNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
+                                    cfg.layers_per_block, text_dim=captions.shape[-1], text_length=captions.shape[-2])
+            elif images:
+                backbone = UNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
+                                cfg.layers_per_block, cfg.attention, num_classes)
+            else:
+                backbone = MLP(shape[0], cfg.hidden, cfg.depth)
+            net = Precond(backbone, sigma_data)
     net.to(device).train()
     if cfg.grad_checkpointing:
         if not images:
@@ -116,7 +147,8 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     points = points.to(device)
     labels = labels.to(device) if labels is not None else None
     captions = captions.to(device) if captions is not None else None
-    sigma_sampler = LogNormal()
+    null_caption = null_caption.to(device) if null_caption is not None else None
+    sigma_sampler = LogNormal(0.0, 1.0) if cfg.backbone == "sd3" else LogNormal()  # SD3's logit-normal t
     guard = NonFiniteGuard("strict", resume_hint=None)  # no skip mode for teachers
 
     step = 0
@@ -127,8 +159,15 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         gen.set_state(entry(state, "rng", torch.Tensor, "state.pt"))
         step, ema.num_updates = meta["step"], entry(meta, "ema_updates", int, "state.json")
 
-    loaded = load_latest(out / "checkpoints", {"teacher": net, "ema": ema.module},
-                         lambda meta: check_resumable(meta.get("config", {}), cfg, str(out)),
+    vae_sha = vae_sha256(cfg.vae) if codec is not None else None
+
+    def check(meta: dict) -> None:
+        check_resumable(meta.get("config", {}), cfg, str(out))
+        if meta.get("vae_sha256") != vae_sha:  # the same path, another VAE: other latents
+            raise ConfigError(f"cannot resume {out}: the VAE in {cfg.vae} is not the one this run started with "
+                              "(its files' SHA-256 differs); use another --out for a new run")
+
+    loaded = load_latest(out / "checkpoints", {"teacher": net, "ema": ema.module}, check,
                          restore) if resume else None
     if loaded is not None:
         guard.resumed_from = loaded[0]
@@ -143,7 +182,8 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         if main:
             save_checkpoint(out / "checkpoints", at, {"teacher": net, "ema": ema.module},
                             {"optimizer": opt.state_dict(), "rng": gen.get_state()},
-                            {"config": asdict(cfg), "ema_updates": ema.num_updates}, cfg.keep_checkpoints)
+                            {"config": asdict(cfg), "ema_updates": ema.num_updates,
+                             **({"vae_sha256": vae_sha} if vae_sha else {})}, cfg.keep_checkpoints)
         dist.barrier()
 
     stats = Stats(out / "stats.jsonl", write=main, tensorboard=out / "tensorboard" if cfg.tensorboard else None)
@@ -159,9 +199,9 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
             if labels is not None:  # drop some labels to the "no label" class num_classes
                 drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout)[local].to(device)
                 cond = torch.where(drop, num_classes, labels[idx])
-                if captions is not None:  # a caption of each label, its template drawn; dropped: no text (zeros)
+                if captions is not None:  # a caption of each label, its template drawn; dropped: no text
                     t = torch.randint(len(captions), (cfg.batch_size,), generator=gen)[local].to(device)
-                    cond = torch.where(drop[:, None, None], 0.0, captions[t, labels[idx]])
+                    cond = torch.where(drop[:, None, None], null_caption, captions[t, labels[idx]])
             with amp:
                 loss = denoising_loss(net, points[idx], sigma.to(device), n.to(device), cond).float().mean()
             guard.step(opt, loss, net, "teacher", step + 1, 0.0, out)
@@ -198,19 +238,22 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         if captions is not None:
             grid_cond = captions[0, torch.arange(cfg.eval_samples, device=device) % num_classes]
         grid = _image_samples(ema.module, shape, num_classes, gen, cfg.eval_samples, device, grid_cond)
+        if codec is not None:
+            grid = codec.decode(grid)
         if captions is not None:
-            builtin = cfg.text_encoder in BUILTIN  # a folder by absolute path: distilled from other directories
-            meta["text"] = {"encoder": cfg.text_encoder if builtin else str(Path(cfg.text_encoder).resolve()),
-                            "length": captions.shape[-2],
-                            "templates": list(TRAIN_TEMPLATES)}
+            encoder = cfg.text_encoder.removesuffix(POOLED)
+            if encoder not in BUILTIN:  # a folder by absolute path: distilled from other directories
+                encoder = str(Path(encoder).resolve())
+            meta["text"] = {"encoder": encoder + (POOLED if cfg.text_encoder.endswith(POOLED) else ""),
+                            "length": _text_length(cfg.text_encoder, captions), "templates": list(TRAIN_TEMPLATES)}
         meta["metrics"] = {"eval_nfe": nfe("heun", 18)}
     else:
         meta["metrics"] = _evaluate(ema.module, points, gen, cfg.eval_samples)
     if command is not None:
         meta["command"] = command
     meta[INTEGRITY] = MANIFEST  # checksums of the files a distillation loads, verified there (checkpoint.py)
-    folder = save_teacher(out / "teacher", ema.module, meta)
-    write_manifest(folder, ["model.safetensors", "teacher.json"])
+    folder = save_teacher(out / "teacher", ema.module, meta, codec=codec)
+    write_manifest(folder, ["model.safetensors", "teacher.json"])  # teacher.json pins vae/'s own manifest
     if images:
         save_grid(folder / "samples.png", grid, nrow=max(num_classes, 8))
     return folder
@@ -227,8 +270,10 @@ def _image_samples(net: Precond, shape: tuple[int, ...], num_classes: int, gen: 
     return sample(net.eval(), noise, num_steps=18, cond=None if cond is None else cond.to(device)).cpu()
 
 
-def _captions(encoder: str, class_names: tuple[str, ...]) -> torch.Tensor:
-    """Hidden states of every training caption, ``[templates, classes, length, dim]``."""
+def _captions(encoder: str, class_names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of every training caption, ``[templates, classes, length, dim]``, and of "no text"
+    ``[length, dim]``: all zeros for the U-Net (as the shipped text teacher was trained), the empty prompt's
+    states for an SD3 transformer (a ``DiffusersTeacher``'s unconditional input, as in Stable Diffusion)."""
     from ..text import caption_prompts, load_text_encoder
 
     try:
@@ -236,7 +281,41 @@ def _captions(encoder: str, class_names: tuple[str, ...]) -> torch.Tensor:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     hidden = enc.encode(caption_prompts(class_names, TRAIN_TEMPLATES).prompts)
-    return hidden.reshape(len(TRAIN_TEMPLATES), len(class_names), *hidden.shape[1:])
+    null = enc.unconditional()[0] if encoder.endswith(POOLED) else torch.zeros_like(hidden[0])  # sd3 : U-Net
+    return hidden.reshape(len(TRAIN_TEMPLATES), len(class_names), *hidden.shape[1:]), null
+
+
+def _text_length(encoder: str, captions: torch.Tensor) -> int:
+    """The encoder's token budget (a pooled encoder's states carry one more, packed, token)."""
+    return captions.shape[-2] - (1 if encoder.endswith(POOLED) else 0)
+
+
+def _codec(folder: str, images: torch.Tensor) -> LatentCodec:
+    try:
+        codec = load_codec(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"vae = {folder!r}: {e} (train one with `dibregman train-vae --data <images> --out <dir>` "
+                          "and pass <dir>/vae)") from None
+    if codec.image_channels != images.shape[1] or images.shape[2] % codec.factor:
+        raise ConfigError(f"vae = {folder!r} takes {codec.image_channels}-channel images whose side is a multiple of "
+                          f"{codec.factor}; the data has shape {tuple(images.shape[1:])}")
+    return codec
+
+
+def _sd3_network(shape: tuple[int, ...], text_dim: int, cfg: TeacherConfig, sigma_data: float
+                 ) -> DiffusersDenoiser:
+    """An ``SD3Transformer2DModel`` of width ``cfg.hidden`` (32-wide heads), ``cfg.depth`` joint blocks, taking
+    ``shape`` latents and ``text_dim``-wide token states with a pooled embedding of the same width, under a
+    ``FlowMatchEulerDiscreteScheduler`` (shift 1: this is the training law, not a sampling grid)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    side = shape[1] // cfg.patch_size
+    transformer = SD3Transformer2DModel(
+        sample_size=shape[1], patch_size=cfg.patch_size, in_channels=shape[0], out_channels=shape[0],
+        num_layers=cfg.depth, attention_head_dim=32, num_attention_heads=cfg.hidden // 32,
+        joint_attention_dim=text_dim, caption_projection_dim=cfg.hidden, pooled_projection_dim=text_dim,
+        pos_embed_max_size=side)
+    return DiffusersDenoiser(transformer, FlowMatchEulerDiscreteScheduler(), sigma_data)
 
 
 @torch.no_grad()
