@@ -187,3 +187,25 @@ def test_pooled_text_states_pack_the_masked_mean_after_the_tokens():
     mask = plain.tokenizer(prompts, padding="max_length", max_length=16, return_tensors="pt")["attention_mask"]
     mean = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     torch.testing.assert_close(packed[:, 16], mean)
+
+
+def test_the_shipped_latent_teacher_matches_its_provenance():
+    import hashlib
+
+    from dibregman.assets import shipped
+
+    folder = shipped("fashion-mnist-latent", "teacher")
+    readme = (folder / "README.md").read_text()
+    for name in ("model.safetensors", "vae/diffusion_pytorch_model.safetensors"):  # the recorded files are these
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() in readme
+    t = load_teacher("net:fashion-mnist-latent")
+    assert t.shape == (4, 7, 7) and t.image_shape == (1, 28, 28) and t.text["encoder"] == "minilm+pooled"
+    cond = load_text_encoder("minilm+pooled").encode(["a photo of a trouser", "a photo of a bag"])
+    noise = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(0))
+    images = t.codec.decode(t(80 * noise, torch.full((2,), 80.0), cond))
+    # at sigma_max the denoiser gives about the mean latent of the caption's class: a trouser is narrow, a bag wide
+    middle, sides = images[:, 0, 4:24, 11:17].mean((1, 2)), images[:, 0, 4:24, :5].mean((1, 2))
+    assert middle[0] > sides[0] + 0.5 and sides[1] > sides[0] + 0.15
+    from dibregman.train.config import TeacherConfig, resolve  # the preset that made it
+
+    assert resolve(TeacherConfig, preset="fashion-mnist-latent").vae == "runs/vae-fmnist/vae"

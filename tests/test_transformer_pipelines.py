@@ -188,3 +188,27 @@ def test_pixart_sigma_reads_as_a_vp_transformer_with_t5_and_its_attention_mask(t
     assert_vp_x0(teacher, pipe.scheduler.alphas_cumprod, [10, 600], (4, 8, 8), cond, x0)
     run = _distill(folder, tmp_path / "run", guidance=2.0)
     assert db.sample(run, 2, prompts=["a green star"]).shape == (2, *IMAGE)
+
+
+def test_a_pixart_student_exports_to_a_pixart_sigma_pipeline_that_reproduces_it(tmp_path):
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from dibregman.export import export_diffusers
+    from dibregman.sampling import seeded_noise
+    from dibregman.tiny import pixart_pipeline
+
+    folder = pixart_pipeline(tmp_path / "pixart")
+    teacher = load_teacher(f"diffusers:{folder}")
+    run = _distill(folder, tmp_path / "run", sigma_g=teacher.sigma_max, steps=2)
+    out = export_diffusers(run, tmp_path / "exported")
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "PixArtSigmaPipeline"
+    length = teacher.text["length"]
+    assert f"max_sequence_length={length}" in (out / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(out, local_files_only=True)  # no custom code
+    asked = ["a green star", "two dots"]
+    with torch.no_grad():
+        theirs = pipe(asked, num_inference_steps=1, guidance_scale=1.0, max_sequence_length=length,
+                      use_resolution_binning=False, latents=seeded_noise(0, 2, teacher.shape), output_type="pt").images
+    torch.testing.assert_close(theirs * 2 - 1, db.sample(run, 2, prompts=asked), rtol=1e-5, atol=1e-5)

@@ -1,8 +1,9 @@
 """Export a U-Net one-step generator as a diffusers pipeline folder that loads without dibregman.
 
-A student of a Stable Diffusion 1.x/2.x or SDXL pipeline goes back into that family: a
-``StableDiffusionPipeline`` (``StableDiffusionXLPipeline``) folder (the teacher's tokenizers and text encoders,
-the student's UNet, its VAE, Euler's scheduler with trailing timesteps) that
+A student of a Stable Diffusion 1.x/2.x, SDXL or PixArt-Sigma pipeline goes back into that family: a
+``StableDiffusionPipeline`` (``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``) folder (the teacher's
+tokenizers and text encoders, the student's UNet or transformer, its VAE, Euler's scheduler with trailing
+timesteps) that
 ``DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=1.0)`` runs with no
 custom code (``_family_pipeline``). Students of our own networks export as follows.
 
@@ -66,11 +67,11 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{name}")
-images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=1.0,
+images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=1.0,{call}
               generator=torch.Generator().manual_seed(0)).images
 ```
 
-One U-Net evaluation per image at the scheduler's last noise level (sigma = {sigma_g:.6g}, timestep
+One {model} evaluation per image at the scheduler's last noise level (sigma = {sigma_g:.6g}, timestep
 {timestep}), then the VAE's decoding. Keep `guidance_scale` at 1 (or 0): the student was distilled with
 guidance {guidance:g} already inside it, and a larger value would apply classifier-free guidance a second time.
 `latents` (unit noise, shape [batch, {latent}]) gives the same images as `dibregman sample` draws from that noise.
@@ -158,9 +159,9 @@ def _check_out(out: Path) -> None:
 
 
 def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: str) -> tuple[Any, str]:
-    """A one-step student of a Stable Diffusion 1.x/2.x (or SDXL) pipeline as a ``StableDiffusionPipeline`` (or
-    ``StableDiffusionXLPipeline``): the teacher folder's tokenizers and text encoders, the student's UNet, the
-    VAE saved with it, and Euler's scheduler with
+    """A one-step student of a Stable Diffusion 1.x/2.x (SDXL, PixArt-Sigma) pipeline as a
+    ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``): the teacher folder's
+    tokenizers and text encoders, the student's UNet (transformer), the VAE saved with it, and Euler's scheduler with
     trailing timesteps, whose single step from noise level S returns the UNet's x0 at S. That is the student's
     one step exactly when it was distilled at ``sigma_g`` = S (the scheduler's last noise level)."""
     import diffusers
@@ -172,10 +173,11 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: s
         raise ValueError(where + "a student of a flow-matching pipeline (SD3, a flow UNet) does not export to its "
                          "pipeline class yet: that class's one-step call starts from pure noise at t = 1, an infinite "
                          "EDM noise level, while the student denoises at a finite sigma_g; use `dibregman sample`")
-    if not info.get("text") or type(den.unet).__name__ != "UNet2DConditionModel" or den.kind != "vp" \
+    model = type(den.unet).__name__
+    if not info.get("text") or model not in ("UNet2DConditionModel", "PixArtTransformer2DModel") or den.kind != "vp" \
             or den.continuous_timesteps:
-        raise ValueError(where + "only text-to-image students of Stable Diffusion 1.x/2.x and SDXL pipelines "
-                         "(UNet2DConditionModel, a DDPM/DDIM/Euler scheduler) export to their own pipeline class")
+        raise ValueError(where + "only text-to-image students of Stable Diffusion 1.x/2.x, SDXL and PixArt-Sigma "
+                         "pipelines (a VP scheduler over a discrete noise table) export to their own pipeline class")
     if gen.steps != 1:
         raise ValueError(where + f"a {gen.steps}-step student re-noises between its steps, which no diffusers "
                          "scheduler of this family does; export a one-step student (--student-steps 1)")
@@ -193,18 +195,24 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: s
         raise FileNotFoundError(where + f"the export takes the tokenizer and text encoder from the teacher folder "
                                 f"{str(teacher_folder)!r}, which has no tokenizer/ and text_encoder/ now; restore it")
     codec = load_codec_of(folder, info)
-    if den.backbone.added:  # SDXL: its own class, whose default size gives the student's time ids
+    call = ""  # what the README's call adds
+    if model == "PixArtTransformer2DModel":  # T5 at the student's token budget; its own sizes, not binned ones
+        pipe = diffusers.PixArtSigmaPipeline.from_pretrained(
+            str(teacher_folder), transformer=den.unet, vae=codec.vae, scheduler=scheduler, local_files_only=True)
+        call = f" max_sequence_length={info['text']['length']}, use_resolution_binning=False,"
+    elif den.backbone.added:  # SDXL: its own class, whose default size gives the student's time ids
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
             str(teacher_folder), unet=den.unet, vae=codec.vae, scheduler=scheduler, local_files_only=True)
     else:
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
             str(teacher_folder), unet=den.unet, vae=codec.vae, scheduler=scheduler, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False, local_files_only=True)
-    if int(pipe.tokenizer.model_max_length) != int(info["text"]["length"]):
+    if not call and int(pipe.tokenizer.model_max_length) != int(info["text"]["length"]):
         raise ValueError(where + f"the teacher's tokenizer pads to {pipe.tokenizer.model_max_length} tokens, the "
                          f"student was distilled on {info['text']['length']}: the pipeline would encode prompts "
                          "differently")
     readme = _FAMILY_README.format(teacher=info.get("teacher"), cls=type(pipe).__name__, name=name, sigma_g=last,
+                                   call=call, model="transformer" if call else "U-Net",
                                    timestep=int(scheduler.timesteps[0]), guidance=info.get("guidance", 1.0),
                                    latent=", ".join(str(n) for n in info["shape"]))
     return pipe, readme

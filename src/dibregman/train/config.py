@@ -159,7 +159,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                                "checkpoint_every": 100, "regression_weight": 0.0, "out": "runs/distill-fmnist-text"},
         # latent text-to-image: the shipped SD3-shaped flow teacher on VAE latents (decoded for every metric),
         # with the fashion-mnist-text recipe
-        "fashion-mnist-latent": {"teacher": "net:fashion-mnist-latent", "steps": 300, "batch_size": 32,
+        "fashion-mnist-latent": {"teacher": "net:fashion-mnist-latent", "steps": 600, "batch_size": 32,
                                  "fake_score_steps": 1, "lr_generator": 1e-4, "lr_fake_score": 5e-4,
                                  "lr_critic": 5e-4, "ema_decay": 0.95, "critic_data": "data", "teacher_pool": 10000,
                                  "critic_head": "fake_score", "log_every": 10, "eval_every": 100,
