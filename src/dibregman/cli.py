@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a finished image run's generator as a diffusers pipeline folder")
     p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
     p.add_argument("--out", required=True, help="folder to write: DiffusionPipeline.from_pretrained(out) loads a "
-                   "Stable Diffusion, SDXL or PixArt-Sigma student's (its teacher's own class), DiffusionPipeline.from_pretrained(out, "
-                   "trust_remote_code=True) one of our networks' students")
+                   "Stable Diffusion, SDXL or PixArt-Sigma student's (its teacher's own class), "
+                   "DiffusionPipeline.from_pretrained(out, trust_remote_code=True) one of our networks' students")
 
     p = sub.add_parser("tiny-pipeline", help="write a tiny random-weight diffusers pipeline folder (a few hundred kB) "
                        "to try commands on before a real one: --teacher diffusers:<out>")
