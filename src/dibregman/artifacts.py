@@ -85,7 +85,7 @@ def load_codec_of(folder: str | Path, info: dict[str, Any]) -> LatentCodec | Non
         raise CheckpointError(f"{generator_folder(folder) / 'generator.json'} is damaged (bad entry 'latent'); "
                               f"{_REMAKE}")
     try:
-        return load_pinned_vae(vae, latent.get("vae_manifest_sha256"), "this generator (generator.json)")
+        return load_pinned_vae(vae, latent.get("vae_manifest_sha256"), "this generator", "generator.json")
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {_REMAKE}") from None
 

@@ -97,7 +97,7 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
     _check_out(Path(out_folder))  # before anything is loaded
     gen, info = load_generator(generator_folder)
     backbone = gen.denoiser.backbone
-    if info.get("latent"):  # a student of a Stable Diffusion pipeline: back into that pipeline class
+    if info.get("latent"):  # a student of a latent pipeline: back into that pipeline class
         pipe, readme = _family_pipeline(gen, info, generator_folder, Path(out_folder).name)
         return _write(pipe, out_folder, info, readme)
     if not isinstance(backbone, UNet | TextUNet):
@@ -169,6 +169,9 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: s
 
     den = gen.denoiser
     where = f"{folder}: "
+    if info.get("text") and not Path(str(info["text"]["encoder"])).is_dir():
+        raise ValueError(where + f"this student's text encoder ({info['text']['encoder']}) is not a pipeline's, so "
+                         "there is no pipeline class of its family to export to; use `dibregman sample`")
     if den.kind == "flow":
         raise ValueError(where + "a student of a flow-matching pipeline (SD3, a flow UNet) does not export to its "
                          "pipeline class yet: that class's one-step call starts from pure noise at t = 1, an infinite "
@@ -199,7 +202,7 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: s
     if model == "PixArtTransformer2DModel":  # T5 at the student's token budget; its own sizes, not binned ones
         pipe = diffusers.PixArtSigmaPipeline.from_pretrained(
             str(teacher_folder), transformer=den.unet, vae=codec.vae, scheduler=scheduler, local_files_only=True)
-        call = f" max_sequence_length={info['text']['length']}, use_resolution_binning=False,"
+        call = f" max_sequence_length={info['text']['length']}, use_resolution_binning=False, clean_caption=False,"
     elif den.backbone.added:  # SDXL: its own class, whose default size gives the student's time ids
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
             str(teacher_folder), unet=den.unet, vae=codec.vae, scheduler=scheduler, local_files_only=True)

@@ -104,17 +104,17 @@ def save_pinned_vae(codec: LatentCodec, folder: str | Path, dtype: torch.dtype =
     return file_sha256(final / MANIFEST)
 
 
-def load_pinned_vae(vae: str | Path, sha256: Any, owner: str) -> LatentCodec:
+def load_pinned_vae(vae: str | Path, sha256: Any, owner: str, record: str) -> LatentCodec:
     """The VAE in folder ``vae``, checked against its manifest and that manifest against ``sha256`` (what
-    ``owner``, the JSON file that pins it, records); a ``CheckpointError`` says which check failed."""
+    ``record``, the JSON file of ``owner`` that pins it, holds); a ``CheckpointError`` says which check failed."""
     from ..train.checkpoint import MANIFEST, CheckpointError, file_sha256, verify_manifest
 
     vae = Path(vae)
     if not vae.is_dir() or not verify_manifest(vae, ("config.json",), what="VAE folder"):
         raise CheckpointError(f"{vae} (or its {MANIFEST}) is missing")
     if file_sha256(vae / MANIFEST) != sha256:  # a VAE swapped in whole, manifest too
-        raise CheckpointError(f"{vae} is not the VAE saved with {owner} (its manifest's SHA-256 differs from the "
-                              "one recorded there)")
+        raise CheckpointError(f"{vae} is not the VAE {owner} was saved with (its manifest's SHA-256 differs from "
+                              f"{record}'s)")
     return load_codec(vae)
 
 

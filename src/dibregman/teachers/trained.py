@@ -161,7 +161,7 @@ def _load_diffusers_teacher(folder: Path, doc: dict[str, Any]) -> DiffusersTeach
         from ..train.checkpoint import CheckpointError
 
         try:
-            codec = load_pinned_vae(folder / VAE_FOLDER, doc.get("vae_manifest_sha256"), f"this teacher ({META_FILE})")
+            codec = load_pinned_vae(folder / VAE_FOLDER, doc.get("vae_manifest_sha256"), "this teacher", META_FILE)
         except CheckpointError as e:
             raise ValueError(f"{e}; re-create the teacher folder") from None
     encoder = None
