@@ -206,13 +206,13 @@ def test_a_resume_keeps_the_noise_levels_it_trained_at(tmp_path, monkeypatch):
     """The automatic last level comes from code (a fraction of the teacher's sigma_data): when it changes
     between versions, a resume is refused with the setting that continues the run, and that setting works."""
     import dibregman.train.components as components
-    import dibregman.train.loop as loop_mod
+    import dibregman.train.state as state_mod
 
     run = db.distill(out=str(tmp_path / "run"), **{**TINY, "steps": 3})
     trained = load_generator(run)[0].sigmas
     monkeypatch.setattr(components, "STUDENT_SIGMA_MIN_FRACTION", 0.3)
     with monkeypatch.context() as m:  # refused before the teacher's pool costs anything
-        m.setattr(loop_mod, "teacher_samples", lambda *a, **k: pytest.fail("sampled the teacher's pool"))
+        m.setattr(state_mod, "teacher_samples", lambda *a, **k: pytest.fail("sampled the teacher's pool"))
         with pytest.raises(ConfigError, match=f"set student_sigma_min to {trained[-1]}"):
             db.distill(out=str(run), resume=True, **{**TINY, "steps": 6})
     db.distill(out=str(run), resume=True, **{**TINY, "steps": 6, "student_sigma_min": trained[-1]})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_reliability import _tripwire, assert_one_line_error, run_cli, snapshot
 
-import dibregman.train.loop as loop_mod
+import dibregman.train.state as state_mod
 import dibregman.train.teacher as teacher_mod
 from dibregman.text.prompts import read_prompts
 from dibregman.train.config import divergence_from_spec
@@ -51,7 +51,7 @@ def hmods(tmp_path, monkeypatch):
 @pytest.mark.parametrize("option", ["--divergence", "--critic-loss"])
 @pytest.mark.parametrize("spec", list(DIVERGENCES))
 def test_divergences_that_would_stop_mid_run_are_refused_up_front(hmods, capsys, monkeypatch, option, spec):
-    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)
+    monkeypatch.setattr(state_mod, "fitted_start", _tripwire)
     before = snapshot(hmods)
     code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--out", hmods / "run", option, spec)
     assert_one_line_error(code, err, spec, DIVERGENCES[spec])
@@ -164,7 +164,7 @@ def test_config_files_hold_typed_values_and_utf8(tmp_path, capsys, monkeypatch, 
         f.write_bytes('{"out": "caf\xe9"}'.encode("latin-1"))
     else:
         f.write_text(content)
-    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)
+    monkeypatch.setattr(state_mod, "fitted_start", _tripwire)
     code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--config", f, "--out", tmp_path / "run", *flags)
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "run").exists()

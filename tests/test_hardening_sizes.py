@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from test_reliability import _tripwire, assert_one_line_error, finished, run_cli, snapshot
 
 import dibregman.sampling as sampling_mod
-import dibregman.train.loop as loop_mod
+import dibregman.train.state as state_mod
 import dibregman.train.teacher as teacher_mod
 from dibregman.sampling import noise_from_seeds
 
@@ -100,8 +100,8 @@ DISTILL = {
 def test_bad_sizes_and_names_are_refused_before_the_run_folder(tmp_path, capsys, monkeypatch, case):
     extra, needles = DISTILL[case]
     monkeypatch.chdir(tmp_path)  # an empty --out would write here
-    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)
-    monkeypatch.setattr(loop_mod, "build", _tripwire)
+    monkeypatch.setattr(state_mod, "fitted_start", _tripwire)
+    monkeypatch.setattr(state_mod, "build", _tripwire)
     code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--no-progress", "--out", tmp_path / "run", *extra)
     assert_one_line_error(code, err, *needles)
     assert snapshot(tmp_path) == {} and list(tmp_path.iterdir()) == []

@@ -22,6 +22,8 @@ from torch import nn
 import dibregman as db
 import dibregman.train.checkpoint as ckpt_mod
 import dibregman.train.loop as loop_mod
+import dibregman.train.state as state_mod
+import dibregman.train.step as step_mod
 import dibregman.train.teacher as teacher_mod
 from dibregman.cli import main
 from dibregman.io import RunIOError, append_line, write_json
@@ -256,7 +258,7 @@ def test_run_file_writers_raise_run_io_error(tmp_path, monkeypatch):
 def test_unwritable_output_fails_before_any_work(tmp_path, capsys, monkeypatch):
     # tests run as root, where chmod cannot make a folder unwritable: a path below a file is never writable
     (tmp_path / "a_file").write_text("x")
-    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)
+    monkeypatch.setattr(state_mod, "fitted_start", _tripwire)
     code, _, err = run_cli(capsys, "distill", *FLAGS, "--out", tmp_path / "a_file" / "run")
     assert_one_line_error(code, err, "cannot create output folder", "choose a writable --out")
     code, _, err = run_cli(capsys, "distill", *FLAGS, "--out", tmp_path / "a_file")
@@ -289,14 +291,14 @@ class NaNTeacherFrom:
 
 
 def poison_teacher(monkeypatch, first: int, last: int = 10**9) -> None:
-    real = loop_mod.build
+    real = state_mod.build
 
     def build(*args, **kwargs):
         c = real(*args, **kwargs)
         c.generator_loss = NaNTeacherFrom(c.generator_loss, first, last)
         return c
 
-    monkeypatch.setattr(loop_mod, "build", build)
+    monkeypatch.setattr(state_mod, "build", build)
 
 
 def test_nan_strict_stops_at_the_step_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch, capsys):
@@ -373,7 +375,7 @@ def test_large_finite_weights_are_finite_and_one_bad_value_is_not():
 def test_non_finite_weights_in_a_run_name_the_network_and_step(tmp_path, monkeypatch):
     # however they arise (Adam's update is bounded by lr, so here a broken step writes them), weights
     # that turn non-finite stop the run at that step with the last good checkpoint, in skip mode too
-    real = loop_mod.build
+    real = state_mod.build
 
     def build(*args, **kwargs):
         c = real(*args, **kwargs)
@@ -391,7 +393,7 @@ def test_non_finite_weights_in_a_run_name_the_network_and_step(tmp_path, monkeyp
         opt.step = broken_step
         return c
 
-    monkeypatch.setattr(loop_mod, "build", build)
+    monkeypatch.setattr(state_mod, "build", build)
     with pytest.raises(NonFiniteError) as e:
         db.distill(out=str(tmp_path / "run"), nonfinite="skip", **OPTS)
     assert "non-finite critic weights after the update at step 4" in str(e.value)
@@ -406,7 +408,7 @@ def test_learning_rate_beyond_float32_is_a_config_error():
 # --- signals, torn logs ---------------------------------------------------------------------------------
 
 def test_sigint_saves_where_it_stopped_and_resume_is_exact(finished, tmp_path, monkeypatch, capsys):
-    run, real, calls = tmp_path / "run", loop_mod.fake_score_loss, []
+    run, real, calls = tmp_path / "run", step_mod.fake_score_loss, []
 
     def ctrl_c_in_step_3(*args, **kwargs):
         calls.append(1)
@@ -414,7 +416,7 @@ def test_sigint_saves_where_it_stopped_and_resume_is_exact(finished, tmp_path, m
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop_mod, "fake_score_loss", ctrl_c_in_step_3)
+    monkeypatch.setattr(step_mod, "fake_score_loss", ctrl_c_in_step_3)
     code, _, err = run_cli(capsys, "distill", *FLAGS, "--out", run)
     assert code == 128 + signal.SIGINT and "SIGINT at step 3" in err and "--resume" in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -561,8 +563,8 @@ def _argv(extra: list[str], files: dict[str, Path], d: Path) -> list[str]:
 def test_bad_distill_input_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, case):
     extra, needles = DISTILL_CASES[case]
     files = _files(tmp_path)
-    monkeypatch.setattr(loop_mod, "fitted_start", _tripwire)  # fails the test if training work begins
-    monkeypatch.setattr(loop_mod, "build", _tripwire)
+    monkeypatch.setattr(state_mod, "fitted_start", _tripwire)  # fails the test if training work begins
+    monkeypatch.setattr(state_mod, "build", _tripwire)
     before = snapshot(tmp_path)
     code, _, err = run_cli(capsys, "distill", "--preset", "tiny", "--out", tmp_path / "run", *_argv(extra, files,
                                                                                                    tmp_path))

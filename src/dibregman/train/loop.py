@@ -1,36 +1,32 @@
-"""The distillation loop: one function in commented phases (docs/concepts.md, "The training loop")."""
+"""Distillation: the checks before a run folder is made, the state built once (``state.py``), the run driver
+stepping ``distill_step`` (``step.py``, ``driver.py``), the run's own evaluation, and the finished run's files
+(docs/concepts.md, "The training loop")."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import signal
 import statistics
-import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import dist
-from ..artifacts import build_precond, save_generator
+from ..artifacts import save_generator
 from ..grids import save_grid
 from ..io import atomic_open, write_json
-from ..losses import critic_loss, fake_score_loss, regression_loss
 from ..metrics.images import make_evaluator
 from ..metrics.toy import evaluate as evaluate_points
 from ..sampling import batch_for, seeded_noise
-from ..schedules import SigmaSampler
-from ..stats import Stats, append_jsonl, truncate_jsonl
+from ..stats import append_jsonl, truncate_jsonl
 from ..teachers import Teacher, check_teacher, exact_mixture, latent_codec, load_teacher
 from ..teachers.objects import fingerprint, object_spec
-from .checkpoint import CheckpointError, check_any, entry, list_checkpoints, load_latest, read_meta, save_checkpoint
+from .checkpoint import CheckpointError, check_any, list_checkpoints, load_latest, read_meta, save_checkpoint
 from .components import (
-    balanced_labels,
-    build,
-    fitted_start,
     generator_loss,
     noise_range,
     reference_teacher_samples,
@@ -39,9 +35,12 @@ from .components import (
     true_samples,
     variety_probe,
 )
-from .conditions import conditions_for
+from .conditions import Conditions, conditions_for
 from .config import ConfigError, DistillConfig, check_resumable, eval_samples, to_dict, validate
-from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock, keeps_caller_rng, prepare_run_dir
+from .driver import RunDriver
+from .guard import holds_run_lock, keeps_caller_rng, prepare_run_dir
+from .state import DistillState, build_state
+from .step import distill_step
 
 GRID = 80  # images per sample grid: 8 per class for 10 classes
 
@@ -103,21 +102,57 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     if teacher is not None:  # checked before anything is made; recorded by name, its fingerprint below
         cfg = dataclasses.replace(cfg, teacher=object_spec(check_teacher(teacher)))
     dist.init()  # under torchrun: join the process group; rank 0 alone writes files
-    main = dist.is_main()
     device = dist.resolve_device(cfg.device)
-    local = dist.local_slice(cfg.batch_size)  # this process's share of every global batch
     # a bad teacher fails before the run folder is made
     teacher = teacher if teacher is not None else load_teacher(cfg.teacher)
-    teacher_digest = fingerprint(teacher)  # recorded in every checkpoint: a resume must see the same teacher
+    digest = fingerprint(teacher)
     teacher = teacher.to(device)
+    conds = _checked_conditions(cfg, teacher, device)
+    # process 0 makes and locks the folder; if it cannot, the others stop quietly (dist.PeerStopped)
+    out = dist.on_main(lambda: prepare_run_dir(Path(cfg.out), resume), Path(cfg.out))
+    resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
+    if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
+        check_any(out / "checkpoints", lambda meta: _check_config(meta, cfg, out))
+        _check_levels(out, resolved_student_sigmas(cfg, teacher))
+        _check_teacher(out, digest)
+    s = build_state(cfg, teacher, conds, out, device, dist.local_slice(cfg.batch_size), digest, resuming)
+    ev = Evaluation.build(s)
+    loaded = load_latest(out / "checkpoints", s.c.modules(), lambda meta: _check_config(meta, cfg, out),
+                         s.restore) if resuming else None
+    if loaded is not None:
+        s.guard.resumed_from = loaded[0]  # a non-finite first step then says the checkpoint may be damaged
+    driver = RunDriver(out, cfg.steps, cfg.log_every, cfg.checkpoint_every, progress=progress,
+                       tensorboard=cfg.tensorboard, desc=f"distill {s.c.generator_loss.divergence.name}",
+                       logs=("stats.jsonl", "metrics.jsonl"))
+    driver.begin(s.step, to_dict(cfg), resume, loaded[0] if loaded is not None else None)
+
+    def update(_: int) -> None:
+        for record in distill_step(s).logs:
+            driver.stats.add(record)
+        if ev.diagnose is not None and (s.step % cfg.eval_every == 0 or s.step == cfg.steps):
+            driver.stats.add(ev.diagnose())  # exact fake-score and ratio errors (every process: same numbers)
+
+    def save(step: int) -> None:
+        if dist.is_main():
+            save_checkpoint(out / "checkpoints", step, s.c.modules(), *s.checkpoint(), cfg.keep_checkpoints)
+        dist.barrier()
+
+    driver.run(s.step, update, save, after=ev.during_training,
+               before_log=lambda _: {"nonfinite/skipped": s.guard.skipped})  # equal on every process
+    return _finish(s, ev, driver.step_times) if dist.is_main() else out
+
+
+def _checked_conditions(cfg: DistillConfig, teacher: Teacher, device: torch.device) -> Conditions:
+    """The teacher's conditions (labels, encoded prompts), after the checks that need the loaded teacher: all
+    before the run folder is made."""
     if cfg.guidance != 1.0 and (not (teacher.num_classes or getattr(teacher, "text", None))
                                 or not hasattr(teacher, "guidance")):
         raise ConfigError(f"guidance = {cfg.guidance} needs a class- or text-conditional network teacher; "
                           f"{cfg.teacher} is not one (leave guidance at 1)")
     if hasattr(teacher, "guidance"):  # also 1: a teacher object may come from a run with another scale
         teacher.guidance = cfg.guidance
-    noise_range(cfg, teacher)  # an empty sigma range fails before the run folder is made
-    conds = conditions_for(teacher, cfg.prompts, device)  # read and encoded before the run folder is made
+    noise_range(cfg, teacher)  # an empty sigma range fails here
+    conds = conditions_for(teacher, cfg.prompts, device)
     if conds.text and cfg.critic_data == "data" and generator_loss(cfg).needs_critic:
         try:  # the critic's real images are paired with prompts asking for their class
             conds.for_classes(torch.arange(max(conds.num_classes, 1)))
@@ -130,242 +165,96 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     if len(teacher.shape) == 3 and cfg.classifier not in ("auto", "none", "inception"):
         from .classifier import load_classifier
 
-        load_classifier(cfg.classifier)  # a bad classifier folder fails before the run folder is made
-    # process 0 makes and locks the folder; if it cannot, the others stop quietly (dist.PeerStopped)
-    out = dist.on_main(lambda: prepare_run_dir(Path(cfg.out), resume), Path(cfg.out))
-    resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
-    if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
-        check_any(out / "checkpoints", lambda meta: _check_config(meta, cfg, out))
-        _check_levels(out, resolved_student_sigmas(cfg, teacher))
-        _check_teacher(out, teacher_digest)
-    torch.manual_seed(cfg.seed)  # network initialisations
-    g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from g
+        load_classifier(cfg.classifier)  # a bad classifier folder fails here
+    return conds
 
-    # Phase 0: the network both students start from, then everything else built from the config.
-    if teacher.network is not None:
-        base = teacher.network
-    elif not resuming:
-        base = fitted_start(teacher, cfg, device)
-    else:  # its fitted weights are in the checkpoint; only the shape is needed
-        base = build_precond({"dim": teacher.shape[0], "hidden": cfg.hidden, "depth": cfg.depth}, teacher.sigma_data)
-    c = build(cfg, teacher, base, device)
-    if cfg.grad_checkpointing:
-        for net in (c.generator.denoiser.backbone, c.fake_score.backbone):
-            if not hasattr(net, "unet"):
-                raise ConfigError("grad_checkpointing works on diffusers U-Net backbones (our UNet, a diffusers "
-                                  "teacher's); this network does not support it")
-            net.unet.enable_gradient_checkpointing()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    shape, bsz, num_classes = teacher.shape, cfg.batch_size, conds.num_classes
-    images = len(shape) == 3
-    n_eval = eval_samples(cfg.eval_samples, shape)
-    codec = latent_codec(teacher)  # a latent teacher: students make latents, people and metrics see images
-    reference = true_samples(teacher, n_eval, cfg.seed + 2, split="test", classes=num_classes)
-    if reference is None:
-        reference = teacher_samples(teacher, n_eval, cfg.seed + 2, device, conds, decode=True).cpu()
-    pool, pool_idx, pairs = None, None, None
-    if cfg.regression_weight > 0:  # DMD's regression pairs: unit noise, and the teacher's ODE sample made from it
-        x_pairs, z_pairs = teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1, device, conds, return_noise=True)
-        pairs = (z_pairs.to(device), x_pairs.to(device), conds.cycle(len(x_pairs)))
-    if c.critic is not None:
-        if cfg.critic_data == "teacher":  # the same samples as the pairs' (seed + 1): made once when both are used
-            pool = pairs[1] if pairs is not None else teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1,
-                                                                      device, conds)
-            pool_idx = conds.cycle(len(pool))
-        else:
-            pool = true_samples(teacher, cfg.teacher_pool, cfg.seed + 1, classes=num_classes)
-            if pool is None:
-                raise ConfigError("critic_data = 'data' needs a teacher that knows its data; use critic_data = teacher")
-            if codec is not None:  # the critic, like the students, works on the VAE's scaled latents
-                pool = codec.to(device).encode(pool.to(device))
-            # real images in class order i % classes, each paired with a condition asking for its class
-            pool_idx = conds.for_classes(balanced_labels(len(pool), num_classes))
-        pool = pool.to(device)
-    latent = c.generator.latent_shape(shape)  # a sample's shape, or [steps, *shape] for a few-step student
-    eval_z = seeded_noise(cfg.seed, n_eval, latent)  # the noise `dibregman eval --seed <seed>` draws too
-    eval_idx = conds.cycle(n_eval)
-    eval_y = conds.classes(eval_idx)  # what label accuracy (prompt adherence for text) is measured against
-    score = make_evaluator(teacher, reference, cfg.classifier) if images else None
-    gmm = exact_mixture(teacher)
-    diagnose = variety_probe(gmm, c, cfg.seed) if gmm is not None else None
 
-    def evaluate(x: torch.Tensor) -> dict[str, float]:
-        if images:  # without a feature network an image run reports no numbers (make_evaluator said why)
-            return score(x, eval_y) if score is not None else {}
-        return evaluate_points(x, reference, gmm)
+@dataclass
+class Evaluation:
+    """The run's own evaluation: the EMA generator's samples at fixed noise (``seeded_noise(seed)``, what
+    ``dibregman eval --seed <seed>`` draws) scored against held-out data or the exact law."""
+    s: DistillState
+    reference: torch.Tensor  # data (or the teacher's samples, for a teacher that knows none), decoded
+    z: torch.Tensor
+    idx: torch.Tensor | None  # conditions, cycling
+    y: torch.Tensor | None  # what label accuracy (prompt adherence for text) is measured against
+    score: Callable[..., dict[str, float]] | None
+    gmm: Any
+    diagnose: Callable[[], dict[str, float]] | None
+    codec: Any
 
-    step, guard = 0, NonFiniteGuard(cfg.nonfinite)
+    @classmethod
+    def build(cls, s: DistillState) -> Evaluation:
+        cfg, teacher, conds = s.cfg, s.teacher, s.conds
+        n = eval_samples(cfg.eval_samples, teacher.shape)
+        reference = true_samples(teacher, n, cfg.seed + 2, split="test", classes=conds.num_classes)
+        if reference is None:
+            reference = teacher_samples(teacher, n, cfg.seed + 2, s.device, conds, decode=True).cpu()
+        idx = conds.cycle(n)
+        score = make_evaluator(teacher, reference, cfg.classifier) if len(teacher.shape) == 3 else None
+        gmm = exact_mixture(teacher)
+        return cls(s, reference, seeded_noise(cfg.seed, n, s.latent), idx, conds.classes(idx), score, gmm,
+                   variety_probe(gmm, s.c, cfg.seed) if gmm is not None else None, latent_codec(teacher))
 
-    def restore(state: dict, meta: dict) -> None:  # a missing or mistyped entry is damage (load_latest)
-        nonlocal step
-        for name, opt in c.optimizers.items():
-            opt.load_state_dict(entry(entry(state, "optimizers", dict, "state.pt"), name, dict, "state.pt"))
-        g.set_state(entry(state, "rng", torch.Tensor, "state.pt"))
-        torch.set_rng_state(entry(state, "torch_rng", torch.Tensor, "state.pt"))
-        step, guard.skipped = meta["step"], entry(meta, "nonfinite_skipped", int, "state.json", 0)
-        c.ema.num_updates = entry(meta, "ema_updates", int, "state.json")
+    @property
+    def images(self) -> bool:
+        return len(self.s.teacher.shape) == 3
 
-    loaded = load_latest(out / "checkpoints", c.modules(), lambda meta: _check_config(meta, cfg, out),
-                         restore) if resuming else None
-    if loaded is not None:
-        guard.resumed_from = loaded[0]  # a non-finite first step then says the checkpoint may be damaged
-    if main:
-        if resume:  # rows logged after the checkpoint (all of them, if none loaded) belong to no run now
-            for log in ("stats.jsonl", "metrics.jsonl"):
-                truncate_jsonl(out / log, step)
-        if loaded is not None:
-            print(f"resuming from {loaded[0]} (step {step})", file=sys.stderr)
-        write_json(out / "config.json", to_dict(cfg))
-
-    # Every process draws the global batch's randomness from g and keeps its slice: the same run with
-    # any number of processes (and with one, exactly the old single-process draws).
-    def draw(like: tuple[int, ...] = shape) -> torch.Tensor:
-        return torch.randn((bsz, *like), generator=g)[local].to(device)
-
-    def student_batch(y: torch.Tensor | None) -> torch.Tensor:
-        """A batch of the student's samples; a few-step student's after a random number of its steps (the
-        same on every process), the earlier ones without gradients (DMD2's backward simulation)."""
-        steps = c.generator.steps  # one step: no draw, so one-step runs keep their random stream
-        upto = int(torch.randint(steps, (1,), generator=g)) + 1 if steps > 1 else None
-        return c.generator(draw(latent), y, upto=upto)
-
-    def sigmas(sampler: SigmaSampler) -> torch.Tensor:
-        return sampler(bsz, g)[local].to(device)
-
-    def condition() -> torch.Tensor | None:  # uniform labels or prompts (no draw for an unconditional teacher)
-        idx = conds.draw(bsz, g)
-        return conds.lookup(idx[local], device) if idx is not None else None
-
-    def checkpoint() -> None:
-        state = {"optimizers": c.optimizer_state(), "rng": g.get_state(), "torch_rng": torch.get_rng_state()}
-        meta = {"config": to_dict(cfg), "nonfinite_skipped": guard.skipped, "ema_updates": c.ema.num_updates,
-                "student_sigmas": list(c.generator.sigmas), "teacher_fingerprint": teacher_digest}
-        if main:
-            save_checkpoint(out / "checkpoints", step, c.modules(), state, meta, cfg.keep_checkpoints)
-        dist.barrier()
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        if self.images:  # without a feature network an image run reports no numbers (make_evaluator said why)
+            return self.score(x, self.y) if self.score is not None else {}
+        return evaluate_points(x, self.reference, self.gmm)
 
     @torch.no_grad()
-    def sample_ema() -> torch.Tensor:
-        size = batch_for(latent)  # bounded activations for image networks
-        zs = eval_z.split(size)
-        ys = eval_idx.split(size) if eval_idx is not None else (None,) * len(zs)
-        xs = (c.ema.module(z.to(device), conds.lookup(y, device)) for z, y in zip(zs, ys, strict=True))
-        return torch.cat([(codec.decode(x) if codec is not None else x).cpu() for x in xs])
+    def sample(self) -> torch.Tensor:
+        """The EMA generator's samples of the evaluation noise, decoded, on the CPU (batches bounded in size)."""
+        s = self.s
+        zs = self.z.split(batch_for(s.latent))
+        ys = self.idx.split(batch_for(s.latent)) if self.idx is not None else (None,) * len(zs)
+        xs = (s.c.ema.module(z.to(s.device), s.conds.lookup(y, s.device)) for z, y in zip(zs, ys, strict=True))
+        return torch.cat([(self.codec.decode(x) if self.codec is not None else x).cpu() for x in xs])
 
-    stats = Stats(out / "stats.jsonl", write=main, tensorboard=out / "tensorboard" if cfg.tensorboard else None)
-    step_times: list[float] = []
-    show = (sys.stderr.isatty() if progress is None else progress) and main
-    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=f"distill {c.generator_loss.divergence.name}")
-    with deferred_signals() as interrupt:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            # Phase 1: K updates of the fake score (denoising student samples) and of the critic.
-            for _ in range(cfg.fake_score_steps):
-                y = condition()
-                with torch.no_grad(), amp:
-                    x = student_batch(y).float()
-                if c.generator_loss.mode == "score":  # the discriminator form never asks the fake score
-                    sigma = sigmas(c.fake_score_sigmas)
-                    with amp:
-                        loss = fake_score_loss(c.fake_score, x, sigma, draw(), y).float().mean()
-                    guard.step(c.optimizers["fake_score"], loss, c.fake_score, "fake_score", step + 1,
-                               cfg.grad_clip, out)
-                    stats.add({"loss/fake_score": loss})
-                if c.critic is not None:
-                    idx = torch.randint(len(pool), (bsz,), generator=g)[local].to(device)
-                    sigma = sigmas(c.generator_sigmas)
-                    y_pool = conds.lookup(pool_idx[idx.cpu()], device) if pool_idx is not None else None
-                    with amp:
-                        loss = critic_loss(c.critic, pool[idx], x, sigma, draw(), draw(), c.dre, y, y_pool)
-                        loss = loss.float().mean()
-                    guard.step(c.optimizers["critic"], loss, c.critic, "critic", step + 1, cfg.grad_clip, out)
-                    stats.add({"loss/critic": loss})
+    def during_training(self, step: int, _row: dict | None) -> dict | None:
+        """Every ``eval_every`` steps but the last (that one is the final table): a metrics row and a grid."""
+        cfg = self.s.cfg
+        if not dist.is_main() or step % cfg.eval_every or step >= cfg.steps:
+            return None
+        student = self.sample()
+        metrics = self(student)
+        append_jsonl(self.s.out / "metrics.jsonl", {"step": step, **metrics})
+        if self.images:  # a grid at fixed seeds (and labels) per evaluation
+            save_grid(self.s.out / "grids" / f"step-{step:08d}.png", student[:GRID],
+                      nrow=max(self.s.conds.num_classes, 8))
+        return {k: v for k, v in metrics.items() if k in ("mode_tv", "w1", "energy")}
 
-            # Phase 2: one generator update along omega(r) * (D_F - D_T).
-            if cfg.lr_schedule == "cosine":  # set from the step alone: a resumed run gets the same rates
-                for group in c.optimizers["generator"].param_groups:
-                    group["lr"] = cfg.lr_generator * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            y = condition()
-            with amp:
-                x = student_batch(y)
-                sigma = sigmas(c.generator_sigmas)
-                res = c.generator_loss(x, sigma, draw(), teacher, c.fake_score, c.critic, cond=y, bins=c.bins,
-                                       reduce_sum=dist.all_reduce_sum)
-                loss = res.loss.float().mean()
-                if pairs is not None:
-                    j = torch.randint(len(pairs[0]), (bsz,), generator=g)[local].to(device)
-                    y_reg = conds.lookup(pairs[2][j.cpu()], device) if pairs[2] is not None else None
-                    reg = regression_loss(c.generator.first_step, pairs[0][j], pairs[1][j], y_reg).float().mean()
-                    loss = loss + cfg.regression_weight * reg
-                    stats.add({"loss/regression": reg})
-            guard.step(c.optimizers["generator"], loss, c.generator, "generator", step + 1, cfg.grad_clip, out)
 
-            # Phase 3: EMA of the generator.
-            c.ema.update(c.generator)
-            step += 1
-            step_times.append(time.perf_counter() - t0)
-
-            # Phase 4: maintenance: stats (tensors, read once per log window), evaluation, checkpoints.
-            stats.add({"loss/generator": loss, "ratio/omega_mean": res.omega.mean(), "ratio/omega_min": res.omega.min(),
-                       "ratio/omega_max": res.omega.max(), "ratio/weight_mean": res.weight.mean(),
-                       "time/step_s": step_times[-1]})
-            if res.log_r is not None:
-                stats.add({"ratio/log_r_mean": res.log_r.mean(), "ratio/log_r_min": res.log_r.min(),
-                           "ratio/log_r_max": res.log_r.max()})
-            if diagnose is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                stats.add(diagnose())  # exact fake-score and ratio errors (every process: same numbers)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                stats.add({"nonfinite/skipped": guard.skipped})  # equal on every process: its mean is itself
-                stats.all_reduce()
-                stats.flush(step)
-            if main and step % cfg.eval_every == 0 and step < cfg.steps:  # the last one is in Finish
-                student = sample_ema()
-                metrics = evaluate(student)
-                append_jsonl(out / "metrics.jsonl", {"step": step, **metrics})
-                if images:  # a grid at fixed seeds (and labels) per evaluation
-                    save_grid(out / "grids" / f"step-{step:08d}.png", student[:GRID], nrow=max(num_classes, 8))
-                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("mode_tv", "w1", "energy")})
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint()
-            bar.update(1)
-            if dist.any_true(interrupt["signum"] is not None):  # SIGINT/SIGTERM: stop here, saved
-                if step % cfg.checkpoint_every != 0 and step != cfg.steps:
-                    checkpoint()
-                bar.close()
-                signum = interrupt["signum"] or signal.SIGTERM  # a process that saw none stops with the others
-                raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in "
-                                  f"{out / 'checkpoints'}; continue with --resume", signum)
-    bar.close()
-    stats.close()
-
-    # Finish (rank 0): the EMA generator, its samples beside the teacher's, a summary and the report.
-    if not main:
-        return out
-    info = {"teacher": cfg.teacher, "divergence": c.generator_loss.divergence.name, "shape": list(shape),
-            "num_classes": teacher.num_classes, "steps": step, "guidance": cfg.guidance}
+def _finish(s: DistillState, ev: Evaluation, step_times: list[float]) -> Path:
+    """Rank 0, after the last step: the EMA generator, its samples beside the teacher's, a summary, the report."""
+    cfg, teacher, conds, out = s.cfg, s.teacher, s.conds, s.out
+    info = {"teacher": cfg.teacher, "divergence": s.c.generator_loss.divergence.name, "shape": list(teacher.shape),
+            "num_classes": teacher.num_classes, "steps": s.step, "guidance": cfg.guidance}
     if conds.text:  # what `dibregman sample --prompt` needs to encode new prompts for this generator
         info["text"] = dict(teacher.text)
         info["class_names"] = list(getattr(teacher, "class_names", ()))
-    save_generator(out / "generator", c.ema.module, info, codec=codec)
+    save_generator(out / "generator", s.c.ema.module, info, codec=ev.codec)
     t0 = time.perf_counter()
-    student = sample_ema()
+    student = ev.sample()
     student_s = time.perf_counter() - t0
-    final = evaluate(student)
-    truncate_jsonl(out / "metrics.jsonl", step - 1)  # finishing again (a resumed finished run): one final row
-    append_jsonl(out / "metrics.jsonl", {"step": step, **final})
-    ref_teacher, teacher_s = reference_teacher_samples(teacher, cfg, device, conds)
+    final = ev(student)
+    truncate_jsonl(out / "metrics.jsonl", s.step - 1)  # finishing again (a resumed finished run): one final row
+    append_jsonl(out / "metrics.jsonl", {"step": s.step, **final})
+    ref_teacher, teacher_s = reference_teacher_samples(teacher, cfg, s.device, conds)
     with atomic_open(out / "samples.npz") as f:
-        extra = {"labels": eval_y.numpy()} if eval_y is not None else {}
-        np.savez(f, student=student.numpy(), teacher=ref_teacher.numpy(), data=reference.numpy(), **extra)
-    if images:
-        save_grid(out / "samples_student.png", student[:GRID], nrow=max(num_classes, 8))
-        save_grid(out / "samples_teacher.png", ref_teacher[:GRID], nrow=max(num_classes, 8))
+        extra = {"labels": ev.y.numpy()} if ev.y is not None else {}
+        np.savez(f, student=student.numpy(), teacher=ref_teacher.numpy(), data=ev.reference.numpy(), **extra)
+    if ev.images:
+        save_grid(out / "samples_student.png", student[:GRID], nrow=max(conds.num_classes, 8))
+        save_grid(out / "samples_teacher.png", ref_teacher[:GRID], nrow=max(conds.num_classes, 8))
     write_json(out / "summary.json", {
-        "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": c.generator.steps,
-        "eval_samples": n_eval,
-        "protocol": score.protocol if score is not None else None,
-        "teacher_metrics": evaluate(ref_teacher),
-        "step_time_s": statistics.median(step_times) if step_times else None, "nonfinite_skipped": guard.skipped,
+        "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": s.c.generator.steps,
+        "eval_samples": len(ev.z), "protocol": ev.score.protocol if ev.score is not None else None,
+        "teacher_metrics": ev(ref_teacher),
+        "step_time_s": statistics.median(step_times) if step_times else None, "nonfinite_skipped": s.guard.skipped,
         "student_sample_s": student_s, "teacher_sample_s": teacher_s})
     from ..report import write_run_report
 

@@ -20,22 +20,18 @@ an uninterrupted one on the same device.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import signal
-import sys
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from .. import dist
 from ..data.images import absolute_spec, is_image_spec, load_images
 from ..data.toy2d import load_points
 from ..grids import save_grid
-from ..io import write_json
 from ..losses import denoising_loss
 from ..nets.mlp import MLP
 from ..nets.text_unet import TextUNet
@@ -43,7 +39,6 @@ from ..nets.unet import UNet
 from ..precond import Precond
 from ..sampling import nfe, sample
 from ..schedules import LogNormal
-from ..stats import Stats, truncate_jsonl
 from ..teachers.diffusers import DiffusersDenoiser
 from ..teachers.latent import LatentCodec, load_codec, vae_sha256
 from ..teachers.trained import save_teacher
@@ -51,8 +46,34 @@ from ..text.encoder import BUILTIN, POOLED
 from ..text.prompts import TRAIN_TEMPLATES
 from .checkpoint import INTEGRITY, MANIFEST, entry, load_latest, save_checkpoint, write_manifest
 from .config import ConfigError, TeacherConfig, channel_mult, check_resumable, validate
+from .driver import RunDriver
 from .ema import EMA
-from .guard import Interrupted, NonFiniteGuard, deferred_signals, holds_run_lock, keeps_caller_rng, prepare_run_dir
+from .guard import NonFiniteGuard, holds_run_lock, keeps_caller_rng, prepare_run_dir
+
+
+@dataclass
+class _Data:
+    """The training set as the network sees it (latents for a latent teacher), and its conditions."""
+    points: torch.Tensor
+    labels: torch.Tensor | None  # None: unconditional
+    class_names: tuple[str, ...]
+    captions: torch.Tensor | None  # [templates, classes, length, dim]: a text teacher's
+    null_caption: torch.Tensor | None  # the dropped caption's states
+    codec: LatentCodec | None
+    sigma_data: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.points.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.labels is not None else 0
+
+    def to(self, device: torch.device) -> _Data:
+        move = (lambda t: t.to(device) if t is not None else None)  # noqa: E731
+        return dataclasses.replace(self, points=move(self.points), labels=move(self.labels),
+                                   captions=move(self.captions), null_caption=move(self.null_caption))
 
 
 @holds_run_lock
@@ -65,92 +86,20 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
     ``command`` (the CLI line) is recorded in ``teacher.json``."""
     validate(cfg)
     dist.init()  # under torchrun: every process draws the global batch from `gen` and keeps its slice
-    main = dist.is_main()
     device = dist.resolve_device(cfg.device)
     local = dist.local_slice(cfg.batch_size)
-
-    # Setup: everything below is drawn from `gen`, in this order, on every (re)start.
-    gen = torch.Generator().manual_seed(cfg.seed)
-    images = is_image_spec(cfg.data)
-    labels, class_names = None, ()
-    if images:  # bad data fails before the run folder is made
-        data = load_images(cfg.data)
-        points, class_names = data.images, data.class_names
-        if points.shape[2] != points.shape[3]:
-            raise ConfigError(f"{cfg.data} has {points.shape[2]}x{points.shape[3]} images; the U-Net takes square "
-                              "images: crop or resize them to one square size first")
-        halvings = len(channel_mult(cfg.channel_mult)) - 1  # each level after the first halves the resolution
-        res = points.shape[2]
-        if cfg.backbone != "sd3" and (res % 2**halvings or res < 2**halvings):
-            raise ConfigError(f"{cfg.data} has {res}x{res} images; a U-Net with channel_mult {cfg.channel_mult} halves "
-                              f"them {halvings} times, so their size must be a multiple of {2**halvings} (e.g. "
-                              f"{max(2**halvings, 8 * 2**halvings // 2)}): resize them, or use fewer levels "
-                              "(e.g. --channel-mult 1,2)")
-        labels = data.labels if cfg.conditional else None
-        if cfg.text_encoder and labels is None:
-            raise ConfigError(f"text_encoder = {cfg.text_encoder!r} captions the labels of {cfg.data}, which has none"
-                              + ("" if data.labels is None else " (conditional = false)"))
-        if (cfg.backbone == "sd3") != cfg.text_encoder.endswith(POOLED):
-            raise ConfigError("backbone = 'sd3' is caption-conditioned and takes a pooled text embedding beside the "
-                              f"token states: set text_encoder to minilm{POOLED} (or <folder>{POOLED}); the U-Net "
-                              f"takes the token states alone (no {POOLED})")
-        if cfg.vae and cfg.backbone != "sd3":
-            raise ConfigError("vae is for backbone = 'sd3' (a latent teacher is a diffusers transformer saved with its "
-                              "VAE); leave vae empty for a U-Net on pixels")
-        if cfg.backbone == "sd3" and cfg.hidden % 32:
-            raise ConfigError(f"backbone = 'sd3' uses 32-wide attention heads: hidden must be a multiple of 32; "
-                              f"got {cfg.hidden}")
-    elif cfg.text_encoder or cfg.vae or cfg.backbone != "auto":
-        raise ConfigError("text_encoder, vae and backbone = 'sd3' are for image teachers; leave them at their "
-                          "defaults for a point cloud")
-    else:
-        points = load_points(cfg.data, cfg.num_points, gen)
-    codec = _codec(cfg.vae, points) if cfg.vae else None
-    if codec is not None:  # a latent teacher: the images as the VAE's scaled latents (posterior means), once
-        points = codec.encode(points)
-    if cfg.backbone == "sd3" and points.shape[2] % cfg.patch_size:
-        raise ConfigError(f"patch_size {cfg.patch_size} does not divide the {points.shape[2]}x{points.shape[3]} "
-                          f"{'latents' if codec else 'images'}")
-    num_classes = len(class_names) if labels is not None else 0
-    captions, null_caption = _captions(cfg.text_encoder, class_names) if cfg.text_encoder else (None, None)
-    sigma_data = float(points.std())
-    if not sigma_data > 1e-6 or not math.isfinite(sigma_data):  # constant images or points (float rounding)
-        raise ConfigError(f"{cfg.data} has standard deviation {sigma_data:g} (every value the same, or beyond "
-                          "float32): "
-                          "a diffusion teacher needs data that varies; check the data")
+    gen = torch.Generator().manual_seed(cfg.seed)  # everything below is drawn from it, in this order
+    data = _load_data(cfg, gen)  # bad data fails before the run folder is made
     # process 0 makes and locks the folder; if it cannot, the others stop quietly (dist.PeerStopped)
     out = dist.on_main(lambda: prepare_run_dir(Path(cfg.out), resume), Path(cfg.out))
-    num, shape = len(points), tuple(points.shape[1:])
-    with torch.random.fork_rng(devices=[]):  # layers initialise from the global RNG: seed it from ours
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-        if cfg.backbone == "sd3":
-            net = _sd3_network(shape, captions.shape[-1], cfg, sigma_data)
-            backbone = net.backbone
-        else:
-            if captions is not None:
-                backbone = TextUNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
-                                    cfg.layers_per_block, text_dim=captions.shape[-1], text_length=captions.shape[-2])
-            elif images:
-                backbone = UNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
-                                cfg.layers_per_block, cfg.attention, num_classes)
-            else:
-                backbone = MLP(shape[0], cfg.hidden, cfg.depth)
-            net = Precond(backbone, sigma_data)
-    net.to(device).train()
-    if cfg.grad_checkpointing:
-        if not images:
-            raise ConfigError("grad_checkpointing is for U-Net teachers (image data); an MLP needs none")
-        backbone.unet.enable_gradient_checkpointing()
+    net = _network(cfg, data, gen).to(device).train()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    points = points.to(device)
-    labels = labels.to(device) if labels is not None else None
-    captions = captions.to(device) if captions is not None else None
-    null_caption = null_caption.to(device) if null_caption is not None else None
+    d = data.to(device)
     sigma_sampler = LogNormal(0.0, 1.0) if cfg.backbone == "sd3" else LogNormal()  # SD3's logit-normal t
     guard = NonFiniteGuard("strict", resume_hint=None)  # no skip mode for teachers
-
+    vae_sha = vae_sha256(cfg.vae) if d.codec is not None else None
     step = 0
 
     def restore(state: dict, meta: dict) -> None:  # a missing or mistyped entry is damage (load_latest)
@@ -158,8 +107,6 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         opt.load_state_dict(entry(state, "optimizer", dict, "state.pt"))
         gen.set_state(entry(state, "rng", torch.Tensor, "state.pt"))
         step, ema.num_updates = meta["step"], entry(meta, "ema_updates", int, "state.json")
-
-    vae_sha = vae_sha256(cfg.vae) if codec is not None else None
 
     def check(meta: dict) -> None:
         check_resumable(meta.get("config", {}), cfg, str(out))
@@ -171,91 +118,159 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
                          restore) if resume else None
     if loaded is not None:
         guard.resumed_from = loaded[0]
-        if main:
-            print(f"resuming from {loaded[0]} (step {step})", file=sys.stderr)
-    if main:
-        if resume:  # rows after the checkpoint (all, if none loaded) belong to no run now
-            truncate_jsonl(out / "stats.jsonl", step)
-        write_json(out / "config.json", asdict(cfg))
+    driver = RunDriver(out, cfg.steps, cfg.log_every, cfg.checkpoint_every, desc="teacher", progress=progress,
+                       tensorboard=cfg.tensorboard)
+    driver.begin(step, asdict(cfg), resume, loaded[0] if loaded is not None else None)
+
+    def update(at: int) -> None:
+        x, sigma, n, cond = _batch(cfg, d, gen, local, device, sigma_sampler)
+        with amp:
+            loss = denoising_loss(net, x, sigma, n, cond).float().mean()
+        guard.step(opt, loss, net, "teacher", at + 1, 0.0, out)
+        ema.update(net)
+        driver.stats.add({"loss/teacher": loss})
 
     def save(at: int) -> None:
-        if main:
+        if dist.is_main():
             save_checkpoint(out / "checkpoints", at, {"teacher": net, "ema": ema.module},
                             {"optimizer": opt.state_dict(), "rng": gen.get_state()},
                             {"config": asdict(cfg), "ema_updates": ema.num_updates,
                              **({"vae_sha256": vae_sha} if vae_sha else {})}, cfg.keep_checkpoints)
         dist.barrier()
 
-    stats = Stats(out / "stats.jsonl", write=main, tensorboard=out / "tensorboard" if cfg.tensorboard else None)
-    show = (sys.stderr.isatty() if progress is None else progress) and main
-    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc="teacher", dynamic_ncols=True)
-    with deferred_signals() as interrupt:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            idx = torch.randint(num, (cfg.batch_size,), generator=gen)[local].to(device)
-            sigma = sigma_sampler(cfg.batch_size, gen)[local]
-            n = torch.randn((cfg.batch_size, *shape), generator=gen)[local]
-            cond = None
-            if labels is not None:  # drop some labels to the "no label" class num_classes
-                drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout)[local].to(device)
-                cond = torch.where(drop, num_classes, labels[idx])
-                if captions is not None:  # a caption of each label, its template drawn; dropped: no text
-                    t = torch.randint(len(captions), (cfg.batch_size,), generator=gen)[local].to(device)
-                    cond = torch.where(drop[:, None, None], null_caption, captions[t, labels[idx]])
-            with amp:
-                loss = denoising_loss(net, points[idx], sigma.to(device), n.to(device), cond).float().mean()
-            guard.step(opt, loss, net, "teacher", step + 1, 0.0, out)
-            ema.update(net)
-            step += 1
-
-            # Maintenance: stats, checkpoints.
-            stats.add({"loss/teacher": loss, "time/step_s": time.perf_counter() - t0})
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                stats.all_reduce()
-                bar.set_postfix(loss=f"{stats.flush(step)['loss/teacher']:.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save(step)
-            if dist.any_true(interrupt["signum"] is not None):  # SIGINT/SIGTERM: stop here, saved
-                if step % cfg.checkpoint_every != 0 and step != cfg.steps:
-                    save(step)
-                bar.close()
-                signum = interrupt["signum"] or signal.SIGTERM  # a process that saw none stops with the others
-                raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in "
-                                  f"{out / 'checkpoints'}; continue with --resume", signum)
-    bar.close()
-    stats.close()
-    if not main:  # rank 0 evaluates and writes the teacher folder
+    driver.run(step, update, save, after=lambda _, row: {"loss": row["loss/teacher"]} if row else None)
+    if not dist.is_main():  # rank 0 evaluates and writes the teacher folder
         return out / "teacher"
+    return _write_teacher(cfg, out, ema.module, d, gen, device, command)
 
-    # Evaluation and the teacher folder (after the last checkpoint, so resume does not see its draws).
+
+def _batch(cfg: TeacherConfig, d: _Data, gen: torch.Generator, local: slice, device: torch.device,
+           sigma_sampler: LogNormal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One step's draws (this process's share): data, sigma, noise, and the condition with dropout."""
+    idx = torch.randint(len(d.points), (cfg.batch_size,), generator=gen)[local].to(device)
+    sigma = sigma_sampler(cfg.batch_size, gen)[local]
+    n = torch.randn((cfg.batch_size, *d.shape), generator=gen)[local]
+    cond = None
+    if d.labels is not None:  # drop some labels to the "no label" class num_classes
+        drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout)[local].to(device)
+        cond = torch.where(drop, d.num_classes, d.labels[idx])
+        if d.captions is not None:  # a caption of each label, its template drawn; dropped: no text
+            t = torch.randint(len(d.captions), (cfg.batch_size,), generator=gen)[local].to(device)
+            cond = torch.where(drop[:, None, None], d.null_caption, d.captions[t, d.labels[idx]])
+    return d.points[idx], sigma.to(device), n.to(device), cond
+
+
+def _load_data(cfg: TeacherConfig, gen: torch.Generator) -> _Data:
+    """The training set, checked against the config (every refusal before the run folder is made)."""
+    labels, class_names = None, ()
+    if is_image_spec(cfg.data):
+        data = load_images(cfg.data)
+        points, class_names = data.images, data.class_names
+        labels = data.labels if cfg.conditional else None
+        _check_images(cfg, points, data.labels, labels)
+    elif cfg.text_encoder or cfg.vae or cfg.backbone != "auto":
+        raise ConfigError("text_encoder, vae and backbone = 'sd3' are for image teachers; leave them at their "
+                          "defaults for a point cloud")
+    else:
+        points = load_points(cfg.data, cfg.num_points, gen)
+    codec = _codec(cfg.vae, points) if cfg.vae else None
+    if codec is not None:  # a latent teacher: the images as the VAE's scaled latents (posterior means), once
+        points = codec.encode(points)
+    if cfg.backbone == "sd3" and points.shape[2] % cfg.patch_size:
+        raise ConfigError(f"patch_size {cfg.patch_size} does not divide the {points.shape[2]}x{points.shape[3]} "
+                          f"{'latents' if codec else 'images'}")
+    captions, null_caption = _captions(cfg.text_encoder, class_names) if cfg.text_encoder else (None, None)
+    sigma_data = float(points.std())
+    if not sigma_data > 1e-6 or not math.isfinite(sigma_data):  # constant images or points (float rounding)
+        raise ConfigError(f"{cfg.data} has standard deviation {sigma_data:g} (every value the same, or beyond "
+                          "float32): "
+                          "a diffusion teacher needs data that varies; check the data")
+    return _Data(points, labels, tuple(class_names), captions, null_caption, codec, sigma_data)
+
+
+def _check_images(cfg: TeacherConfig, points: torch.Tensor, all_labels: torch.Tensor | None,
+                  labels: torch.Tensor | None) -> None:
+    if points.shape[2] != points.shape[3]:
+        raise ConfigError(f"{cfg.data} has {points.shape[2]}x{points.shape[3]} images; the U-Net takes square "
+                          "images: crop or resize them to one square size first")
+    halvings = len(channel_mult(cfg.channel_mult)) - 1  # each level after the first halves the resolution
+    res = points.shape[2]
+    if cfg.backbone != "sd3" and (res % 2**halvings or res < 2**halvings):
+        raise ConfigError(f"{cfg.data} has {res}x{res} images; a U-Net with channel_mult {cfg.channel_mult} halves "
+                          f"them {halvings} times, so their size must be a multiple of {2**halvings} (e.g. "
+                          f"{max(2**halvings, 8 * 2**halvings // 2)}): resize them, or use fewer levels "
+                          "(e.g. --channel-mult 1,2)")
+    if cfg.text_encoder and labels is None:
+        raise ConfigError(f"text_encoder = {cfg.text_encoder!r} captions the labels of {cfg.data}, which has none"
+                          + ("" if all_labels is None else " (conditional = false)"))
+    if (cfg.backbone == "sd3") != cfg.text_encoder.endswith(POOLED):
+        raise ConfigError("backbone = 'sd3' is caption-conditioned and takes a pooled text embedding beside the "
+                          f"token states: set text_encoder to minilm{POOLED} (or <folder>{POOLED}); the U-Net "
+                          f"takes the token states alone (no {POOLED})")
+    if cfg.vae and cfg.backbone != "sd3":
+        raise ConfigError("vae is for backbone = 'sd3' (a latent teacher is a diffusers transformer saved with its "
+                          "VAE); leave vae empty for a U-Net on pixels")
+    if cfg.backbone == "sd3" and cfg.hidden % 32:
+        raise ConfigError(f"backbone = 'sd3' uses 32-wide attention heads: hidden must be a multiple of 32; "
+                          f"got {cfg.hidden}")
+
+
+def _network(cfg: TeacherConfig, d: _Data, gen: torch.Generator) -> Precond | DiffusersDenoiser:
+    """The untrained teacher: an SD3 transformer, a text or class U-Net, or an MLP (by the data and config)."""
+    shape, images = d.shape, len(d.shape) == 3
+    with torch.random.fork_rng(devices=[]):  # layers initialise from the global RNG: seed it from ours
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        if cfg.backbone == "sd3":
+            net = _sd3_network(shape, d.captions.shape[-1], cfg, d.sigma_data)
+        else:
+            if d.captions is not None:
+                backbone = TextUNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
+                                    cfg.layers_per_block, text_dim=d.captions.shape[-1],
+                                    text_length=d.captions.shape[-2])
+            elif images:
+                backbone = UNet(shape[0], shape[1], cfg.base_channels, channel_mult(cfg.channel_mult),
+                                cfg.layers_per_block, cfg.attention, d.num_classes)
+            else:
+                backbone = MLP(shape[0], cfg.hidden, cfg.depth)
+            net = Precond(backbone, d.sigma_data)
+    if cfg.grad_checkpointing:
+        if not images:
+            raise ConfigError("grad_checkpointing is for U-Net teachers (image data); an MLP needs none")
+        net.backbone.unet.enable_gradient_checkpointing()
+    return net
+
+
+def _write_teacher(cfg: TeacherConfig, out: Path, net: Precond | DiffusersDenoiser, d: _Data, gen: torch.Generator,
+                   device: torch.device, command: str | None) -> Path:
+    """Evaluation and the teacher folder (after the last checkpoint, so resume does not see its draws)."""
     # a data file is recorded by absolute path: the teacher is distilled from other working directories
     data = str(Path(cfg.data).resolve()) if Path(cfg.data).suffix in (".npy", ".csv") else absolute_spec(cfg.data)
-    meta = {"data": data, "shape": list(shape), "train_config": asdict(cfg)}
+    meta = {"data": data, "shape": list(d.shape), "train_config": asdict(cfg)}
+    images = len(d.shape) == 3
     if images:
-        meta["class_names"] = list(class_names) if num_classes else []
+        meta["class_names"] = list(d.class_names) if d.num_classes else []
         grid_cond = None  # a text teacher's grid: the first template's caption of each class
-        if captions is not None:
-            grid_cond = captions[0, torch.arange(cfg.eval_samples, device=device) % num_classes]
-        grid = _image_samples(ema.module, shape, num_classes, gen, cfg.eval_samples, device, grid_cond)
-        if codec is not None:
-            grid = codec.decode(grid)
-        if captions is not None:
+        if d.captions is not None:
+            grid_cond = d.captions[0, torch.arange(cfg.eval_samples, device=device) % d.num_classes]
+        grid = _image_samples(net, d.shape, d.num_classes, gen, cfg.eval_samples, device, grid_cond)
+        if d.codec is not None:
+            grid = d.codec.decode(grid)
+        if d.captions is not None:
             encoder = cfg.text_encoder.removesuffix(POOLED)
             if encoder not in BUILTIN:  # a folder by absolute path: distilled from other directories
                 encoder = str(Path(encoder).resolve())
             meta["text"] = {"encoder": encoder + (POOLED if cfg.text_encoder.endswith(POOLED) else ""),
-                            "length": _text_length(cfg.text_encoder, captions), "templates": list(TRAIN_TEMPLATES)}
+                            "length": _text_length(cfg.text_encoder, d.captions), "templates": list(TRAIN_TEMPLATES)}
         meta["metrics"] = {"eval_nfe": nfe("heun", 18)}
     else:
-        meta["metrics"] = _evaluate(ema.module, points, gen, cfg.eval_samples)
+        meta["metrics"] = _evaluate(net, d.points, gen, cfg.eval_samples)
     if command is not None:
         meta["command"] = command
     meta[INTEGRITY] = MANIFEST  # checksums of the files a distillation loads, verified there (checkpoint.py)
-    folder = save_teacher(out / "teacher", ema.module, meta, codec=codec)
+    folder = save_teacher(out / "teacher", net, meta, codec=d.codec)
     write_manifest(folder, ["model.safetensors", "teacher.json"])  # teacher.json pins vae/'s own manifest
     if images:
-        save_grid(folder / "samples.png", grid, nrow=max(num_classes, 8))
+        save_grid(folder / "samples.png", grid, nrow=max(d.num_classes, 8))
     return folder
 
 
