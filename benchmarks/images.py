@@ -36,9 +36,9 @@ from toy_family import fmt, write_docs  # noqa: E402
 
 import dibregman as db  # noqa: E402
 from dibregman.artifacts import load_generator  # noqa: E402
+from dibregman.metrics.classifier import ClassifierFeatures, shipped_classifier  # noqa: E402
 from dibregman.metrics.fid import fd_from_features, kid, precision_recall  # noqa: E402
 from dibregman.teachers import load_teacher  # noqa: E402
-from dibregman.train.classifier import ClassifierFeatures, shipped_classifier  # noqa: E402
 from dibregman.train.components import balanced_labels, teacher_samples, true_samples  # noqa: E402
 
 

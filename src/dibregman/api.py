@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import dist
 from .artifacts import load_codec_of, load_generator
 from .metrics.toy import evaluate
 from .sampling import batch_for, seeded_noise
@@ -52,7 +53,12 @@ def distill(config: DistillConfig | None = None, *, preset: str | None = None, r
     elif teacher is not None:
         obj = teacher
     cfg = _layered(DistillConfig, config, preset, options)
-    return _distill(cfg, resume=resume, progress=progress, teacher=obj)
+    run = _distill(cfg, resume=resume, progress=progress, teacher=obj)
+    if dist.is_main():  # the report reads the finished run's files (report.py sits above the training layer)
+        from .report import write_run_report  # matplotlib: imported when a report is written
+
+        write_run_report(run)
+    return run
 
 
 def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = None, resume: bool = False,
@@ -233,8 +239,6 @@ def compare(divergences: list[str], out: str | Path, *, preset: str | None = Non
         folder = out / name.replace(":", "_")
         runs[name] = distill(preset=preset, resume=resume, progress=progress, divergence=name, out=str(folder),
                              **options)
-    from . import dist
-
     if not dist.is_main():  # under torchrun, rank 0 compares and reports
         return [], runs
     cfg = json.loads((runs[divergences[0]] / "config.json").read_text())

@@ -12,14 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .generator import Generator
-from .io import atomic_save_safetensors, read_tagged_json, write_json
-from .nets import arch_of as nets_arch_of
-from .nets import build_backbone, image_shape
-from .precond import Precond
-from .teachers.diffusers import ARCH_KIND as DIFFUSERS_KIND
-from .teachers.diffusers import DiffusersDenoiser
-from .teachers.latent import VAE_FOLDER, LatentCodec, load_pinned_vae, save_pinned_vae
-from .train.checkpoint import (
+from .integrity import (
     INTEGRITY,
     MANIFEST,
     CheckpointError,
@@ -28,6 +21,13 @@ from .train.checkpoint import (
     verify_manifest,
     write_manifest,
 )
+from .io import atomic_save_safetensors, read_tagged_json, write_json
+from .nets import arch_of as nets_arch_of
+from .nets import build_backbone, image_shape
+from .precond import Precond
+from .teachers.diffusers import ARCH_KIND as DIFFUSERS_KIND
+from .teachers.diffusers import DiffusersDenoiser
+from .teachers.latent import VAE_FOLDER, LatentCodec, load_pinned_vae, save_pinned_vae
 
 FORMAT = "dibregman-generator"
 _REMAKE = "re-create it with `dibregman distill --resume` on its run folder (it rewrites generator/)"

@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     """The console entry point: a user error (bad option, file or folder; full disk; a non-finite run)
     prints one ``dibregman: error: ...`` line and exits with 2; ``DIBREGMAN_TRACEBACK=1`` re-raises."""
     from .dist import PeerStopped, reports
-    from .train.checkpoint import CheckpointError
+    from .integrity import CheckpointError
     from .train.guard import NonFiniteError
 
     try:

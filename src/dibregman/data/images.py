@@ -20,7 +20,6 @@ naming the package or file and the command that provides it; a malformed one rai
 
 from __future__ import annotations
 
-import codecs
 import gzip
 import io
 import os
@@ -34,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..safe_pickle import UnsafePickleError, latin1_bytes, numpy_globals
 
 Tensor = torch.Tensor
 
@@ -185,26 +186,6 @@ def digits() -> ImageSet:
 # CIFAR-10 python batches (pickles, loaded without running any code they name)
 
 
-def _numpy_globals() -> dict[str, Callable[..., Any]]:
-    """The callables numpy's own array pickles name, under numpy 1 or 2 module paths."""
-    try:
-        from numpy._core import multiarray, numeric  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    return {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar, "_frombuffer": numeric._frombuffer}
-
-
-def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """What Python 3 pickles bytes as under protocol <= 2 (``_codecs.encode(text, 'latin1')``), and nothing more."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
-    return codecs.encode(text, "latin1")
-
-
-class UnsafePickleError(ValueError):
-    """A pickle names a global outside the allowed few; nothing it names has been imported or called."""
-
-
 class _SafeUnpickler(pickle.Unpickler):
     """Resolves only the globals a dict of lists, bytes and numpy arrays needs; anything else (``os.system``,
     ``builtins.eval``, a user class) is refused before it is even imported."""
@@ -212,8 +193,8 @@ class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
         super().__init__(file, encoding="bytes")  # the originals are Python 2 pickles with str (bytes) keys
         self.path = path
-        npg = _numpy_globals()
-        self.allowed: dict[tuple[str, str], Any] = {("_codecs", "encode"): _latin1_bytes,
+        npg = numpy_globals()
+        self.allowed: dict[tuple[str, str], Any] = {("_codecs", "encode"): latin1_bytes,
                                                     ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
         for prefix in ("numpy.core", "numpy._core"):
             for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")):

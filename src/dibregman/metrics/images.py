@@ -109,7 +109,7 @@ class ImageEvaluator:
         protocols = []
         self.classifier = None
         if classifier_folder is not None:
-            from ..train.classifier import ClassifierFeatures
+            from .classifier import ClassifierFeatures
 
             self.classifier = ClassifierFeatures.load(classifier_folder)
             self.parts.append(("", self.classifier, self.classifier(reference)))
@@ -168,7 +168,7 @@ def resolve_classifier(spec: str, data_spec: str | None) -> Path | None:
         return None
     if spec != "auto":
         return Path(spec)
-    from ..train.classifier import shipped_classifier
+    from .classifier import shipped_classifier
 
     return shipped_classifier((data_spec or "").split(":")[0])
 

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.images import UnsafePickleError, _latin1_bytes, _numpy_globals
 from ..nets.edm_unet import SongUNet
 from ..precond import Precond
+from ..safe_pickle import UnsafePickleError, latin1_bytes, numpy_globals
 from .trained import META_FILE, WEIGHTS_FILE, NetworkTeacher, save_teacher
 from .trained import load_teacher as load_folder
 
@@ -152,12 +152,12 @@ def _allowed() -> dict[tuple[str, str], Callable[..., Any]]:
         ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
         ("builtins", "bytearray"): bytearray,
         ("dnnlib.util", "EasyDict"): _PlainDict,
-        ("_codecs", "encode"): _latin1_bytes,  # how protocol <= 2 pickles bytes (storages), latin-1 only
+        ("_codecs", "encode"): latin1_bytes,  # how protocol <= 2 pickles bytes (storages), latin-1 only
         ("numpy", "dtype"): np.dtype, ("numpy", "ndarray"): np.ndarray,
     }
     for name in ("ModuleDict", "ModuleList", "Sequential"):
         allowed["torch.nn.modules.container", name] = _container(name)
-    npg = _numpy_globals()
+    npg = numpy_globals()
     for prefix in ("numpy.core", "numpy._core"):  # pickles written under numpy 1 or 2
         for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")):
             allowed[f"{prefix}.{module}", name] = npg[name]

@@ -91,7 +91,7 @@ def save_pinned_vae(codec: LatentCodec, folder: str | Path, dtype: torch.dtype =
     JSON (``teacher.json``, ``generator.json``) records to pin this VAE."""
     import shutil
 
-    from ..train.checkpoint import MANIFEST, file_sha256, write_manifest
+    from ..integrity import MANIFEST, file_sha256, write_manifest
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def save_pinned_vae(codec: LatentCodec, folder: str | Path, dtype: torch.dtype =
 def load_pinned_vae(vae: str | Path, sha256: Any, owner: str, record: str) -> LatentCodec:
     """The VAE in folder ``vae``, checked against its manifest and that manifest against ``sha256`` (what
     ``record``, the JSON file of ``owner`` that pins it, holds); a ``CheckpointError`` says which check failed."""
-    from ..train.checkpoint import MANIFEST, CheckpointError, file_sha256, verify_manifest
+    from ..integrity import MANIFEST, CheckpointError, file_sha256, verify_manifest
 
     vae = Path(vae)
     if not vae.is_dir() or not verify_manifest(vae, ("config.json",), what="VAE folder"):
@@ -122,7 +122,7 @@ def vae_sha256(folder: str | Path) -> str:
     """One SHA-256 over a VAE folder's config and weights (what a resumed latent teacher run checks)."""
     import hashlib
 
-    from ..train.checkpoint import file_sha256
+    from ..integrity import file_sha256
 
     folder = Path(folder)
     names = ["config.json", *sorted(p.name for p in folder.glob("*.safetensors"))]

@@ -158,7 +158,7 @@ def _load_diffusers_teacher(folder: Path, doc: dict[str, Any]) -> DiffusersTeach
     _load_weights(net, folder / WEIGHTS_FILE, meta_path)
     codec = None
     if "vae_manifest_sha256" in doc or (folder / VAE_FOLDER).exists():
-        from ..train.checkpoint import CheckpointError
+        from ..integrity import CheckpointError
 
         try:
             codec = load_pinned_vae(folder / VAE_FOLDER, doc.get("vae_manifest_sha256"), "this teacher", META_FILE)
@@ -216,7 +216,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _load_weights(net: Precond, weights_path: Path, meta_path: Path) -> None:
-    from ..train.checkpoint import CheckpointError, load_module
+    from ..integrity import CheckpointError, load_module
 
     try:
         load_module(net, weights_path, hint=f"the arch in {META_FILE} describes another network (files copied "

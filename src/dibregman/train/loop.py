@@ -18,6 +18,7 @@ import torch
 from .. import dist
 from ..artifacts import save_generator
 from ..grids import save_grid
+from ..integrity import CheckpointError
 from ..io import atomic_open, write_json
 from ..metrics.images import make_evaluator
 from ..metrics.toy import evaluate as evaluate_points
@@ -25,7 +26,7 @@ from ..sampling import batch_for, seeded_noise
 from ..stats import append_jsonl, truncate_jsonl
 from ..teachers import Teacher, check_teacher, exact_mixture, latent_codec, load_teacher
 from ..teachers.objects import fingerprint, object_spec
-from .checkpoint import CheckpointError, check_any, list_checkpoints, load_latest, read_meta, save_checkpoint
+from .checkpoint import check_any, list_checkpoints, load_latest, read_meta, save_checkpoint
 from .components import (
     generator_loss,
     noise_range,
@@ -95,8 +96,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     into a one-step (or ``student_steps``-step) generator; returns the run folder.
 
     The folder gets ``config.json``, ``stats.jsonl``, ``metrics.jsonl``, ``checkpoints/``, and at the end
-    ``generator/``, ``samples.npz``, ``summary.json`` and ``report.md``. ``resume=True`` continues from
-    the newest valid checkpoint, bit-identically on CPU.
+    ``generator/``, ``samples.npz`` and ``summary.json`` (``db.distill`` adds the report, ``report.py``).
+    ``resume=True`` continues from the newest valid checkpoint, bit-identically on CPU.
     """
     validate(cfg)
     if teacher is not None:  # checked before anything is made; recorded by name, its fingerprint below
@@ -229,7 +230,7 @@ class Evaluation:
 
 
 def _finish(s: DistillState, ev: Evaluation, step_times: list[float]) -> Path:
-    """Rank 0, after the last step: the EMA generator, its samples beside the teacher's, a summary, the report."""
+    """Rank 0, after the last step: the EMA generator, its samples beside the teacher's, a summary."""
     cfg, teacher, conds, out = s.cfg, s.teacher, s.conds, s.out
     info = {"teacher": cfg.teacher, "divergence": s.c.generator_loss.divergence.name, "shape": list(teacher.shape),
             "num_classes": teacher.num_classes, "steps": s.step, "guidance": cfg.guidance}
@@ -256,7 +257,4 @@ def _finish(s: DistillState, ev: Evaluation, step_times: list[float]) -> Path:
         "teacher_metrics": ev(ref_teacher),
         "step_time_s": statistics.median(step_times) if step_times else None, "nonfinite_skipped": s.guard.skipped,
         "student_sample_s": student_s, "teacher_sample_s": teacher_s})
-    from ..report import write_run_report
-
-    write_run_report(out)
     return out

@@ -32,6 +32,7 @@ from .. import dist
 from ..data.images import absolute_spec, is_image_spec, load_images
 from ..data.toy2d import load_points
 from ..grids import save_grid
+from ..integrity import INTEGRITY, MANIFEST, write_manifest
 from ..losses import denoising_loss
 from ..nets.mlp import MLP
 from ..nets.text_unet import TextUNet
@@ -44,7 +45,7 @@ from ..teachers.latent import LatentCodec, load_codec, vae_sha256
 from ..teachers.trained import save_teacher
 from ..text.encoder import BUILTIN, POOLED
 from ..text.prompts import TRAIN_TEMPLATES
-from .checkpoint import INTEGRITY, MANIFEST, entry, load_latest, save_checkpoint, write_manifest
+from .checkpoint import entry, load_latest, save_checkpoint
 from .config import ConfigError, TeacherConfig, channel_mult, check_resumable, validate
 from .driver import RunDriver
 from .ema import EMA
