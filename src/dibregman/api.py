@@ -20,10 +20,11 @@ from .artifacts import load_codec_of, load_generator
 from .metrics.toy import evaluate
 from .sampling import batch_for, seeded_noise
 from .teachers import Teacher, check_teacher, exact_mixture, load_teacher
+from .teachers.objects import object_spec
 from .text.prompts import PromptSet
 from .train.components import balanced_labels, teacher_samples, true_samples
 from .train.conditions import Conditions, conditions_for
-from .train.config import ConfigError, DistillConfig, TeacherConfig, eval_samples, resolve
+from .train.config import ConfigError, DistillConfig, TeacherConfig, eval_samples, resolve, validate
 from .train.loop import distill as _distill
 
 Tensor = torch.Tensor
@@ -35,6 +36,9 @@ def _layered(cls: type, config: Any, preset: str | None, options: dict[str, Any]
     """A config object already holds every field, so a preset beside it would be silently overridden."""
     if config is not None and preset is not None:
         raise ConfigError("pass either a config object or a preset, not both (a config sets every option)")
+    if config is not None and not options:  # as it is (checked once: a config validated before is not again)
+        validate(config)
+        return config
     base = dataclasses.asdict(config) if config is not None else {}
     return resolve(cls, preset=preset, overrides={**base, **options})
 
@@ -52,6 +56,7 @@ def distill(config: DistillConfig | None = None, *, preset: str | None = None, r
         options["teacher"] = teacher
     elif teacher is not None:
         obj = teacher
+        options["teacher"] = object_spec(obj)  # what the run records; the object is checked by the loop
     cfg = _layered(DistillConfig, config, preset, options)
     run = _distill(cfg, resume=resume, progress=progress, teacher=obj)
     if dist.is_main():  # the report reads the finished run's files (report.py sits above the training layer)

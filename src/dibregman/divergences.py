@@ -171,9 +171,12 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
     if not arg:
         return name, {}
     try:
-        return name, {"alpha": float(arg)}
+        alpha = float(arg)
     except ValueError:
         raise ValueError(f"divergence parameter in {spec!r} must be a number, e.g. 'power:0.5'") from None
+    if not math.isfinite(alpha):
+        raise ValueError(f"the parameter of {spec!r} must be a finite number, e.g. 'power:0.5'")
+    return name, {"alpha": alpha}
 
 
 def get_divergence(spec: str | Divergence | Fn) -> Divergence:

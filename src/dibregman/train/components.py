@@ -26,7 +26,7 @@ from ..schedules import KarrasUniform, LogNormal
 from ..teachers import Teacher, latent_codec
 from ..teachers.objects import weights_digest
 from .conditions import Conditions
-from .config import ConfigError, DistillConfig, divergence_from_spec, eval_samples
+from .config import ConfigError, DistillConfig, eval_samples, resolved_divergence
 from .ema import EMA
 
 Tensor = torch.Tensor
@@ -218,7 +218,7 @@ def noise_range(cfg: DistillConfig, teacher: Teacher) -> tuple[float, float]:
 def generator_loss(cfg: DistillConfig) -> GeneratorLoss:
     """The generator's update as ``cfg`` sets it (``.needs_critic`` says whether a critic is trained)."""
     return GeneratorLoss(
-        divergence_from_spec(cfg.divergence), weighting=cfg.weighting,
+        resolved_divergence(cfg), weighting=cfg.weighting,
         log_r_clip=(math.log(cfg.r_clip_min), math.log(cfg.r_clip_max)), normalize=cfg.omega_normalize,
         gan_weight=cfg.gan_weight, mode=cfg.generator_mode)
 
@@ -272,7 +272,7 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     if cfg.omega_normalize == "bins":
         bins = OmegaBinNormalizer(sigma_min, sigma_max).to(device)
     return Components(generator, fake_score, critic, EMA(generator, cfg.ema_decay), opts, gen_loss,
-                      divergence_from_spec(cfg.critic_loss), bins, gsig,
+                      resolved_divergence(cfg, "critic_loss"), bins, gsig,
                       LogNormal(cfg.fake_score_p_mean, cfg.fake_score_p_std))
 
 

@@ -259,8 +259,35 @@ def coerce(cls: type, key: str, value: Any) -> Any:
     return out
 
 
+_CHECKED = "_dibregman_checked"  # attribute of a validated config: (its values then, its resolved divergences)
+
+
 def validate(cfg: DistillConfig | TeacherConfig) -> None:
+    """Check every option of ``cfg`` (a ``ConfigError`` names the first bad one) and resolve its divergence specs.
+
+    Once per config: the CLI, the API and the loop each call this, and a config whose values have not changed
+    since it passed is not checked again (a changed field is)."""
     d = asdict(cfg)
+    if getattr(cfg, _CHECKED, (None,))[0] == d:
+        return
+    _check(cfg, d)
+    divergences = {}
+    if isinstance(cfg, DistillConfig):
+        for key in ("divergence", "critic_loss"):
+            try:
+                divergences[key] = divergence_from_spec(getattr(cfg, key), (cfg.r_clip_min, cfg.r_clip_max))
+            except ValueError as e:
+                raise ConfigError(f"option {key!r}: {e}") from None
+    object.__setattr__(cfg, _CHECKED, (d, divergences))
+
+
+def resolved_divergence(cfg: DistillConfig, key: str = "divergence") -> Divergence:
+    """The ``Divergence`` that ``cfg.<key>`` (``divergence`` or ``critic_loss``) names, parsed once by ``validate``."""
+    validate(cfg)
+    return getattr(cfg, _CHECKED)[1][key]
+
+
+def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:
     for key, value in d.items():
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"option {key!r} must be one of {', '.join(_CHOICES[key])}; got {value!r}")
@@ -301,11 +328,6 @@ def validate(cfg: DistillConfig | TeacherConfig) -> None:
                               f"[{cfg.r_clip_min}, {cfg.r_clip_max}]")
         if min(cfg.gan_weight, cfg.regression_weight, cfg.grad_clip, cfg.fit_steps, cfg.guidance) < 0:
             raise ConfigError("gan_weight, regression_weight, grad_clip, fit_steps and guidance must be >= 0")
-        for key in ("divergence", "critic_loss"):
-            try:
-                divergence_from_spec(getattr(cfg, key), (cfg.r_clip_min, cfg.r_clip_max))
-            except ValueError as e:
-                raise ConfigError(f"option {key!r}: {e}") from None
 
 
 MAX_SEED = 2**40
@@ -357,12 +379,9 @@ def divergence_from_spec(spec: str, clip: tuple[float, float] = (0.1, 20.0)) -> 
     Either is checked on a dense grid of ratios over ``clip`` (the run's ``[r_clip_min, r_clip_max]``):
     its weight ``omega = h''(r) r`` must be finite in float32, >= 0 (``h`` convex) and not 0 everywhere, and
     its density-ratio loss finite (as a critic loss); a ``h`` that raises is a ValueError naming it."""
-    from ..divergences import from_h, get_divergence, parse_spec
+    from ..divergences import from_h, get_divergence
 
     if not spec.startswith("py:"):
-        params = parse_spec(spec)[1]
-        if any(not math.isfinite(v) for v in params.values()):
-            raise ValueError(f"the parameter of {spec!r} must be a finite number, e.g. 'power:0.5'")
         return _checked(get_divergence(spec), spec, clip)
     from ..plugins import load_callable
 

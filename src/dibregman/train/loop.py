@@ -99,9 +99,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     ``generator/``, ``samples.npz`` and ``summary.json`` (``db.distill`` adds the report, ``report.py``).
     ``resume=True`` continues from the newest valid checkpoint, bit-identically on CPU.
     """
-    validate(cfg)
     if teacher is not None:  # checked before anything is made; recorded by name, its fingerprint below
-        cfg = dataclasses.replace(cfg, teacher=object_spec(check_teacher(teacher)))
+        spec = object_spec(check_teacher(teacher))
+        cfg = cfg if cfg.teacher == spec else dataclasses.replace(cfg, teacher=spec)
+    validate(cfg)  # once: a config the CLI or the API validated is not checked again
     dist.init()  # under torchrun: join the process group; rank 0 alone writes files
     device = dist.resolve_device(cfg.device)
     # a bad teacher fails before the run folder is made
