@@ -85,6 +85,10 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
     "precision": "fp32, or bf16 (autocast of the forward passes; weights and optimisers stay fp32)",
     "grad_checkpointing": "U-Nets: recompute activations in backward, less memory, more time; true or false",
+    "lora_rank": "0: train full copies of the teacher; R >= 1: the generator and the fake score are rank-R LoRA "
+                 "adapters (peft) on the teacher's own frozen weights, one network in memory instead of three; "
+                 "needs a network teacher",
+    "lora_alpha": "LoRA scale numerator: adapters add (lora_alpha / lora_rank) B A; number >= 0, 0 = lora_rank",
     "tensorboard": "also write the stats as TensorBoard scalars to <out>/tensorboard; true or false",
     "log_every": "steps per line of stats.jsonl (values averaged over the window); integer >= 1",
     "eval_every": "steps between evaluations written to metrics.jsonl (the final one is always written); "

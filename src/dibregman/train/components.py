@@ -174,14 +174,20 @@ class Components:
     bins: OmegaBinNormalizer | None
     generator_sigmas: KarrasUniform
     fake_score_sigmas: LogNormal
+    shared: frozenset[int] | None = None  # LoRA: the teacher's tensors under the adapters, never checkpointed
 
     def modules(self) -> dict[str, nn.Module]:
+        """What a checkpoint holds (under LoRA: each module's tensors but the shared teacher weights)."""
         mods: dict[str, nn.Module] = {"generator": self.generator, "fake_score": self.fake_score,
                                       "ema": self.ema.module}
         if self.critic is not None:
             mods["critic"] = self.critic
         if self.bins is not None:
             mods["omega_bins"] = self.bins
+        if self.shared is not None:
+            from ..lora import WithoutShared
+
+            mods = {name: WithoutShared(m, self.shared) for name, m in mods.items()}
         return mods
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -255,8 +261,16 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     """Generator and fake score start as copies of ``base`` (the teacher's network, or its fit)."""
     # copies of a teacher's network: trainable whatever the teacher's own flags were
     sigmas = resolved_student_sigmas(cfg, teacher)
-    generator = Generator.from_teacher(base, cfg.sigma_g, sigmas).to(device).requires_grad_(True).train()
-    fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
+    shared = None
+    if cfg.lora_rank:  # two adapter sets on the teacher's own frozen weights (lora.py)
+        from ..lora import lora_copy, tensor_ids
+
+        shared = tensor_ids(base)
+        generator = Generator(lora_copy(base, cfg.lora_rank, cfg.lora_alpha), cfg.sigma_g, sigmas).to(device).train()
+        fake_score = lora_copy(base, cfg.lora_rank, cfg.lora_alpha).to(device).train()
+    else:
+        generator = Generator.from_teacher(base, cfg.sigma_g, sigmas).to(device).requires_grad_(True).train()
+        fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
     sigma_min, sigma_max = noise_range(cfg, teacher)
     gsig = KarrasUniform(sigma_min, sigma_max, cfg.generator_t_min, cfg.generator_t_max)
     gen_loss = generator_loss(cfg)
@@ -264,16 +278,22 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     if gen_loss.needs_critic:
         critic = _critic(cfg.critic_head, teacher, base, fake_score, cfg).to(device)
     betas = (cfg.beta1, cfg.beta2)
-    opts = {"generator": _adam(generator.parameters(), cfg.lr_generator, betas, device),
-            "fake_score": _adam(fake_score.parameters(), cfg.lr_fake_score, betas, device)}
+    opts = {"generator": _adam(_trainable(generator), cfg.lr_generator, betas, device),
+            "fake_score": _adam(_trainable(fake_score), cfg.lr_fake_score, betas, device)}
     if critic is not None:
-        opts["critic"] = _adam(critic.parameters(), cfg.lr_critic, betas, device)
+        opts["critic"] = _adam(_trainable(critic), cfg.lr_critic, betas, device)
     bins = None
     if cfg.omega_normalize == "bins":
         bins = OmegaBinNormalizer(sigma_min, sigma_max).to(device)
-    return Components(generator, fake_score, critic, EMA(generator, cfg.ema_decay), opts, gen_loss,
+    ema = EMA(generator, cfg.ema_decay, share=base.buffers() if shared is not None else ())
+    return Components(generator, fake_score, critic, ema, opts, gen_loss,
                       resolved_divergence(cfg, "critic_loss"), bins, gsig,
-                      LogNormal(cfg.fake_score_p_mean, cfg.fake_score_p_std))
+                      LogNormal(cfg.fake_score_p_mean, cfg.fake_score_p_std), shared)
+
+
+def _trainable(net: nn.Module) -> list[nn.Parameter]:
+    """What an optimiser steps: all of a fully trained network, the adapters of a LoRA one."""
+    return [p for p in net.parameters() if p.requires_grad]
 
 
 DIAGNOSTIC_STUDENTS, DIAGNOSTIC_QUERIES = 8192, 1024  # the students define q; the queries probe it

@@ -85,6 +85,8 @@ class DistillConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward passes; weights and optimisers stay fp32)
     grad_checkpointing: bool = False  # U-Nets: recompute activations in backward (less memory, more time)
+    lora_rank: int = 0  # > 0: generator and fake score are LoRA adapters of this rank on the frozen teacher
+    lora_alpha: float = 0.0  # the adapters' scale is lora_alpha / lora_rank; 0 = lora_rank (scale 1)
     tensorboard: bool = False  # also write the stats as TensorBoard scalars to <out>/tensorboard
     log_every: int = 25
     eval_every: int = 500
@@ -328,10 +330,13 @@ def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:
                               f"[{cfg.r_clip_min}, {cfg.r_clip_max}]")
         if min(cfg.gan_weight, cfg.regression_weight, cfg.grad_clip, cfg.fit_steps, cfg.guidance) < 0:
             raise ConfigError("gan_weight, regression_weight, grad_clip, fit_steps and guidance must be >= 0")
+        if cfg.lora_rank < 0 or cfg.lora_alpha < 0:
+            raise ConfigError(f"lora_rank and lora_alpha must be >= 0 (0: full fine-tuning, and alpha = rank); got "
+                              f"{cfg.lora_rank}, {cfg.lora_alpha}")
 
 
 MAX_SEED = 2**40
-_MAX_INT = {"batch_size": 2**20, "eval_samples": 10**7, "teacher_pool": 10**7, "num_points": 10**8,
+_MAX_INT = {"batch_size": 2**20, "lora_rank": 4096, "eval_samples": 10**7, "teacher_pool": 10**7, "num_points": 10**8,
             "fake_score_steps": 1000, "student_steps": 16,
             "hidden": 2**16, "depth": MAX_REPEATS, "base_channels": 4096, "layers_per_block": 64}
 
@@ -489,7 +494,7 @@ RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_samples", "chec
 # What a run computed before each of these options existed (its checkpoint has no entry for it): resuming it
 # with another value would change the run, e.g. continue a one-step run as a two-step one
 LEGACY = {"student_steps": 1, "student_sigma_min": 0.0, "regression_weight": 0.0, "lr_schedule": "constant",
-          "backbone": "auto", "vae": "", "patch_size": 1}
+          "backbone": "auto", "vae": "", "patch_size": 1, "lora_rank": 0, "lora_alpha": 0.0}
 
 
 def check_resumable(saved: dict[str, Any], cfg: Any, where: str) -> None:

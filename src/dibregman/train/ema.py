@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -13,21 +14,27 @@ class EMA:
 
     ``d = min(decay, (1 + t) / (10 + t))`` after ``t`` updates: without this warm-up a short run's
     average stays dominated by the random initialisation (with decay 0.999, 37% of it after 1000 steps).
-    Buffers are copied, not averaged.
+    Buffers are copied, not averaged. Frozen parameters (``requires_grad`` off: the shared teacher weights
+    under a LoRA adapter) never change, so the copy shares them instead of holding its own.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True,
+                 share: Iterable[torch.Tensor] = ()):
         self.decay, self.warmup, self.num_updates = float(decay), warmup, 0
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        memo = {id(t): t for t in share}  # also shared: ``share`` (a LoRA base's buffers, say)
+        memo.update({id(p): p for p in model.parameters() if not p.requires_grad})
+        self.module = copy.deepcopy(model, memo=memo).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         t = self.num_updates
         d = min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
         for e, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1 - d)
+            if e is not p:
+                e.lerp_(p.detach(), 1 - d)
         for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
-            e.copy_(b)
+            if e is not b:
+                e.copy_(b)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -218,5 +218,5 @@ def _finite(net: nn.Module) -> bool:
     # in float64 no sum of float32 values overflows (a norm would, for large finite weights). MPS has no float64:
     # there, isfinite per tensor
     checks = [torch.isfinite(p).all() if p.device.type == "mps" else torch.isfinite(p.sum(dtype=torch.float64))
-              for p in net.parameters()]
+              for p in net.parameters() if p.requires_grad]  # a frozen weight cannot have changed
     return bool(torch.stack(checks).all()) if checks else True

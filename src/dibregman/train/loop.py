@@ -160,6 +160,16 @@ def _checked_conditions(cfg: DistillConfig, teacher: Teacher, device: torch.devi
             conds.for_classes(torch.arange(max(conds.num_classes, 1)))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.lora_rank and teacher.network is None:
+        raise ConfigError(f"lora_rank puts adapters on the teacher's network; {cfg.teacher} has none (an analytic "
+                          "teacher's students start from a small fitted MLP: train it fully, lora_rank = 0)")
+    if cfg.lora_rank:
+        from ..lora import require_peft
+
+        try:
+            require_peft()
+        except ImportError as e:
+            raise ConfigError(str(e)) from None
     if len(teacher.shape) == 3 and teacher.network is None:  # only point teachers get a fitted MLP instead
         raise ConfigError(f"{cfg.teacher} is an image teacher without a network for the students to start from; "
                           "distill a teacher trained with `dibregman train-teacher` (net:<folder>) or a diffusers "
@@ -238,7 +248,12 @@ def _finish(s: DistillState, ev: Evaluation, step_times: list[float]) -> Path:
     if conds.text:  # what `dibregman sample --prompt` needs to encode new prompts for this generator
         info["text"] = dict(teacher.text)
         info["class_names"] = list(getattr(teacher, "class_names", ()))
-    save_generator(out / "generator", s.c.ema.module, info, codec=ev.codec)
+    ema = s.c.ema.module
+    if s.c.shared is not None:  # a LoRA student is saved as the plain network, its adapters merged in
+        from ..lora import merged
+
+        ema = merged(ema)
+    save_generator(out / "generator", ema, info, codec=ev.codec)
     t0 = time.perf_counter()
     student = ev.sample()
     student_s = time.perf_counter() - t0

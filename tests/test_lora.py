@@ -1,0 +1,99 @@
+"""LoRA students (``lora_rank``): two adapter sets on the teacher's own frozen weights, checkpoints of the
+adapters alone, exact resume, and a saved generator that is the plain network with its adapters merged."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import dibregman as db
+from dibregman.artifacts import load_generator
+from dibregman.assets import shipped
+from dibregman.lora import WithoutShared, lora_copy, merged, tensor_ids
+from dibregman.teachers import load_teacher
+from dibregman.tiny import sd3_pipeline, sd_pipeline
+from dibregman.train.checkpoint import list_checkpoints
+from dibregman.train.config import ConfigError
+
+TEACHER = f"net:{shipped('fashion-mnist', 'teacher')}"
+OPTS = {"preset": "tiny-images", "teacher": TEACHER, "classifier": "none", "lora_rank": 4, "progress": False}
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(6 * 16, 5))
+
+
+def test_a_lora_copy_shares_the_frozen_weights_starts_equal_and_merges_back():
+    base = _net().requires_grad_(False)
+    net = lora_copy(base, rank=2)
+    shared = tensor_ids(base)
+    assert shared <= tensor_ids(net)  # the base's tensors themselves, no copy
+    assert all(p.requires_grad == (id(p) not in shared) for p in net.parameters())
+    x = torch.randn(3, 2, 4, 4)
+    assert torch.equal(net(x), base(x))  # B = 0: the copy starts as the base
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    assert not torch.allclose(net(x), base(x))
+    full = merged(net)
+    assert torch.allclose(full(x), net(x), atol=1e-5)
+    assert [type(m) for m in full.modules()] == [type(m) for m in base.modules()]  # the plain module tree
+    assert not tensor_ids(full) & shared  # its own weights: merging never wrote into the base
+    view = WithoutShared(net, shared)
+    assert set(view.state_dict()) == {k for k in net.state_dict() if "lora_" in k}
+    with pytest.raises(RuntimeError, match="expected the tensors"):
+        view.load_state_dict({})
+
+
+def test_a_lora_run_checkpoints_adapters_resumes_exactly_and_saves_a_plain_generator(tmp_path):
+    teacher = load_teacher(TEACHER)
+    before = {k: v.clone() for k, v in teacher.network.state_dict().items()}
+    whole = db.distill(out=str(tmp_path / "whole"), **OPTS)
+    part = db.distill(out=str(tmp_path / "part"), **{**OPTS, "steps": 2})
+    shutil.rmtree(part / "generator")
+    part = db.distill(out=str(tmp_path / "part"), resume=True, **OPTS)
+    last = list_checkpoints(whole / "checkpoints")[-1]
+    for name in ("generator", "fake_score", "ema", "critic"):
+        a = load_file(last / f"{name}.safetensors")
+        b = load_file(part / "checkpoints" / last.name / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        if name != "critic":  # adapters only: none of the teacher's weights, every adapter
+            assert a and all("lora_" in k for k in a), name
+    size = sum(v.numel() for v in load_file(last / "generator.safetensors").values())
+    assert size < 0.15 * sum(v.numel() for v in before.values())
+    # the run never wrote into the teacher it shares
+    assert all(torch.equal(before[k], v) for k, v in load_teacher(TEACHER).network.state_dict().items())
+    gen, _ = load_generator(whole)  # the plain network, adapters merged
+    own = gen.denoiser.state_dict()
+    assert own.keys() == before.keys()  # the teacher's module tree, no adapter left
+    assert any(not torch.equal(own[k], before[k]) for k in before)  # the adapters' change, folded in
+    x = db.sample(whole, 4, seed=0)
+    assert x.shape == (4, 1, 28, 28) and torch.isfinite(x).all()
+
+
+def test_lora_is_refused_where_there_is_no_network_to_adapt(tmp_path):
+    with pytest.raises(ConfigError, match="lora_rank puts adapters on the teacher's network"):
+        db.distill(preset="tiny", lora_rank=4, out=str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="lora_rank and lora_alpha must be >= 0"):
+        db.distill(preset="tiny", lora_rank=-1, out=str(tmp_path / "run"), progress=False)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_lora_students_of_diffusers_u_nets_and_transformers(tmp_path, family):
+    folder = (sd_pipeline if family == "sd" else sd3_pipeline)(tmp_path / family)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    run = db.distill(preset="tiny-images", teacher=f"diffusers:{folder}", prompts=str(prompts), lora_rank=2,
+                     out=str(tmp_path / "run"), progress=False, classifier="none", critic_data="teacher",
+                     teacher_pool=16)
+    ema = load_file(list_checkpoints(run / "checkpoints")[-1] / "ema.safetensors")
+    assert ema and all("lora_" in k for k in ema)
+    x = db.sample(run, 2, prompts=["a red square"])
+    assert torch.isfinite(x).all()
