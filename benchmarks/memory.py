@@ -10,8 +10,8 @@ distillation itself adds: networks, optimiser states, activations) and the whole
 is present, ``torch.cuda.max_memory_allocated`` too. Two teachers: the image preset's (the shipped
 Fashion-MNIST U-Net, 1.0M parameters) and a larger U-Net of the same family (``--large-channels``; 128 gives
 16.7M parameters) with untrained weights, which changes nothing about memory or time. The recipe is the
-``fashion-mnist`` distill preset's, at the batch sizes asked for. Results go to docs/benchmarks.md between the
-``memory`` markers.
+``fashion-mnist`` distill preset's, at the batch sizes asked for. With ``--write-docs`` the table replaces the one in
+docs/benchmarks.md between the ``memory`` markers.
 """
 
 from __future__ import annotations
@@ -95,11 +95,13 @@ def main() -> None:
     p.add_argument("--large-channels", type=int, default=128, help="base channels of the larger U-Net; 0: skip it")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16")
     p.add_argument("--batch-sizes", default="32", help="comma-separated global batch sizes (the preset's is 32)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute U-Net activations in every row")
+    p.add_argument("--grad-checkpointing", default="no", choices=("no", "yes", "both"),
+                   help="recompute U-Net activations: in no row, every row, or both ways")
     p.add_argument("--teachers", default="preset,large", help="which teachers: preset, large, or both")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--write-docs", action="store_true",
+                   help="replace the table in docs/benchmarks.md (its rows may come from several invocations)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -117,16 +119,18 @@ def main() -> None:
             teachers["larger U-Net"] = large_teacher(Path(tmp) / "large",
                                                                                   args.large_channels)
         for name, teacher in teachers.items():
-            for precision, batch in ((p, int(b)) for p in args.precisions.split(",")
-                                     for b in args.batch_sizes.split(",")):
+            checkpointing = {"no": (False,), "yes": (True,), "both": (False, True)}[args.grad_checkpointing]
+            for precision, batch, ckpt in ((p, int(b), c) for p in args.precisions.split(",")
+                                           for b in args.batch_sizes.split(",") for c in checkpointing):
                 for rank in ranks:
                     spec = {"teacher": teacher, "rank": rank, "precision": precision, "steps": args.steps,
                             "threads": args.threads, "device": args.device, "batch_size": batch,
-                            "grad_checkpointing": args.grad_checkpointing}
+                            "grad_checkpointing": ckpt}
                     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=True,
                                           capture_output=True, text=True)
                     result = json.loads(done.stdout.strip().splitlines()[-1])
-                    rows.append({"teacher": name, "precision": precision, "batch": batch, "rank": rank, **result})
+                    rows.append({"teacher": name, "precision": precision, "batch": batch, "ckpt": ckpt, "rank": rank,
+                                 **result})
                     print(json.dumps(rows[-1]), file=sys.stderr)
     lines = ["## Memory and step time: full fine-tuning vs LoRA (`benchmarks/memory.py`)\n",
              f"Command: `python benchmarks/memory.py {' '.join(sys.argv[1:])}`. Machine: {os.cpu_count()} CPU cores "
@@ -137,19 +141,20 @@ def main() -> None:
              "(networks, optimiser states, activations of the run) and, of it, what the state holds once built "
              "(the networks, before optimiser states and activations); ratios to full fine-tuning of the same "
              "teacher, precision and batch.\n",
-             "| teacher (params) | precision | batch | LoRA rank | trainable params | built (MiB) | peak above "
-             "teacher (MiB) | ratio | s/iter | ratio |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| teacher (params) | precision | batch | grad ckpt | LoRA rank | trainable params | built (MiB) | "
+             "peak above teacher (MiB) | ratio | s/iter | ratio |",
+             "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        full = next(x for x in rows if (x["teacher"], x["precision"], x["batch"], x["rank"])
-                    == (r["teacher"], r["precision"], r["batch"], 0))
+        full = next(x for x in rows if (x["teacher"], x["precision"], x["batch"], x["ckpt"], x["rank"])
+                    == (r["teacher"], r["precision"], r["batch"], r["ckpt"], 0))
         mem, step = r["peak_above_teacher_mib"], r["s_per_iter"]
         lines.append(f"| {r['teacher']} ({r['teacher_params'] / 1e6:.1f}M) | {r['precision']} | {r['batch']} | "
-                     f"{r['rank'] or 'full'} | {r['trainable_params']:,} | {r['built_mib']:.0f} | {mem:.0f} | "
+                     f"{'yes' if r['ckpt'] else 'no'} | {r['rank'] or 'full'} | {r['trainable_params']:,} | "
+                     f"{r['built_mib']:.0f} | {mem:.0f} | "
                      f"{mem / full['peak_above_teacher_mib']:.2f} | {step:.3f} | {step / full['s_per_iter']:.2f} |")
     text = "\n".join(lines)
     print(text)
-    if not args.no_docs:
+    if args.write_docs:
         from toy_family import write_docs
 
         write_docs(text, marker="memory")

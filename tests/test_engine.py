@@ -74,6 +74,7 @@ def test_a_non_finite_teacher_stops_the_step_that_meets_it(tmp_path):
 def test_a_cli_run_validates_its_config_once_and_parses_each_divergence_spec_once(tmp_path, monkeypatch):
     checks, parses = [], collections.Counter()
     real_check, real_parse = config_mod._check, divergences_mod.parse_spec
+    monkeypatch.setattr(config_mod, "_VALIDATED", collections.OrderedDict())  # no config passed before this test
     monkeypatch.setattr(config_mod, "_check", lambda cfg, d: (checks.append(type(cfg).__name__), real_check(cfg, d)))
     monkeypatch.setattr(divergences_mod, "parse_spec", lambda spec: (parses.update([spec]), real_parse(spec))[1])
     monkeypatch.setattr("dibregman.report.write_run_report", lambda run: None)  # the report re-reads the run

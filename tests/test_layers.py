@@ -17,7 +17,7 @@ ROOT = Path(dibregman.__file__).parent
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"io", "integrity", "safe_pickle", "dist", "plugins", "assets"}),
     ("math", {"schedules", "precond", "divergences", "ratio", "losses", "sampling"}),
-    ("models", {"nets", "teachers", "generator", "text", "pipeline"}),
+    ("models", {"nets", "teachers", "generator", "text", "pipeline", "lora"}),
     ("data and measures", {"data", "grids", "stats", "metrics"}),
     ("artefacts", {"artifacts"}),
     ("training", {"train"}),

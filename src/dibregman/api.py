@@ -24,7 +24,7 @@ from .teachers.objects import object_spec
 from .text.prompts import PromptSet
 from .train.components import balanced_labels, teacher_samples, true_samples
 from .train.conditions import Conditions, conditions_for
-from .train.config import ConfigError, DistillConfig, TeacherConfig, eval_samples, resolve, validate
+from .train.config import ConfigError, DistillConfig, TeacherConfig, eval_samples, resolve
 from .train.loop import distill as _distill
 
 Tensor = torch.Tensor
@@ -36,9 +36,6 @@ def _layered(cls: type, config: Any, preset: str | None, options: dict[str, Any]
     """A config object already holds every field, so a preset beside it would be silently overridden."""
     if config is not None and preset is not None:
         raise ConfigError("pass either a config object or a preset, not both (a config sets every option)")
-    if config is not None and not options:  # as it is (checked once: a config validated before is not again)
-        validate(config)
-        return config
     base = dataclasses.asdict(config) if config is not None else {}
     return resolve(cls, preset=preset, overrides={**base, **options})
 
@@ -58,12 +55,15 @@ def distill(config: DistillConfig | None = None, *, preset: str | None = None, r
         obj = teacher
         options["teacher"] = object_spec(obj)  # what the run records; the object is checked by the loop
     cfg = _layered(DistillConfig, config, preset, options)
-    run = _distill(cfg, resume=resume, progress=progress, teacher=obj)
-    if dist.is_main():  # the report reads the finished run's files (report.py sits above the training layer)
-        from .report import write_run_report  # matplotlib: imported when a report is written
+    return _distill(cfg, resume=resume, progress=progress, teacher=obj, on_finish=_report)
 
-        write_run_report(run)
-    return run
+
+def _report(run: Path) -> None:
+    """The run's report, from its finished files (``report.py`` sits above the training layer, so the loop is
+    handed this instead of importing it; matplotlib loads only here)."""
+    from .report import write_run_report
+
+    write_run_report(run)
 
 
 def train_teacher(config: TeacherConfig | None = None, *, preset: str | None = None, resume: bool = False,

@@ -6,6 +6,7 @@ Every value is checked before any work starts; a bad one raises ``ConfigError`` 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import math
@@ -261,32 +262,46 @@ def coerce(cls: type, key: str, value: Any) -> Any:
     return out
 
 
-_CHECKED = "_dibregman_checked"  # attribute of a validated config: (its values then, its resolved divergences)
+_VALIDATED: collections.OrderedDict[tuple, dict[str, Divergence]] = collections.OrderedDict()  # newest last
+_VALIDATED_KEEP = 16
+
+
+def _values(cfg: DistillConfig | TeacherConfig) -> tuple:
+    return (type(cfg).__name__, *sorted(asdict(cfg).items()))
 
 
 def validate(cfg: DistillConfig | TeacherConfig) -> None:
     """Check every option of ``cfg`` (a ``ConfigError`` names the first bad one) and resolve its divergence specs.
 
-    Once per config: the CLI, the API and the loop each call this, and a config whose values have not changed
-    since it passed is not checked again (a changed field is)."""
-    d = asdict(cfg)
-    if getattr(cfg, _CHECKED, (None,))[0] == d:
+    Once per config: the CLI, the API and the loop each call this, and values that passed before are not
+    checked again (a pure function of the values: configs equal to one that passed pass). A ``py:`` divergence
+    is imported again each time: the user's file may have changed."""
+    key = _values(cfg)
+    if key in _VALIDATED:
+        _VALIDATED.move_to_end(key)
         return
-    _check(cfg, d)
+    _check(cfg, asdict(cfg))
     divergences = {}
     if isinstance(cfg, DistillConfig):
-        for key in ("divergence", "critic_loss"):
+        for name in ("divergence", "critic_loss"):
             try:
-                divergences[key] = divergence_from_spec(getattr(cfg, key), (cfg.r_clip_min, cfg.r_clip_max))
+                divergences[name] = divergence_from_spec(getattr(cfg, name), (cfg.r_clip_min, cfg.r_clip_max))
             except ValueError as e:
-                raise ConfigError(f"option {key!r}: {e}") from None
-    object.__setattr__(cfg, _CHECKED, (d, divergences))
+                raise ConfigError(f"option {name!r}: {e}") from None
+        if any(spec.startswith("py:") for spec in (cfg.divergence, cfg.critic_loss)):
+            return
+    _VALIDATED[key] = divergences
+    while len(_VALIDATED) > _VALIDATED_KEEP:
+        _VALIDATED.popitem(last=False)
 
 
 def resolved_divergence(cfg: DistillConfig, key: str = "divergence") -> Divergence:
     """The ``Divergence`` that ``cfg.<key>`` (``divergence`` or ``critic_loss``) names, parsed once by ``validate``."""
     validate(cfg)
-    return getattr(cfg, _CHECKED)[1][key]
+    found = _VALIDATED.get(_values(cfg))
+    if found is None:  # a py: member (never kept) or one pushed out of the cache
+        return divergence_from_spec(getattr(cfg, key), (cfg.r_clip_min, cfg.r_clip_max))
+    return found[key]
 
 
 def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:

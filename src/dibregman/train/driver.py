@@ -46,39 +46,47 @@ class RunDriver:
         write_json(self.out / "config.json", config)
 
     def run(self, step: int, update: Callable[[int], None], save: Callable[[int], None], *,
-            before_log: Callable[[int], dict] | None = None,
+            extra: Callable[[int, bool], dict] | None = None,
             after: Callable[[int, dict | None], dict | None] | None = None) -> int:
-        """Steps from ``step``; returns the last. ``update(step)`` trains one step and adds its stats;
-        ``before_log(step)`` gives extra stats for a log row; ``after(step, row)`` (``row``: the written stats
-        row, or None) may return values for the progress bar."""
+        """Steps from ``step``; returns the last. ``update(step)`` trains one step and adds its stats (timed);
+        ``extra(step, logging)`` gives stats measured outside the timing (``logging``: this step writes a row);
+        ``save(step)`` writes a checkpoint (called on process 0, the others wait for it); ``after(step, row)``
+        (``row``: the written stats row, or None) may return values for the progress bar."""
         bar = tqdm(total=self.steps, initial=step, disable=not self.show, desc=self.desc, dynamic_ncols=True)
-        with deferred_signals() as interrupt:
-            while step < self.steps:
-                t0 = time.perf_counter()
-                update(step)
-                step += 1
-                self.step_times.append(time.perf_counter() - t0)
-                self.stats.add({"time/step_s": self.step_times[-1]})
-                row = None
-                if step % self.log_every == 0 or step == self.steps:
-                    if before_log is not None:
-                        self.stats.add(before_log(step))
-                    self.stats.all_reduce()
-                    row = self.stats.flush(step)
-                shown = after(step, row) if after is not None else None
-                if shown:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
-                if step % self.checkpoint_every == 0 or step == self.steps:
-                    save(step)
-                bar.update(1)
-                if dist.any_true(interrupt["signum"] is not None):  # stop here, saved
-                    if step % self.checkpoint_every != 0 and step != self.steps:
-                        save(step)
-                    bar.close()
-                    self.stats.close()
-                    signum = interrupt["signum"] or signal.SIGTERM  # a process that saw none stops with the others
-                    raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in "
-                                      f"{self.out / 'checkpoints'}; continue with --resume", signum)
-        bar.close()
-        self.stats.close()
+
+        def checkpoint(at: int) -> None:
+            if self.main:
+                save(at)
+            dist.barrier()
+
+        try:
+            with deferred_signals() as interrupt:
+                while step < self.steps:
+                    t0 = time.perf_counter()
+                    update(step)
+                    step += 1
+                    self.step_times.append(time.perf_counter() - t0)
+                    self.stats.add({"time/step_s": self.step_times[-1]})
+                    logging = step % self.log_every == 0 or step == self.steps
+                    if extra is not None:
+                        self.stats.add(extra(step, logging))
+                    row = None
+                    if logging:
+                        self.stats.all_reduce()
+                        row = self.stats.flush(step)
+                    shown = after(step, row) if after is not None else None
+                    if shown:
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+                    if step % self.checkpoint_every == 0 or step == self.steps:
+                        checkpoint(step)
+                    bar.update(1)
+                    if dist.any_true(interrupt["signum"] is not None):  # stop here, saved
+                        if step % self.checkpoint_every != 0 and step != self.steps:
+                            checkpoint(step)
+                        signum = interrupt["signum"] or signal.SIGTERM  # a process that saw none stops too
+                        raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in "
+                                          f"{self.out / 'checkpoints'}; continue with --resume", signum)
+        finally:
+            bar.close()
+            self.stats.close()
         return step

@@ -91,12 +91,13 @@ def _check_levels(out: Path, levels: tuple[float, ...]) -> None:
 @holds_run_lock
 @keeps_caller_rng
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = None,
-            teacher: Teacher | None = None) -> Path:
+            teacher: Teacher | None = None, on_finish: Callable[[Path], None] | None = None) -> Path:
     """Distill ``cfg.teacher`` (or the object ``teacher``, which the run records as ``object:<name>``)
     into a one-step (or ``student_steps``-step) generator; returns the run folder.
 
     The folder gets ``config.json``, ``stats.jsonl``, ``metrics.jsonl``, ``checkpoints/``, and at the end
-    ``generator/``, ``samples.npz`` and ``summary.json`` (``db.distill`` adds the report, ``report.py``).
+    ``generator/``, ``samples.npz`` and ``summary.json``; then ``on_finish(folder)`` runs on process 0 before
+    the folder's lock is released (``db.distill`` writes the report there, ``report.py``).
     ``resume=True`` continues from the newest valid checkpoint, bit-identically on CPU.
     """
     if teacher is not None:  # checked before anything is made; recorded by name, its fingerprint below
@@ -131,17 +132,23 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     def update(_: int) -> None:
         for record in distill_step(s).logs:
             driver.stats.add(record)
-        if ev.diagnose is not None and (s.step % cfg.eval_every == 0 or s.step == cfg.steps):
-            driver.stats.add(ev.diagnose())  # exact fake-score and ratio errors (every process: same numbers)
+
+    def extra(step: int, logging: bool) -> dict:
+        values = {"nonfinite/skipped": s.guard.skipped} if logging else {}  # equal on every process
+        if ev.diagnose is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            values.update(ev.diagnose())  # exact fake-score and ratio errors (every process: same numbers)
+        return values
 
     def save(step: int) -> None:
-        if dist.is_main():
-            save_checkpoint(out / "checkpoints", step, s.c.modules(), *s.checkpoint(), cfg.keep_checkpoints)
-        dist.barrier()
+        save_checkpoint(out / "checkpoints", step, s.c.modules(), *s.checkpoint(), cfg.keep_checkpoints)
 
-    driver.run(s.step, update, save, after=ev.during_training,
-               before_log=lambda _: {"nonfinite/skipped": s.guard.skipped})  # equal on every process
-    return _finish(s, ev, driver.step_times) if dist.is_main() else out
+    driver.run(s.step, update, save, extra=extra, after=ev.during_training)
+    if not dist.is_main():
+        return out
+    _finish(s, ev, driver.step_times)
+    if on_finish is not None:  # still holding the run folder's lock
+        on_finish(out)
+    return out
 
 
 def _checked_conditions(cfg: DistillConfig, teacher: Teacher, device: torch.device) -> Conditions:
@@ -160,12 +167,13 @@ def _checked_conditions(cfg: DistillConfig, teacher: Teacher, device: torch.devi
             conds.for_classes(torch.arange(max(conds.num_classes, 1)))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if cfg.lora_rank and teacher.network is None:
-        raise ConfigError(f"lora_rank puts adapters on the teacher's network; {cfg.teacher} has none (an analytic "
-                          "teacher's students start from a small fitted MLP: train it fully, lora_rank = 0)")
     if cfg.lora_rank:
         from ..lora import require_peft
 
+        if teacher.network is None:
+            raise ConfigError(f"lora_rank puts adapters on the teacher's network; {cfg.teacher} has none (an "
+                              "analytic teacher's students start from a small fitted MLP: train it fully, "
+                              "lora_rank = 0)")
         try:
             require_peft()
         except ImportError as e:
@@ -218,12 +226,14 @@ class Evaluation:
         return evaluate_points(x, self.reference, self.gmm)
 
     @torch.no_grad()
-    def sample(self) -> torch.Tensor:
-        """The EMA generator's samples of the evaluation noise, decoded, on the CPU (batches bounded in size)."""
+    def sample(self, generator: torch.nn.Module | None = None) -> torch.Tensor:
+        """``generator``'s (by default the EMA's) samples of the evaluation noise, decoded, on the CPU (batches
+        bounded in size)."""
         s = self.s
+        generator = s.c.ema.module if generator is None else generator
         zs = self.z.split(batch_for(s.latent))
         ys = self.idx.split(batch_for(s.latent)) if self.idx is not None else (None,) * len(zs)
-        xs = (s.c.ema.module(z.to(s.device), s.conds.lookup(y, s.device)) for z, y in zip(zs, ys, strict=True))
+        xs = (generator(z.to(s.device), s.conds.lookup(y, s.device)) for z, y in zip(zs, ys, strict=True))
         return torch.cat([(self.codec.decode(x) if self.codec is not None else x).cpu() for x in xs])
 
     def during_training(self, step: int, _row: dict | None) -> dict | None:
@@ -249,13 +259,13 @@ def _finish(s: DistillState, ev: Evaluation, step_times: list[float]) -> Path:
         info["text"] = dict(teacher.text)
         info["class_names"] = list(getattr(teacher, "class_names", ()))
     ema = s.c.ema.module
-    if s.c.shared is not None:  # a LoRA student is saved as the plain network, its adapters merged in
+    if s.c.shared is not None:  # a LoRA student is the plain network, its adapters merged in: saved and scored
         from ..lora import merged
 
         ema = merged(ema)
     save_generator(out / "generator", ema, info, codec=ev.codec)
     t0 = time.perf_counter()
-    student = ev.sample()
+    student = ev.sample(ema)
     student_s = time.perf_counter() - t0
     final = ev(student)
     truncate_jsonl(out / "metrics.jsonl", s.step - 1)  # finishing again (a resumed finished run): one final row

@@ -132,12 +132,10 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         driver.stats.add({"loss/teacher": loss})
 
     def save(at: int) -> None:
-        if dist.is_main():
-            save_checkpoint(out / "checkpoints", at, {"teacher": net, "ema": ema.module},
-                            {"optimizer": opt.state_dict(), "rng": gen.get_state()},
-                            {"config": asdict(cfg), "ema_updates": ema.num_updates,
-                             **({"vae_sha256": vae_sha} if vae_sha else {})}, cfg.keep_checkpoints)
-        dist.barrier()
+        save_checkpoint(out / "checkpoints", at, {"teacher": net, "ema": ema.module},
+                        {"optimizer": opt.state_dict(), "rng": gen.get_state()},
+                        {"config": asdict(cfg), "ema_updates": ema.num_updates,
+                         **({"vae_sha256": vae_sha} if vae_sha else {})}, cfg.keep_checkpoints)
 
     driver.run(step, update, save, after=lambda _, row: {"loss": row["loss/teacher"]} if row else None)
     if not dist.is_main():  # rank 0 evaluates and writes the teacher folder
