@@ -98,6 +98,12 @@ def throughput(teacher, student_folder: Path, device: str, batch: int = 250, rep
     return {"student_img_s": s, "teacher_img_s": t, "speedup": s / t}
 
 
+
+def _peak(values: list) -> str:
+    """The largest peak RSS of a member's runs, or "-" where none was measured (a run cached before)."""
+    known = [v for v in values if v]
+    return f"{max(known):.0f}" if known else "-"
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="net:fashion-mnist")
@@ -171,7 +177,7 @@ def main() -> None:
                      **{k: fmt([per_run[d, s][k] for s in seeds]) for k in metrics},
                      "img_s": f"{speed['student_img_s']:.1f}",
                      "step_time_s": fmt([runs[d, s]["step_time_s"] for s in seeds]),
-                     "peak_rss_mb": f"{max(runs[d, s].get('peak_rss_mb', 0) for s in seeds):.0f}"})
+                     "peak_rss_mb": _peak([runs[d, s].get("peak_rss_mb") for s in seeds])})
     (out / "results.json").write_text(json.dumps(
         {"teacher": teacher_row, "runs": [{"divergence": d, "seed": s, **per_run[d, s],
                                            "step_time_s": runs[d, s]["step_time_s"]} for d, s in runs],
