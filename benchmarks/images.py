@@ -98,7 +98,6 @@ def throughput(teacher, student_folder: Path, device: str, batch: int = 250, rep
     return {"student_img_s": s, "teacher_img_s": t, "speedup": s / t}
 
 
-
 def _peak(values: list) -> str:
     """The largest peak RSS of a member's runs, or "-" where none was measured (a run cached before)."""
     known = [v for v in values if v]
