@@ -58,12 +58,6 @@ def lora_copy(base: nn.Module, rank: int, alpha: float = 0.0) -> nn.Module:
     return net
 
 
-def is_lora(net: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return any(isinstance(m, LoraLayer) for m in net.modules())
-
-
 @torch.no_grad()
 def merged(net: nn.Module) -> nn.Module:
     """A full copy of ``net`` with each adapter merged into its layer's weight and the adapter layers gone (the
