@@ -91,3 +91,13 @@ def test_a_config_changed_after_validation_is_checked_again():
     cfg.steps = 0
     with pytest.raises(config_mod.ConfigError, match="steps"):
         config_mod.validate(cfg)
+
+
+def test_regression_pairs_sets_how_many_pairs_apart_from_the_critics_pool(tmp_path):
+    shared = _state(tmp_path / "a", regression_weight=1.0, teacher_pool=120, critic_data="teacher")
+    assert len(shared.pairs[0]) == 120 and shared.pool is shared.pairs[1]  # one set of samples serves both
+    apart = _state(tmp_path / "b", regression_weight=1.0, teacher_pool=120, regression_pairs=50,
+                   critic_data="teacher")
+    z, x, _ = apart.pairs
+    assert len(z) == len(x) == 50 and len(apart.pool) == 120
+    assert torch.isfinite(distill_step(apart).loss)

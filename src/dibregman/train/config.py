@@ -76,6 +76,7 @@ class DistillConfig:
     # DMD's regression loss |G(z) - ODE_T(z)|^2 on teacher_pool paired samples: on the ring it brings the mode
     # weights to the teacher's (mode_tv 0.031 -> 0.007 over 3 seeds) and halves the energy distance (benchmarks.md)
     regression_weight: float = 4.0
+    regression_pairs: int = 0  # how many such pairs; 0: teacher_pool
     generator_mode: str = "score"  # score | discriminator
     # networks (MLPs for low-dimensional data)
     hidden: int = 128
@@ -343,15 +344,18 @@ def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:
         if not cfg.r_clip_min < 1 < cfg.r_clip_max:
             raise ConfigError(f"the ratio clip [r_clip_min, r_clip_max] must contain 1; got "
                               f"[{cfg.r_clip_min}, {cfg.r_clip_max}]")
-        if min(cfg.gan_weight, cfg.regression_weight, cfg.grad_clip, cfg.fit_steps, cfg.guidance) < 0:
-            raise ConfigError("gan_weight, regression_weight, grad_clip, fit_steps and guidance must be >= 0")
+        if min(cfg.gan_weight, cfg.regression_weight, cfg.regression_pairs, cfg.grad_clip, cfg.fit_steps,
+               cfg.guidance) < 0:
+            raise ConfigError("gan_weight, regression_weight, regression_pairs, grad_clip, fit_steps and guidance "
+                              "must be >= 0")
         if cfg.lora_rank < 0 or cfg.lora_alpha < 0:
             raise ConfigError(f"lora_rank and lora_alpha must be >= 0 (0: full fine-tuning, and alpha = rank); got "
                               f"{cfg.lora_rank}, {cfg.lora_alpha}")
 
 
 MAX_SEED = 2**40
-_MAX_INT = {"batch_size": 2**20, "lora_rank": 4096, "eval_samples": 10**7, "teacher_pool": 10**7, "num_points": 10**8,
+_MAX_INT = {"batch_size": 2**20, "lora_rank": 4096, "eval_samples": 10**7, "teacher_pool": 10**7,
+            "regression_pairs": 10**7, "num_points": 10**8,
             "fake_score_steps": 1000, "student_steps": 16,
             "hidden": 2**16, "depth": MAX_REPEATS, "base_channels": 4096, "layers_per_block": 64}
 

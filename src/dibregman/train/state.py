@@ -127,14 +127,15 @@ def build_state(cfg: DistillConfig, teacher: Teacher, conds: Conditions, out: Pa
 def _pools(s: DistillState) -> None:
     """The critic's real samples and DMD's regression pairs (both of ``seed + 1``: made once when both are used)."""
     cfg, teacher, conds, device = s.cfg, s.teacher, s.conds, s.device
+    n_pairs = cfg.regression_pairs or cfg.teacher_pool
     if cfg.regression_weight > 0:  # unit noise, and the teacher's ODE sample made from it
-        x_pairs, z_pairs = teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1, device, conds, return_noise=True)
+        x_pairs, z_pairs = teacher_samples(teacher, n_pairs, cfg.seed + 1, device, conds, return_noise=True)
         s.pairs = (z_pairs.to(device), x_pairs.to(device), conds.cycle(len(x_pairs)))
     if s.c.critic is None:
         return
     if cfg.critic_data == "teacher":
-        pool = s.pairs[1] if s.pairs is not None else teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1,
-                                                                      device, conds)
+        shared = s.pairs is not None and n_pairs == cfg.teacher_pool
+        pool = s.pairs[1] if shared else teacher_samples(teacher, cfg.teacher_pool, cfg.seed + 1, device, conds)
         s.pool_idx = conds.cycle(len(pool))
     else:
         pool = true_samples(teacher, cfg.teacher_pool, cfg.seed + 1, classes=conds.num_classes)
