@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from dibregman.train.classifier import (
     shipped_classifier,
     train_classifier,
 )
+from dibregman.train.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,6 +211,62 @@ def test_training_on_separable_toy_images(tmp_path):
     # a run is a function of its arguments
     again, _ = load_classifier(train_classifier(train, tmp_path / "b", max_shift=1, **kw))
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+KW = {"epochs": 2, "batch_size": 32, "lr": 1e-2, "width": 4, "depth": 1, "feature_dim": 8, "max_shift": 1,
+      "progress": False}
+
+
+def _weights(folder):
+    return load_classifier(folder)[0].state_dict()
+
+
+def test_an_interrupted_training_resumes_bit_exactly(tmp_path, monkeypatch):
+    import dibregman.train.classifier as clf_mod
+    from dibregman.train.guard import Interrupted
+
+    train = _halves(200, 0)  # 7 steps per epoch, 14 in all
+    whole = train_classifier(train, tmp_path / "whole", **KW)
+    real, calls = clf_mod.shift_images, []
+
+    def sigterm_in_step_9(*args):
+        calls.append(1)
+        if len(calls) == 9:  # mid-epoch: the order of the epoch must come back from the checkpoint
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(clf_mod, "shift_images", sigterm_in_step_9)
+    with pytest.raises(Interrupted, match="SIGTERM at step 9"):
+        train_classifier(train, tmp_path / "cut", **KW)
+    monkeypatch.undo()
+    assert not (tmp_path / "cut" / META_FILE).exists() and (tmp_path / "cut" / "checkpoints").is_dir()
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train_classifier(train, tmp_path / "cut", **KW)
+    with pytest.raises(ConfigError, match="started with other arguments"):
+        train_classifier(train, tmp_path / "cut", resume=True, **{**KW, "lr": 2e-2})
+    out = train_classifier(train, tmp_path / "cut", resume=True, **KW)
+    a, b = _weights(whole), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "checkpoints").exists()  # a finished folder is the classifier alone
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [7, 14] and rows[-1]["acc/train"] > 0.9  # the rows of one run, learning
+    with pytest.raises(ConfigError, match="already holds a trained classifier"):
+        train_classifier(train, out, resume=True, **KW)
+
+
+def test_a_diverging_training_stops_with_a_clear_error(tmp_path):
+    from dibregman.train.guard import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="non-finite classifier"):
+        train_classifier(_halves(64, 0), tmp_path / "nan", **{**KW, "lr": 1e30})
+    assert not (tmp_path / "nan" / META_FILE).exists()
+    with pytest.raises(ValueError, match="lr must be a positive number below"):
+        train_classifier(_halves(64, 0), tmp_path / "big", **{**KW, "lr": 1e39})
+    broken = _halves(64, 0)
+    broken.images[5, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="halves-0 has non-finite pixels"):
+        train_classifier(broken, tmp_path / "broken", **KW)
+    assert not (tmp_path / "big").exists() and not (tmp_path / "broken").exists()  # refused before the folder
 
 
 def test_training_needs_labels(tmp_path):

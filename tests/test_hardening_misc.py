@@ -88,7 +88,7 @@ def test_a_full_disk_error_without_a_file_still_says_what_to_do(tmp_path, capsys
 
 
 def test_non_utf8_stats_log_is_named_and_reports_skip_the_damage(tmp_path):
-    from dibregman.report import _read_jsonl
+    from dibregman.run_folder import read_jsonl as _read_jsonl
     from dibregman.stats import read_jsonl
 
     log = tmp_path / "stats.jsonl"

@@ -15,7 +15,7 @@ ROOT = Path(dibregman.__file__).parent
 
 # from the bottom up; a module may import from its own rank or below
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"io", "integrity", "safe_pickle", "dist", "plugins", "assets"}),
+    ("base", {"io", "integrity", "safe_pickle", "dist", "plugins", "assets", "run_folder"}),
     ("math", {"schedules", "precond", "divergences", "ratio", "losses", "sampling"}),
     ("models", {"nets", "teachers", "generator", "text", "pipeline", "lora"}),
     ("data and measures", {"data", "grids", "stats", "metrics"}),

@@ -47,6 +47,24 @@ def test_load_generator_and_read_run(run):
     assert db.read_run(run / "nothing") == {"config": {}, "summary": {}, "stats": [], "metrics": [], "samples": {}}
 
 
+def test_a_run_is_its_folder_and_reads_its_records(run, tmp_path):
+    import os
+    import pickle
+    from pathlib import Path
+
+    assert isinstance(run, db.RunFolder) and isinstance(run, os.PathLike)
+    path = Path(run)
+    assert run == path and run == str(path) and hash(run) == hash(path) and str(run) == str(path)
+    assert run.exists() and run.name == "run" and (run / "config.json").is_file() and os.fspath(run) == str(path)
+    assert run.generator.is_dir() and run.report.is_file() and run.checkpoints.is_dir()
+    rec = db.read_run(run)
+    assert run.config == rec["config"] and run.summary == rec["summary"] and run.stats == rec["stats"]
+    assert run.metrics == rec["summary"]["metrics"] and run.evaluations == rec["metrics"]
+    assert pickle.loads(pickle.dumps(run)) == run  # a run can cross process boundaries
+    empty = db.RunFolder(tmp_path / "none")
+    assert empty.config == {} and empty.metrics == {} and empty.stats == [] and empty.samples == {}
+
+
 def test_dmd2_runs_are_labelled_dmd2_in_tables(tmp_path, capsys):
     out = tmp_path / "dmd2"
     assert_exit(main, ["distill", "--preset", "tiny", "--steps", "2", "--divergence", "reverse_kl", "--gan-weight",

@@ -12,6 +12,7 @@ import torch
 from matplotlib.image import imread
 
 from dibregman.report import format_table, write_comparison_report, write_run_report
+from dibregman.run_folder import RunFolder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -192,7 +193,7 @@ def test_metric_curves_carry_the_teacher_reference(tmp_path: Path) -> None:
     (run / "summary.json").write_text(json.dumps(summary))
     Figure.savefig = spy
     try:
-        report._line_panels({"": report._read_jsonl(run / "metrics.jsonl")}, ["energy", "mmd", "w1", "mode_tv"],
+        report._line_panels({"": RunFolder(run).evaluations}, ["energy", "mmd", "w1", "mode_tv"],
                             run / "m.png", "range", summary["teacher_metrics"])
     finally:
         Figure.savefig = orig

@@ -18,6 +18,7 @@ import torch
 from . import dist
 from .artifacts import load_codec_of, load_generator
 from .metrics.toy import evaluate
+from .run_folder import RunFolder
 from .sampling import batch_for, seeded_noise
 from .teachers import Teacher, check_teacher, exact_mixture, load_teacher
 from .teachers.objects import object_spec
@@ -41,8 +42,10 @@ def _layered(cls: type, config: Any, preset: str | None, options: dict[str, Any]
 
 
 def distill(config: DistillConfig | None = None, *, preset: str | None = None, resume: bool = False,
-            progress: bool | None = None, teacher: str | Teacher | None = None, **options: Any) -> Path:
-    """Run a distillation; ``options`` override fields of ``config`` (or of the defaults/preset).
+            progress: bool | None = None, teacher: str | Teacher | None = None, **options: Any) -> RunFolder:
+    """Run a distillation; ``options`` override fields of ``config`` (or of the defaults/preset). Returns the
+    run folder (``RunFolder``: a path that also reads the run's ``config``, ``summary``, ``metrics``,
+    ``stats``).
 
     ``teacher`` is a spec string (``gmm:``, ``net:``, ``diffusers:``, ``edm:``, ``py:``) or any object meeting
     the teacher contract (``dibregman.teachers.Teacher``; wrap a plain module or function with
@@ -55,7 +58,7 @@ def distill(config: DistillConfig | None = None, *, preset: str | None = None, r
         obj = teacher
         options["teacher"] = object_spec(obj)  # what the run records; the object is checked by the loop
     cfg = _layered(DistillConfig, config, preset, options)
-    return _distill(cfg, resume=resume, progress=progress, teacher=obj, on_finish=_report)
+    return RunFolder(_distill(cfg, resume=resume, progress=progress, teacher=obj, on_finish=_report))
 
 
 def _report(run: Path) -> None:
@@ -169,11 +172,8 @@ def teacher_row(teacher_spec: str | Teacher, num: int, seed: int = 0, classifier
 def run_eval_samples(run: str | Path) -> int:
     """How many samples the run's own final evaluation used (its ``summary.json``), or the automatic count
     for its generator's shape (``DistillConfig.eval_samples``): what ``evaluate_run`` draws by default."""
-    import json
-
-    summary = Path(run) / "summary.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return int(json.loads(summary.read_text())["eval_samples"])
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return int(RunFolder(run).summary["eval_samples"])
     return eval_samples(0, load_generator(run)[1]["shape"])
 
 
@@ -219,41 +219,31 @@ def method_label(config: dict[str, Any], divergence: str | None = None) -> str:
 
 def _run_config(run: str | Path) -> dict[str, Any]:
     """The run's ``config.json`` (``run`` may be its ``generator/`` subfolder), or ``{}``."""
-    import json
-
-    for folder in (Path(run), Path(run).parent):
-        try:
-            return json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-    return {}
+    return RunFolder(run).config or RunFolder(Path(run).parent).config
 
 
 def compare(divergences: list[str], out: str | Path, *, preset: str | None = None, resume: bool = False,
-            progress: bool | None = None, **options: Any) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+            progress: bool | None = None, **options: Any) -> tuple[list[dict[str, Any]], dict[str, RunFolder]]:
     """Distill the same teacher with several divergences at equal budget (same seed, steps, batch and
     starting network); returns the comparison rows (teacher reference first) and the run folders, and
     writes ``out/report.md``. ``resume=True`` continues (or just re-reports) each member's run."""
-    import json
-
     from .report import METRIC_ORDER, write_comparison_report
 
     out = Path(out)
-    runs: dict[str, Path] = {}
+    runs: dict[str, RunFolder] = {}
     for name in divergences:
         folder = out / name.replace(":", "_")
         runs[name] = distill(preset=preset, resume=resume, progress=progress, divergence=name, out=str(folder),
                              **options)
     if not dist.is_main():  # under torchrun, rank 0 compares and reports
         return [], runs
-    cfg = json.loads((runs[divergences[0]] / "config.json").read_text())
-    first = json.loads((runs[divergences[0]] / "summary.json").read_text())
+    cfg, first = runs[divergences[0]].config, runs[divergences[0]].summary
     # the teacher's row from the run's own final evaluation (same reference, samples and protocol)
     rows = [{"method": "teacher (Heun, 35 NFE)", "nfe": 35, **first["teacher_metrics"],
              "sample_s": first.get("teacher_sample_s")}]
     for name, folder in runs.items():
-        summary = json.loads((folder / "summary.json").read_text())
-        label = method_label(json.loads((folder / "config.json").read_text()), name)
+        summary = folder.summary
+        label = method_label(folder.config, name)
         nfe = summary.get("nfe", 1)
         rows.append({"method": f"student {label} ({nfe} NFE)", "nfe": nfe, **summary["metrics"],
                      "sample_s": summary.get("student_sample_s"), "step_time_s": summary["step_time_s"]})

@@ -25,6 +25,7 @@ from .io import atomic_save_safetensors, read_tagged_json, write_json
 from .nets import arch_of as nets_arch_of
 from .nets import build_backbone, image_shape
 from .precond import Precond
+from .run_folder import RunFolder
 from .teachers.diffusers import ARCH_KIND as DIFFUSERS_KIND
 from .teachers.diffusers import DiffusersDenoiser
 from .teachers.latent import VAE_FOLDER, LatentCodec, load_pinned_vae, save_pinned_vae
@@ -72,7 +73,7 @@ def save_generator(folder: str | Path, generator: Generator, meta: dict[str, Any
 def generator_folder(folder: str | Path) -> Path:
     """The folder holding ``generator.json``: ``folder`` itself or a run folder's ``generator/``."""
     folder = Path(folder)
-    return folder / "generator" if (folder / "generator").is_dir() else folder
+    return folder / RunFolder.GENERATOR if (folder / RunFolder.GENERATOR).is_dir() else folder
 
 
 def load_codec_of(folder: str | Path, info: dict[str, Any]) -> LatentCodec | None:

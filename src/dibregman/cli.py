@@ -77,6 +77,7 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "gan_weight": "weight of an added non-saturating GAN term; >= 0, 0 = off (the dmd2 preset: 0.01)",
     "regression_weight": "weight of DMD's regression loss |G(z) - x_T(z)|^2 on teacher_pool pairs of noise and the "
                          "teacher's 35-NFE ODE sample from it (paired once before training); >= 0, 0 = off",
+    "regression_pairs": "how many pairs the regression term draws from; integer >= 0, 0 = teacher_pool",
     "generator_mode": "score: omega * (D_F - D_T); discriminator: the critic-only form of the same gradient",
     "hidden": "MLP width: the fitted start network of an analytic teacher and a standalone critic; integer >= 1",
     "depth": "MLP residual blocks of the same networks; integer 1 to 256",
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the classifier")
     p.add_argument("--epochs", type=int, default=8, help="passes over the training split; integer >= 1")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its newest "
+                   "checkpoint (the same arguments); bit-exact")
 
     p = sub.add_parser("train-vae", help="train a small AutoencoderKL on an image data set: the VAE of a latent "
                        "teacher (train-teacher --vae)")
@@ -295,13 +298,13 @@ def run(argv: list[str] | None = None) -> int:
             out = api.distill(cfg, resume=args.resume, progress=args.progress)
             if not dist.is_main():  # under torchrun, rank 0 reports
                 return 0
-            summary = json.loads((out / "summary.json").read_text())
+            summary = out.summary
             rows = [{"method": "teacher (Heun, 35 NFE)", **summary["teacher_metrics"]},
                     {"method": f"student {api.method_label(to_dict(cfg), summary['divergence'])} "
                                f"({summary.get('nfe', 1)} NFE)",
                      **summary["metrics"]}]
             print(format_table(rows, markdown=False))
-            print(f"run folder: {out} (report: {out / 'report.md'})")
+            print(f"run folder: {out} (report: {out.report})")
         else:
             divs = [d.strip() for d in args.divergences.split(",") if d.strip()]
             opts = {k: v for k, v in to_dict(cfg).items() if k not in ("divergence", "out")}
@@ -337,7 +340,8 @@ def run(argv: list[str] | None = None) -> int:
         from .train.classifier import train_classifier
 
         command = shlex.join(["dibregman", *(sys.argv[1:] if argv is None else argv)])
-        folder = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed, command=command)
+        folder = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed, command=command,
+                                  resume=args.resume)
         print(f"classifier folder: {folder} (use it with --classifier {folder})")
         return 0
     if args.command == "train-vae":

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from .io import atomic_open, atomic_write_text
+from .run_folder import RunFolder, read_json
 
 __all__ = ["format_table", "method_label", "read_run", "write_comparison_report", "write_run_report"]
 
@@ -86,31 +87,6 @@ def format_table(
 
 
 # ------------------------------------------------------------------------------------------ input
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        out = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return out if isinstance(out, dict) else {}
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (run still writing) or blank lines are skipped."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")  # a damaged line fails to parse below
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            out.append(rec)
-    return out
-
-
 def _series(recs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
     pairs = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
     if not pairs:
@@ -143,24 +119,12 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     missing), ``stats`` and ``metrics`` (lists of dicts with a ``step`` key, one per line of
     ``stats.jsonl`` / ``metrics.jsonl``; a torn last line of a run still writing is skipped), and
     ``samples`` (the arrays of ``samples.npz`` by name, ``{}`` before the run finished)."""
-    run_dir = Path(run_dir)
-    samples: dict[str, np.ndarray] = {}
-    try:
-        with np.load(run_dir / "samples.npz") as z:
-            samples = {k: np.asarray(z[k]) for k in z.files}
-    except (OSError, ValueError):
-        pass
-    return {"config": _read_json(run_dir / "config.json"), "summary": _read_json(run_dir / "summary.json"),
-            "stats": _read_jsonl(run_dir / "stats.jsonl"), "metrics": _read_jsonl(run_dir / "metrics.jsonl"),
-            "samples": samples}
+    return RunFolder(run_dir).records()
 
 
 def _load_samples(run_dir: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(run_dir / "samples.npz") as z:
-            arrs = {k: np.asarray(z[k], dtype=float) for k in ("data", "teacher", "student") if k in z}
-    except (OSError, ValueError):
-        return {}
+    saved = RunFolder(run_dir).samples
+    arrs = {k: np.asarray(saved[k], dtype=float) for k in ("data", "teacher", "student") if k in saved}
     images = {k: a for k, a in arrs.items() if a.ndim == 4}  # [N, C, H, W]: drawn as grids, order kept
     if images:
         return images
@@ -240,7 +204,7 @@ def _teacher_meta(spec: str | None) -> dict[str, Any]:
         from .assets import shipped
 
         folder = shipped(arg, "teacher") or folder
-    return _read_json(folder / "teacher.json")
+    return read_json(folder / "teacher.json")
 
 
 def _grid_labels(config: dict[str, Any], labels: np.ndarray | None, ncols: int,
@@ -533,11 +497,7 @@ def _doc_lines(keys: list[str]) -> list[str]:
 
 
 def _labels(run_dir: Path) -> np.ndarray | None:
-    try:
-        with np.load(run_dir / "samples.npz") as z:
-            return np.asarray(z["labels"]) if "labels" in z.files else None
-    except (OSError, ValueError):
-        return None
+    return RunFolder(run_dir).samples.get("labels")
 
 
 _DIAGNOSTICS = (("fake_score_err", "fake score error |D_F - D_q|^2\n/ |D_T - D_q|^2 (1: teacher copy)"),
@@ -572,10 +532,8 @@ def _diagnostics_figure(recs: list[dict[str, Any]], path: Path) -> str | None:
 def write_run_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and samples/losses/ratio/metrics PNGs into ``run_dir``; return the report path."""
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json")
-    summary = _read_json(run_dir / "summary.json")
-    stats = _read_jsonl(run_dir / "stats.jsonl")
-    mrecs = _read_jsonl(run_dir / "metrics.jsonl")
+    run = RunFolder(run_dir)
+    config, summary, stats, mrecs = run.config, run.summary, run.stats, run.evaluations
     samples = _load_samples(run_dir)
     labels = _labels(run_dir)
     name = summary.get("name") or config.get("name") or run_dir.name
@@ -638,10 +596,11 @@ def write_comparison_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {label: Path(d) for label, d in run_dirs.items()}
     samples = {label: _load_samples(d) for label, d in runs.items()}
-    stats = {label: _read_jsonl(d / "stats.jsonl") for label, d in runs.items()}
-    mrecs = {label: _read_jsonl(d / "metrics.jsonl") for label, d in runs.items()}
-    configs = {label: _read_json(d / "config.json") for label, d in runs.items()}
-    summaries = {label: _read_json(d / "summary.json") for label, d in runs.items()}
+    folders = {label: RunFolder(d) for label, d in runs.items()}
+    stats = {label: f.stats for label, f in folders.items()}
+    mrecs = {label: f.evaluations for label, f in folders.items()}
+    configs = {label: f.config for label, f in folders.items()}
+    summaries = {label: f.summary for label, f in folders.items()}
     first = next(iter(configs.values()), {})
     reference = next((s["teacher_metrics"] for s in summaries.values() if s.get("teacher_metrics")), None)
 

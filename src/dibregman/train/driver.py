@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .. import dist
 from ..io import write_json
+from ..run_folder import RunFolder
 from ..stats import Stats, truncate_jsonl
 from .guard import Interrupted, deferred_signals
 
@@ -25,11 +26,11 @@ class RunDriver:
     stopped and raises ``Interrupted``. Only process 0 writes; every process runs the same cadence."""
 
     def __init__(self, out: Path, steps: int, log_every: int, checkpoint_every: int, *, desc: str,
-                 progress: bool | None = None, tensorboard: bool = False, logs: tuple[str, ...] = ("stats.jsonl",)):
+                 progress: bool | None = None, tensorboard: bool = False, logs: tuple[str, ...] = (RunFolder.STATS,)):
         self.out, self.steps, self.log_every, self.checkpoint_every = out, steps, log_every, checkpoint_every
         self.main, self.desc, self.logs = dist.is_main(), desc, logs
         self.show = (sys.stderr.isatty() if progress is None else progress) and self.main
-        self.stats = Stats(out / "stats.jsonl", write=self.main, tensorboard=out / "tensorboard" if tensorboard
+        self.stats = Stats(out / RunFolder.STATS, write=self.main, tensorboard=out / "tensorboard" if tensorboard
                            else None)
         self.step_times: list[float] = []
 
@@ -43,7 +44,7 @@ class RunDriver:
                 truncate_jsonl(self.out / log, step)
         if loaded is not None:
             print(f"resuming from {loaded} (step {step})", file=sys.stderr)
-        write_json(self.out / "config.json", config)
+        write_json(self.out / RunFolder.CONFIG, config)
 
     def run(self, step: int, update: Callable[[int], None], save: Callable[[int], None], *,
             extra: Callable[[int, bool], dict] | None = None,

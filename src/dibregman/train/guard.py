@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import dist
+from ..run_folder import RunFolder
 from .checkpoint import latest_checkpoint
 from .config import ConfigError
 
@@ -72,7 +73,7 @@ def prepare_run_dir(out: Path, resume: bool) -> Path:
     except OSError as e:
         raise ConfigError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
     _lock(out)
-    started = any((out / f).exists() for f in ("config.json", "checkpoints"))
+    started = any((out / f).exists() for f in (RunFolder.CONFIG, RunFolder.CHECKPOINTS))
     if started and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if not os.access(out, os.W_OK):
@@ -209,7 +210,7 @@ class NonFiniteGuard:
         if resumed is not None and resumed.name == f"step-{step - 1:08d}":  # the first update after a resume
             return (f"this is the first update after resuming from {resumed}, which may be damaged: move it aside "
                     f"(rename it to damaged-{resumed.name}) and --resume again to fall back to the one before it")
-        last = latest_checkpoint(run_dir / "checkpoints")
+        last = latest_checkpoint(run_dir / RunFolder.CHECKPOINTS)
         return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 
 

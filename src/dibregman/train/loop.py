@@ -22,6 +22,7 @@ from ..integrity import CheckpointError
 from ..io import atomic_open, write_json
 from ..metrics.images import make_evaluator
 from ..metrics.toy import evaluate as evaluate_points
+from ..run_folder import RunFolder
 from ..sampling import batch_for, seeded_noise
 from ..stats import append_jsonl, truncate_jsonl
 from ..teachers import Teacher, check_teacher, exact_mixture, latent_codec, load_teacher
@@ -59,7 +60,7 @@ def _recorded(out: Path, key: str) -> list:
     """``key`` of each readable checkpoint's meta (unreadable ones are damage, for ``load_latest``; checkpoints
     from before an entry was recorded give None)."""
     values = []
-    for path in list_checkpoints(out / "checkpoints"):
+    for path in list_checkpoints(out / RunFolder.CHECKPOINTS):
         try:
             values.append(read_meta(path).get(key))
         except CheckpointError:
@@ -113,20 +114,20 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     conds = _checked_conditions(cfg, teacher, device)
     # process 0 makes and locks the folder; if it cannot, the others stop quietly (dist.PeerStopped)
     out = dist.on_main(lambda: prepare_run_dir(Path(cfg.out), resume), Path(cfg.out))
-    resuming = resume and bool(list_checkpoints(out / "checkpoints"))  # which one loads is decided below
+    resuming = resume and bool(list_checkpoints(out / RunFolder.CHECKPOINTS))  # which one loads is decided below
     if resuming:  # refuse a changed config now, before the fit and the teacher pool cost anything
-        check_any(out / "checkpoints", lambda meta: _check_config(meta, cfg, out))
+        check_any(out / RunFolder.CHECKPOINTS, lambda meta: _check_config(meta, cfg, out))
         _check_levels(out, resolved_student_sigmas(cfg, teacher))
         _check_teacher(out, digest)
     s = build_state(cfg, teacher, conds, out, device, dist.local_slice(cfg.batch_size), digest, resuming)
     ev = Evaluation.build(s)
-    loaded = load_latest(out / "checkpoints", s.c.modules(), lambda meta: _check_config(meta, cfg, out),
+    loaded = load_latest(out / RunFolder.CHECKPOINTS, s.c.modules(), lambda meta: _check_config(meta, cfg, out),
                          s.restore) if resuming else None
     if loaded is not None:
         s.guard.resumed_from = loaded[0]  # a non-finite first step then says the checkpoint may be damaged
     driver = RunDriver(out, cfg.steps, cfg.log_every, cfg.checkpoint_every, progress=progress,
                        tensorboard=cfg.tensorboard, desc=f"distill {s.c.generator_loss.divergence.name}",
-                       logs=("stats.jsonl", "metrics.jsonl"))
+                       logs=(RunFolder.STATS, RunFolder.METRICS))
     driver.begin(s.step, to_dict(cfg), resume, loaded[0] if loaded is not None else None)
 
     def update(_: int) -> None:
@@ -140,7 +141,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         return values
 
     def save(step: int) -> None:
-        save_checkpoint(out / "checkpoints", step, s.c.modules(), *s.checkpoint(), cfg.keep_checkpoints)
+        save_checkpoint(out / RunFolder.CHECKPOINTS, step, s.c.modules(), *s.checkpoint(), cfg.keep_checkpoints)
 
     driver.run(s.step, update, save, extra=extra, after=ev.during_training)
     if not dist.is_main():
@@ -243,7 +244,7 @@ class Evaluation:
             return None
         student = self.sample()
         metrics = self(student)
-        append_jsonl(self.s.out / "metrics.jsonl", {"step": step, **metrics})
+        append_jsonl(self.s.out / RunFolder.METRICS, {"step": step, **metrics})
         if self.images:  # a grid at fixed seeds (and labels) per evaluation
             save_grid(self.s.out / "grids" / f"step-{step:08d}.png", student[:GRID],
                       nrow=max(self.s.conds.num_classes, 8))
@@ -263,21 +264,21 @@ def _finish(s: DistillState, ev: Evaluation, step_times: list[float]) -> Path:
         from ..lora import merged
 
         ema = merged(ema)
-    save_generator(out / "generator", ema, info, codec=ev.codec)
+    save_generator(out / RunFolder.GENERATOR, ema, info, codec=ev.codec)
     t0 = time.perf_counter()
     student = ev.sample(ema)
     student_s = time.perf_counter() - t0
     final = ev(student)
-    truncate_jsonl(out / "metrics.jsonl", s.step - 1)  # finishing again (a resumed finished run): one final row
-    append_jsonl(out / "metrics.jsonl", {"step": s.step, **final})
+    truncate_jsonl(out / RunFolder.METRICS, s.step - 1)  # finishing again (a resumed finished run): one final row
+    append_jsonl(out / RunFolder.METRICS, {"step": s.step, **final})
     ref_teacher, teacher_s = reference_teacher_samples(teacher, cfg, s.device, conds)
-    with atomic_open(out / "samples.npz") as f:
+    with atomic_open(out / RunFolder.SAMPLES) as f:
         extra = {"labels": ev.y.numpy()} if ev.y is not None else {}
         np.savez(f, student=student.numpy(), teacher=ref_teacher.numpy(), data=ev.reference.numpy(), **extra)
     if ev.images:
         save_grid(out / "samples_student.png", student[:GRID], nrow=max(conds.num_classes, 8))
         save_grid(out / "samples_teacher.png", ref_teacher[:GRID], nrow=max(conds.num_classes, 8))
-    write_json(out / "summary.json", {
+    write_json(out / RunFolder.SUMMARY, {
         "name": out.name, "divergence": info["divergence"], "metrics": final, "nfe": s.c.generator.steps,
         "eval_samples": len(ev.z), "protocol": ev.score.protocol if ev.score is not None else None,
         "teacher_metrics": ev(ref_teacher),

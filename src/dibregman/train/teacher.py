@@ -38,6 +38,7 @@ from ..nets.mlp import MLP
 from ..nets.text_unet import TextUNet
 from ..nets.unet import UNet
 from ..precond import Precond
+from ..run_folder import RunFolder
 from ..sampling import nfe, sample
 from ..schedules import LogNormal
 from ..teachers.diffusers import DiffusersDenoiser
@@ -115,7 +116,7 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
             raise ConfigError(f"cannot resume {out}: the VAE in {cfg.vae} is not the one this run started with "
                               "(its files' SHA-256 differs); use another --out for a new run")
 
-    loaded = load_latest(out / "checkpoints", {"teacher": net, "ema": ema.module}, check,
+    loaded = load_latest(out / RunFolder.CHECKPOINTS, {"teacher": net, "ema": ema.module}, check,
                          restore) if resume else None
     if loaded is not None:
         guard.resumed_from = loaded[0]
@@ -132,7 +133,7 @@ def train_teacher(cfg: TeacherConfig, progress: bool | None = None, *, resume: b
         driver.stats.add({"loss/teacher": loss})
 
     def save(at: int) -> None:
-        save_checkpoint(out / "checkpoints", at, {"teacher": net, "ema": ema.module},
+        save_checkpoint(out / RunFolder.CHECKPOINTS, at, {"teacher": net, "ema": ema.module},
                         {"optimizer": opt.state_dict(), "rng": gen.get_state()},
                         {"config": asdict(cfg), "ema_updates": ema.num_updates,
                          **({"vae_sha256": vae_sha} if vae_sha else {})}, cfg.keep_checkpoints)
