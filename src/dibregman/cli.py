@@ -24,23 +24,15 @@ DEMO_DATASETS = {"ring": ("gmm:ring8_imbalanced", "demo"), "fashion-mnist": ("ne
                  "fashion-mnist-text": ("net:fashion-mnist-text", "fashion-mnist-text")}
 
 HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones train-teacher reads otherwise
-    "teacher": "what to distill: gmm:<built-in or spec.json/.toml> (analytic mixture), net:<folder from "
-               "train-teacher>, net:fashion-mnist, net:fashion-mnist-text or net:fashion-mnist-latent (shipped), "
-               "diffusers:<local folder>, "
-               "edm:<EDM network-snapshot .pkl>, or py:<module>:<function> (your function returns a teacher object)",
     "guidance": "classifier-free guidance scale w of a class- or text-conditional teacher, D_u + w (D_c - D_u); "
                 "a number >= 0, 1 = none",
     "prompts": "text teachers: the prompts to distill on: empty (the teacher's training captions), unseen "
                "(held-out caption templates) or a prompt file, one per line",
-    "divergence": "generator divergence: reverse_kl (DMD), forward_kl, pearson, logistic, power:<alpha>, "
-                  "hellinger, jeffreys, softened_rkl, or your own convex h as py:<module>:<function>",
     "critic_loss": "Bregman density-ratio loss of the critic: a divergence name as for --divergence "
                    "(logistic = the usual classifier)",
     "critic_data": "what stands for the teacher law in the critic: teacher (a pool of its 35-NFE samples, "
                    "data-free) or data (real data)",
     "teacher_pool": "size of that pool: teacher samples (critic_data teacher) or data points (data); integer >= 1",
-    "critic_head": "the critic: fake_score or teacher (a head on that network's bottleneck features) or "
-                   "standalone (its own network)",
     "classifier": "images: feature network of FD/KID/precision/recall/label accuracy: auto (the shipped one "
                   "for the data, else Inception when the fid extra is installed), none, or a train-classifier "
                   "folder; the teacher-feature metrics tnet_* are always computed",
@@ -161,11 +153,26 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type, kind: str) -> Non
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr (default: only on a terminal)")
     group = p.add_argument_group("options (also valid as keys of --config files)")
-    texts = {**HELP, **TEACHER_HELP} if kind == "teacher" else HELP
+    texts = {**HELP, **registered_help()}
+    texts = {**texts, **TEACHER_HELP} if kind == "teacher" else texts
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         group.add_argument(flag, dest=f.name, default=None, metavar=type(f.default).__name__.upper(),
                            help=f"{texts.get(f.name, '')} (default: {str(f.default) or 'empty'})".strip())
+
+
+def registered_help() -> dict[str, str]:
+    """The help of the options whose values are a plug-in point's names, from its registry (so a name registered
+    by your code shows up here too)."""
+    from .divergences import REGISTRY
+    from .teachers import TEACHER_FORMATS
+    from .train.critics import CRITIC_HEADS
+
+    members = ", ".join("power:<alpha>" if n == "power" else n for n in REGISTRY)
+    return {"teacher": "what to distill: " + TEACHER_FORMATS.describe(", "),
+            "divergence": f"generator divergence: {members} (reverse_kl is DMD's), or your own convex h as "
+                          "py:<module>:<function>",
+            "critic_head": "the critic: " + CRITIC_HEADS.describe(", ")}
 
 
 def _resolve(args: argparse.Namespace, cls: type) -> Any:
@@ -445,10 +452,14 @@ def listing() -> str:
     from .data.images import SOURCES as IMAGE_SOURCES
     from .data.toy2d import TOY_SETS
     from .divergences import REGISTRY
+    from .teachers import TEACHER_FORMATS
     from .teachers.gmm import BUILTINS
+    from .train.critics import CRITIC_HEADS
 
     lines = ["divergences (--divergence, --critic-loss): " + ", ".join(REGISTRY)
              + "; power takes alpha as power:<alpha>; your own convex h: py:<module>:<function>",
+             "teacher formats (--teacher <format>:<argument>): " + TEACHER_FORMATS.describe(),
+             "critic heads (--critic-head): " + CRITIC_HEADS.describe(),
              "built-in mixtures (--teacher gmm:<name>, or gmm:<spec.json|.toml>): " + ", ".join(BUILTINS),
              "toy data sets (train-teacher --data, or a .npy/.csv file): " + ", ".join(TOY_SETS),
              "image data (train-teacher --data, train-classifier --data): "

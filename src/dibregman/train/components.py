@@ -19,14 +19,14 @@ from ..divergences import Divergence
 from ..generator import Generator, student_sigmas
 from ..losses import GeneratorLoss, OmegaBinNormalizer, denoising_loss
 from ..metrics.exact import variety_diagnostics
-from ..nets.mlp import MLP
 from ..precond import Precond
-from ..ratio import Critic, FeatureCritic, feature_head
+from ..ratio import Critic
 from ..schedules import KarrasUniform, LogNormal
 from ..teachers import Teacher, latent_codec
 from ..teachers.objects import weights_digest
 from .conditions import Conditions
 from .config import ConfigError, DistillConfig, eval_samples, resolved_divergence
+from .critics import CRITIC_HEADS
 from .ema import EMA
 
 Tensor = torch.Tensor
@@ -194,24 +194,6 @@ class Components:
         return {k: o.state_dict() for k, o in self.optimizers.items()}
 
 
-def _critic(head: str, teacher: Teacher, base: Precond, fake_score: Precond, cfg: DistillConfig) -> nn.Module:
-    """The critic ``cfg.critic_head`` names. Standalone on points: its own MLP; on images: a trainable copy
-    of the teacher's encoder with a head. Otherwise a head on the fake score's or the teacher's features."""
-    spatial = hasattr(base.backbone, "feature_channels")  # an image backbone: ours (UNet) or a diffusers UNet
-    channels = base.backbone.feature_channels if spatial else base.backbone.hidden
-    if head == "standalone":
-        if not spatial:
-            return Critic(MLP(teacher.shape[0], cfg.hidden, cfg.depth, out_dim=1), teacher.sigma_data)
-        return FeatureCritic(copy.deepcopy(base).requires_grad_(True), feature_head(channels, True),
-                             train_encoder=True)
-    if head == "teacher":
-        if teacher.network is None:
-            raise ConfigError("critic_head = 'teacher' needs a teacher with a network; an analytic teacher has "
-                              "none: use critic_head = fake_score or standalone")
-        return FeatureCritic(teacher.network, feature_head(channels, spatial))
-    return FeatureCritic(fake_score, feature_head(channels, spatial))
-
-
 def noise_range(cfg: DistillConfig, teacher: Teacher) -> tuple[float, float]:
     """The generator update's and the critic's sigma range: ``cfg.sigma_min/max``, each 0 = the teacher's."""
     lo, hi = cfg.sigma_min or teacher.sigma_min, cfg.sigma_max or teacher.sigma_max
@@ -276,7 +258,7 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     gen_loss = generator_loss(cfg)
     critic = None
     if gen_loss.needs_critic:
-        critic = _critic(cfg.critic_head, teacher, base, fake_score, cfg).to(device)
+        critic = CRITIC_HEADS.get(cfg.critic_head).make(teacher, base, fake_score, cfg).to(device)
     betas = (cfg.beta1, cfg.beta2)
     opts = {"generator": _adam(_trainable(generator), cfg.lr_generator, betas, device),
             "fake_score": _adam(_trainable(fake_score), cfg.lr_fake_score, betas, device)}

@@ -202,7 +202,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 _CHOICES = {
     "critic_data": ("teacher", "data"),
-    "critic_head": ("standalone", "fake_score", "teacher"),
     "precision": ("fp32", "bf16"),
     "weighting": ("dmd", "sigma2", "none"),
     "omega_normalize": ("batch", "bins", "none"),
@@ -211,6 +210,17 @@ _CHOICES = {
     "nonfinite": ("strict", "skip"),
     "backbone": ("auto", "sd3"),
 }
+
+
+def _choices(key: str) -> tuple[str, ...] | None:
+    """The values option ``key`` takes, where it is a name: fixed ones, or a plug-in point's registered names."""
+    if key == "critic_head":
+        from .critics import CRITIC_HEADS  # below it: the heads import this module
+
+        return tuple(CRITIC_HEADS)
+    return _CHOICES.get(key)
+
+
 _POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "student_steps", "teacher_pool", "hidden", "depth",
                  "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points",
                  "base_channels", "layers_per_block", "patch_size")
@@ -307,8 +317,9 @@ def resolved_divergence(cfg: DistillConfig, key: str = "divergence") -> Divergen
 
 def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:
     for key, value in d.items():
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"option {key!r} must be one of {', '.join(_CHOICES[key])}; got {value!r}")
+        choices = _choices(key)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"option {key!r} must be one of {', '.join(choices)}; got {value!r}")
         auto = key == "eval_samples" and value == 0 and isinstance(cfg, DistillConfig)  # 0: chosen per teacher
         if key in _POSITIVE_INT and value < 1 and not auto:
             raise ConfigError(f"option {key!r} must be a positive integer; got {value}")
