@@ -46,6 +46,8 @@ VARIANTS: dict[str, dict] = {
     "reg1": {"regression_weight": 1.0, "regression_pairs": 1000},
     "reg4": {"regression_weight": 4.0, "regression_pairs": 1000},
     "lora16": {"lora_rank": 16},
+    "reg1_cos": {"regression_weight": 1.0, "regression_pairs": 1000, "lr_schedule": "cosine"},
+    "lr3e-5_cos": {"lr_generator": 3e-5, "lr_schedule": "cosine"},
     "reverse_kl": {"divergence": "reverse_kl"},
 }
 METRICS = ("fd", "precision", "recall", "label_acc")

@@ -137,3 +137,33 @@ def test_one_call_on_both_halves_is_two_calls(kind):
     params = [p for p in critic.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(one.mean(), params), torch.autograd.grad(two.mean(), params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_generator_update_reads_a_fake_score_heads_features_from_one_pass():
+    """A critic head on the fake score takes its features from the fake score's own forward in the generator
+    update: the same numbers as two passes, for the MLP and the U-Net backbones."""
+    from dibregman.losses import GeneratorLoss
+    from dibregman.nets.unet import UNet
+    from dibregman.precond import Precond
+    from dibregman.ratio import FeatureCritic, feature_head
+
+    torch.manual_seed(0)
+    mlp = Precond(MLP(2, 16, 1), 1.0)
+    unet = Precond(UNet(channels=1, resolution=8, base=8, mult=(1, 2)), 0.5)
+    for fake, teacher, x in ((mlp, Precond(MLP(2, 16, 1), 1.0), torch.randn(6, 2)),
+                             (unet, unet, torch.randn(6, 1, 8, 8))):
+        sigma = torch.rand(6) + 0.1
+        out, feats = fake.forward_with_features(x, sigma)
+        assert torch.equal(out, fake(x, sigma)) and torch.equal(feats, fake.features(x, sigma))
+        spatial = feats.ndim == 4
+        critic = FeatureCritic(fake, feature_head(feats.shape[1], spatial))
+        loss = GeneratorLoss(get_divergence("hellinger"))
+        n = torch.randn_like(x)
+        calls, features = [], fake.features
+        fake.features = lambda *a, calls=calls, features=features, **k: calls.append(1) or features(*a, **k)
+        shared = loss(x, sigma, n, teacher, fake, critic)
+        assert not calls  # no second pass for the critic
+        del fake.features
+        critic.reads = lambda net: False  # the two-pass path
+        apart = loss(x, sigma, n, teacher, fake, critic)
+        assert torch.equal(shared.loss, apart.loss) and torch.equal(shared.log_r, apart.log_r)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .divergences import Divergence
 from .precond import Precond, append_dims
-from .ratio import log_r_from_logit
+from .ratio import FeatureCritic, log_r_from_logit
 
 Tensor = torch.Tensor
 Net = Callable[..., Tensor]
@@ -153,12 +153,18 @@ class GeneratorLoss:
         s = append_dims(sigma, x.ndim)
         x_sigma = x + s * n
 
+        d_f = None
         with torch.no_grad():
             log_r = None
             if self.needs_critic:
                 if critic is None:
                     raise ValueError(f"divergence {self.divergence.name!r} (or a GAN term) needs a critic")
-                log_r = log_r_from_logit(critic(x_sigma.detach(), sigma, cond))
+                if self.mode == "score" and isinstance(critic, FeatureCritic) and critic.reads(fake_score):
+                    d_f, feats = fake_score.forward_with_features(x_sigma.detach(), sigma, cond)  # one pass
+                    logit = critic.from_features(feats)
+                else:
+                    logit = critic(x_sigma.detach(), sigma, cond)
+                log_r = log_r_from_logit(logit)
                 if self.log_r_clip is not None:
                     log_r = log_r.clamp(*self.log_r_clip)
             omega = self.divergence.omega(log_r if log_r is not None else torch.zeros_like(sigma))
@@ -177,7 +183,8 @@ class GeneratorLoss:
                 raise ValueError("the score form of the generator loss needs a fake score")
             with torch.no_grad():
                 d_t = teacher(x_sigma.detach(), sigma, cond)
-                d_f = fake_score(x_sigma.detach(), sigma, cond)
+                if d_f is None:
+                    d_f = fake_score(x_sigma.detach(), sigma, cond)
                 weight = self._weight(x, d_t, sigma)
                 g = append_dims(weight * omega_n, x.ndim) * (d_f - d_t)
             loss = 0.5 * _mean_dims((x - (x - g).detach()) ** 2)

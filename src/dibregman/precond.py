@@ -44,6 +44,18 @@ class Precond(nn.Module):
         out = self.backbone(append_dims(c_in, nd) * x, c_noise, cond)
         return append_dims(c_skip, nd) * x + append_dims(c_out, nd) * out
 
+    def forward_with_features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(D(x, sigma), features(x, sigma))`` in one pass where the backbone computes both at once
+        (``forward_features``: its features are a prefix of its forward), else in two calls."""
+        both = getattr(self.backbone, "forward_features", None)
+        if both is None:
+            return self(x, sigma, cond), self.features(x, sigma, cond)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        nd = x.ndim
+        out, feats = both(append_dims(c_in, nd) * x, c_noise, cond)
+        return append_dims(c_skip, nd) * x + append_dims(c_out, nd) * out, feats
+
     def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         """The backbone's internal features at ``(x, sigma)`` (what critic heads read), same input scaling."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])

@@ -70,4 +70,13 @@ class FeatureCritic(nn.Module):
         need_grad = self.train_encoder or x_sigma.requires_grad
         with torch.set_grad_enabled(torch.is_grad_enabled() and need_grad):
             feats = self.encoder.features(x_sigma, sigma, cond)
-        return self.head(feats).reshape(x_sigma.shape[0])
+        return self.from_features(feats)
+
+    def from_features(self, feats: Tensor) -> Tensor:
+        """The logit from features of the encoder computed elsewhere (the generator update reads them from the
+        fake score's own forward on the same input: one pass instead of two)."""
+        return self.head(feats).reshape(feats.shape[0])
+
+    def reads(self, net: nn.Module) -> bool:
+        """Whether the logit is a head on ``net``'s features, untrained by the critic (so they can be shared)."""
+        return not self.train_encoder and self.encoder is net

@@ -69,5 +69,10 @@ class MLP(nn.Module):
         return h
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
-        out = self.out(self.features(x, c_noise, cond))
-        return out.reshape(x.shape) if self.out_dim == x[0].numel() else out
+        return self.forward_features(x, c_noise, cond)[0]
+
+    def forward_features(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The output and the features it was computed from (``Precond.forward_with_features``)."""
+        h = self.features(x, c_noise, cond)
+        out = self.out(h)
+        return (out.reshape(x.shape) if self.out_dim == x[0].numel() else out), h

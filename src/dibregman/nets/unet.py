@@ -84,10 +84,15 @@ class UNet(nn.Module):
         return self._down(x, self._embedding(x, c_noise, cond))[0]
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.forward_features(x, c_noise, cond)[0]
+
+    def forward_features(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The output and the bottleneck features on the way (``Precond.forward_with_features``)."""
         u = self.unet
         emb = self._embedding(x, c_noise, cond)
         h, skips = self._down(x, emb)
+        feats = h
         for block in u.up_blocks:
             res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
             h = block(h, res, emb)
-        return u.conv_out(u.conv_act(u.conv_norm_out(h)))
+        return u.conv_out(u.conv_act(u.conv_norm_out(h))), feats
