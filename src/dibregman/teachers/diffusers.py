@@ -314,6 +314,11 @@ class DiffusersDenoiser(nn.Module):
             return ab.sqrt() * x_in - (1 - ab).sqrt() * out
         return out
 
+    def forward_with_features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(D(x, sigma), features(x, sigma))``, as ``Precond``'s; here in two calls (diffusers' forward hides
+        its bottleneck)."""
+        return self(x, sigma, cond), self.features(x, sigma, cond)
+
     def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         """The UNet's bottleneck at ``(x_sigma, sigma)`` (what critic heads read), same inputs as ``forward``."""
         x_in, timestep, labels, _ = self._inputs(x, sigma, cond)
