@@ -225,12 +225,12 @@ def test_a_config_object_and_a_preset_together_are_refused():
 
 
 def test_cli_list_names_what_the_options_accept(capsys):
-    from dibregman.divergences import REGISTRY
+    from dibregman.divergences import DIVERGENCES
     from dibregman.teachers.gmm import BUILTINS
 
     assert run_cli("list") == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in [*REGISTRY, *BUILTINS, "moons", "py:<module>:<function>", "tiny"])
+    assert all(name in out for name in [*DIVERGENCES, *BUILTINS, "moons", "py:<module>:<function>", "tiny"])
 
 
 def test_adam_is_fused_on_the_cpu_and_falls_back_without_the_kernel(monkeypatch):

@@ -120,7 +120,7 @@ def test_every_preset_a_page_names_exists():
 
 def test_every_spec_a_page_names_exists():
     from dibregman.assets import shipped_names
-    from dibregman.data.images import SOURCES
+    from dibregman.data.images import IMAGE_SOURCES
     from dibregman.data.toy2d import TOY_SETS
     from dibregman.teachers.gmm import BUILTINS
     from dibregman.train.config import divergence_from_spec
@@ -134,7 +134,7 @@ def test_every_spec_a_page_names_exists():
             if name not in shipped_names("teacher"):
                 bad.add((page, f"net:{name}"))
         for name in re.findall(r"--data[ =]([a-z][\w-]*)\b(?![./:])", text):
-            if name not in TOY_SETS and name not in SOURCES:
+            if name not in TOY_SETS and name not in IMAGE_SOURCES:
                 bad.add((page, f"--data {name}"))
         for spec in re.findall(r"--(?:divergence|critic-loss)[ =]([a-z][\w.:]*)", text):
             if not spec.startswith("py:"):

@@ -56,6 +56,42 @@ def test_train_vae_learns_and_scales_its_latents_to_zero_mean_unit_variance(vae,
         train_vae("digits", vae.parent, steps=1, progress=False)  # never over a finished VAE
 
 
+def test_an_interrupted_vae_training_resumes_bit_exactly(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from safetensors.torch import load_file
+
+    from dibregman.train.guard import Interrupted
+
+    kw = {"steps": 6, "batch_size": 8, "channels": (8, 16), "checkpoint_every": 2, "progress": False}
+    whole = train_vae("digits", tmp_path / "whole", **kw)
+    real, calls = DiagonalGaussianDistribution.kl, []
+
+    def sigterm_in_step_5(self, *args, **kwargs):  # the posterior's KL, once per step
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "kl", sigterm_in_step_5)
+    with pytest.raises(Interrupted, match="SIGTERM at step 5"):
+        train_vae("digits", tmp_path / "cut", **kw)
+    monkeypatch.undo()
+    assert not (tmp_path / "cut" / "vae").exists() and (tmp_path / "cut" / "checkpoints").is_dir()
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train_vae("digits", tmp_path / "cut", **kw)
+    with pytest.raises(ConfigError, match="started with other arguments"):
+        train_vae("digits", tmp_path / "cut", resume=True, **{**kw, "kl_weight": 1e-3})
+    out = train_vae("digits", tmp_path / "cut", resume=True, **kw)
+    a, b = (load_file(str(f / "diffusion_pytorch_model.safetensors")) for f in (whole, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out.parent / "checkpoints").exists()  # a finished folder is the VAE alone
+    rows = [json.loads(line) for line in (out.parent / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and rows[-1]["loss/vae"] < rows[0]["loss/vae"]
+
+
 def _digits() -> torch.Tensor:
     from dibregman.data.images import load_images
 

@@ -16,7 +16,8 @@ ROOT = Path(dibregman.__file__).parent
 # from the bottom up; a module may import from its own rank or below
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"io", "integrity", "safe_pickle", "dist", "plugins", "assets", "run_folder"}),
-    ("math", {"schedules", "precond", "divergences", "ratio", "losses", "sampling"}),
+    # math: torch only, no I/O; registry (a pure name table) is there so the divergences may keep one
+    ("math", {"registry", "schedules", "precond", "divergences", "ratio", "losses", "sampling"}),
     ("models", {"nets", "teachers", "generator", "text", "pipeline", "lora"}),
     ("data and measures", {"data", "grids", "stats", "metrics"}),
     ("artefacts", {"artifacts"}),

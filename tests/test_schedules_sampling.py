@@ -108,13 +108,18 @@ def test_loguniform_law():
 
 
 def test_samplers_are_seeded_and_registry():
+    from dibregman.train.config import DistillConfig
+    from dibregman.train.sigmas import SIGMA_SAMPLERS, sigma_sampler
+
+    cfg = DistillConfig(fake_score_p_mean=0.5)
     for name in ("lognormal", "karras", "loguniform"):
-        sm = schedules.get_sigma_sampler(name)
+        sm = SIGMA_SAMPLERS.get(name).make(cfg, 0.01, 10.0)
         a, b = sm(64, torch.Generator().manual_seed(5)), sm(64, torch.Generator().manual_seed(5))
         assert torch.equal(a, b) and (a > 0).all()
-    assert schedules.get_sigma_sampler("lognormal", p_mean=0.5) == schedules.LogNormal(p_mean=0.5)
+    assert sigma_sampler(cfg, "fake_score_sigmas", 0.01, 10.0) == schedules.LogNormal(p_mean=0.5)
+    assert sigma_sampler(cfg, "generator_sigmas", 0.01, 10.0) == schedules.KarrasUniform(0.01, 10.0)
     with pytest.raises(ValueError) as e:
-        schedules.get_sigma_sampler("uniform")
+        SIGMA_SAMPLERS.get("uniform")
     for name in ("lognormal", "karras", "loguniform"):
         assert name in str(e.value)
 

@@ -129,7 +129,7 @@ def _bad(**changes):
     (_bad(num_classes=-1), r"num_classes must be an integer >= 0"),
     (_bad(num_classes=3), r"class-conditional teacher needs a network"),
     (_bad(network=torch.nn.Linear(2, 2)), r"network is a Linear; it must be a dibregman\.precond\.Precond"),
-    (_bad(network=Precond(torch.nn.Linear(2, 2), 0.5)), r"a Precond around a Linear; .* must be one of dibregman"),
+    (_bad(network=Precond(torch.nn.Linear(2, 2), 0.5)), r"a Precond around a Linear; .* registered in dibregman.nets"),
     (_bad(shape=(1, 4, 4)), r"image teacher needs a network"),
     (_bad(forward=lambda x, s, c=None: x[:, :1]), r"returned \(2, 1\) for inputs of shape \(2, 2\)"),
     (_bad(forward=lambda x, s, c=None: x * float("nan")), r"NaN or inf"),

@@ -20,7 +20,7 @@ from .artifacts import load_codec_of, load_generator
 from .metrics.toy import evaluate
 from .run_folder import RunFolder
 from .sampling import batch_for, seeded_noise
-from .teachers import Teacher, check_teacher, exact_mixture, load_teacher
+from .teachers import Teacher, check_teacher, exact_mixture, load_teacher, set_guidance
 from .teachers.objects import object_spec
 from .text.prompts import PromptSet
 from .train.components import balanced_labels, teacher_samples, true_samples
@@ -159,8 +159,7 @@ def teacher_row(teacher_spec: str | Teacher, num: int, seed: int = 0, classifier
     teacher on ``prompts``, see ``DistillConfig.prompts``; ``guidance``: its classifier-free guidance).
     ``teacher_spec``: a spec string or a teacher object."""
     teacher = _teacher(teacher_spec)
-    if guidance != 1.0 or hasattr(teacher, "guidance"):  # an object may carry another run's scale
-        teacher.guidance = guidance
+    set_guidance(teacher, guidance)  # also 1: an object may carry another run's scale
     conds = conditions_for(teacher, prompts)
     score = _scorer(teacher, num, seed, classifier, conds)
     t0 = time.perf_counter()
@@ -187,8 +186,7 @@ def evaluate_run(run: str | Path, num: int | None = None, seed: int = 0, teacher
     gen, info = load_generator(run)
     num = run_eval_samples(run) if num is None else num
     the_teacher = _teacher(teacher if teacher is not None else info["teacher"])
-    if hasattr(the_teacher, "guidance"):  # the law the run was distilled towards: its teacher at its guidance
-        the_teacher.guidance = float(info.get("guidance", 1.0))
+    set_guidance(the_teacher, float(info.get("guidance", 1.0)))  # the law the run was distilled towards
     conds = conditions_for(the_teacher, prompts)
     score = _scorer(the_teacher, num, seed, classifier, conds)
     t0 = time.perf_counter()

@@ -56,11 +56,11 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
                          "EDM's grid); in [0, sigma_g), 0 = 0.16 x the teacher's sigma_data",
     "sigma_min": "lowest noise level of the generator update and the critic; 0 = the teacher's sigma_min",
     "sigma_max": "highest noise level of the generator update and the critic; 0 = the teacher's sigma_max",
-    "fake_score_p_mean": "the fake score's training noise: log sigma ~ N(p_mean, p_std^2); p_mean, any number "
-                         "(EDM's -1.2)",
+    "fake_score_p_mean": "the lognormal noise law (the fake score's by default): log sigma ~ N(p_mean, p_std^2); "
+                         "p_mean, any number (EDM's -1.2)",
     "fake_score_p_std": "p_std of that law; > 0 (EDM's 1.2)",
-    "generator_t_min": "generator (and critic) updates draw sigma from Karras-uniform t in [t_min, t_max]; "
-                       "in [0, 1), t = 0 is sigma_max",
+    "generator_t_min": "the karras noise law (the generator and critic updates' by default): sigma from "
+                       "Karras-uniform t in [t_min, t_max]; in [0, 1), t = 0 is sigma_max",
     "generator_t_max": "upper end of that t range; in (t_min, 1], t = 1 is sigma_min",
     "weighting": "time weighting of the update: dmd (1/mean|x - D_T|), sigma2 or none",
     "r_clip_min": "lower clip of the ratio r = q/p; > 0 and < 1",
@@ -164,15 +164,18 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type, kind: str) -> Non
 def registered_help() -> dict[str, str]:
     """The help of the options whose values are a plug-in point's names, from its registry (so a name registered
     by your code shows up here too)."""
-    from .divergences import REGISTRY
+    from .divergences import DIVERGENCES
     from .teachers import TEACHER_FORMATS
     from .train.critics import CRITIC_HEADS
+    from .train.sigmas import SIGMA_SAMPLERS
 
-    members = ", ".join("power:<alpha>" if n == "power" else n for n in REGISTRY)
+    members = ", ".join(DIVERGENCES.get(n).usage for n in DIVERGENCES)
     return {"teacher": "what to distill: " + TEACHER_FORMATS.describe(", "),
             "divergence": f"generator divergence: {members} (reverse_kl is DMD's), or your own convex h as "
                           "py:<module>:<function>",
-            "critic_head": "the critic: " + CRITIC_HEADS.describe(", ")}
+            "critic_head": "the critic: " + CRITIC_HEADS.describe(", "),
+            "generator_sigmas": "noise law of the generator and critic updates: " + SIGMA_SAMPLERS.describe(", "),
+            "fake_score_sigmas": "noise law of the fake score's denoising loss: " + SIGMA_SAMPLERS.describe(", ")}
 
 
 def _resolve(args: argparse.Namespace, cls: type) -> Any:
@@ -235,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image data spec (fashion-mnist, mnist, digits, cifar10:<dir>, "
                    "folder:<dir>, file.npz)")
     p.add_argument("--out", required=True, help="folder to write: <out>/vae (the diffusers VAE), vae.json, "
-                   "reconstructions.png; refused if <out>/vae exists")
+                   "reconstructions.png; while training a run folder (stats.jsonl, checkpoints/); refused if it "
+                   "holds a finished VAE, or a started run unless --resume")
     p.add_argument("--steps", type=int, default=2000, help="training steps; integer >= 1")
     p.add_argument("--batch-size", type=int, default=64, help="images per step; integer >= 1")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0); > 0")
@@ -245,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term (summed over the latent) "
                    "against the mean absolute reconstruction error; >= 0")
     p.add_argument("--seed", type=int, default=0, help="initialisation, batches and posterior noise")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its newest "
+                   "checkpoint (the same arguments); bit-exact")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr (default: only on a terminal)")
@@ -363,7 +369,7 @@ def run(argv: list[str] | None = None) -> int:
         folder = train_vae(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            channels=channels, latent_channels=args.latent_channels,
                            kl_weight=args.kl_weight, seed=args.seed, device=args.device, progress=args.progress,
-                           command=command)
+                           command=command, resume=args.resume)
         print(f"VAE folder: {folder} (use it with train-teacher --vae {folder})")
         return 0
     if args.command == "tiny-pipeline":
@@ -449,22 +455,25 @@ def _check_preset_teacher(preset: str | None, teacher: str) -> None:
 def listing() -> str:
     """What names the options accept, from the registries themselves (so it cannot go stale)."""
     from .assets import shipped_names
-    from .data.images import SOURCES as IMAGE_SOURCES
+    from .data.images import IMAGE_SOURCES
     from .data.toy2d import TOY_SETS
-    from .divergences import REGISTRY
+    from .divergences import DIVERGENCES
+    from .nets import BACKBONES
     from .teachers import TEACHER_FORMATS
     from .teachers.gmm import BUILTINS
     from .train.critics import CRITIC_HEADS
+    from .train.sigmas import SIGMA_SAMPLERS
 
-    lines = ["divergences (--divergence, --critic-loss): " + ", ".join(REGISTRY)
-             + "; power takes alpha as power:<alpha>; your own convex h: py:<module>:<function>",
+    lines = ["divergences (--divergence, --critic-loss): " + DIVERGENCES.describe()
+             + "; your own convex h: py:<module>:<function>",
              "teacher formats (--teacher <format>:<argument>): " + TEACHER_FORMATS.describe(),
              "critic heads (--critic-head): " + CRITIC_HEADS.describe(),
+             "sigma samplers (--generator-sigmas, --fake-score-sigmas): " + SIGMA_SAMPLERS.describe(),
+             "backbones (saved arch kinds): " + BACKBONES.describe(),
              "built-in mixtures (--teacher gmm:<name>, or gmm:<spec.json|.toml>): " + ", ".join(BUILTINS),
              "toy data sets (train-teacher --data, or a .npy/.csv file): " + ", ".join(TOY_SETS),
-             "image data (train-teacher --data, train-classifier --data): "
-             + ", ".join(f"{name}:<folder>" if name in ("cifar10", "folder") else name for name in IMAGE_SOURCES)
-             + ", <file>.npz",
+             "image data (train-teacher --data, train-classifier --data): " + IMAGE_SOURCES.describe()
+             + "; <file>.npz",
              "shipped teachers (--teacher net:<name>): " + ", ".join(shipped_names("teacher"))]
     def what(name: str, values: dict[str, Any]) -> str:
         if "teacher" in values:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .registry import Registry
+
 Tensor = torch.Tensor
 Fn = Callable[[Tensor], Tensor]
 
@@ -125,16 +127,15 @@ def softened_rkl() -> Divergence:
     )
 
 
-REGISTRY: dict[str, Callable[..., Divergence]] = {
-    "reverse_kl": reverse_kl,
-    "forward_kl": forward_kl,
-    "pearson": pearson,
-    "logistic": logistic,
-    "power": power,
-    "hellinger": hellinger,
-    "jeffreys": jeffreys,
-    "softened_rkl": softened_rkl,
-}
+DIVERGENCES = Registry("divergence")  # named members; a parameter (power's alpha) is given as name:value
+for _name, _make, _help in (
+        ("reverse_kl", reverse_kl, "h = r log r, DMD's"), ("forward_kl", forward_kl, "h = -log r"),
+        ("pearson", pearson, "h = (r - 1)^2 / 2"), ("logistic", logistic, "h = r log r - (1 + r) log(1 + r)"),
+        ("hellinger", hellinger, "h = (sqrt r - 1)^2"), ("jeffreys", jeffreys, "h = (r - 1) log r"),
+        ("softened_rkl", softened_rkl, "h = (1 + r) log((1 + r) / 2)")):
+    DIVERGENCES.register(_name, _make, help=_help, check=False)
+DIVERGENCES.register("power", power, usage="power:<alpha>", help="h = (r^(1+alpha) - r) / alpha, alpha > -1 and != 0",
+                     check=False, param="alpha")
 
 
 def from_h(h: Fn, name: str = "custom", h_prime: Fn | None = None, h_second: Fn | None = None) -> Divergence:
@@ -186,14 +187,20 @@ def get_divergence(spec: str | Divergence | Fn) -> Divergence:
     if callable(spec):
         return from_h(spec, name=getattr(spec, "__name__", "custom"))
     name, params = parse_spec(spec)
-    if name not in REGISTRY:
-        raise ValueError(f"unknown divergence {spec!r}; choose one of {', '.join(REGISTRY)} "
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {spec!r}; choose one of {', '.join(DIVERGENCES)} "
                          "(power takes a parameter: 'power:0.5'), or your own convex h as py:<module>:<function> "
                          "(in Python, a callable h works too)")
-    if params and name != "power":
+    entry = DIVERGENCES.get(name)
+    param = entry.meta.get("param")
+    if params and not param:
         raise ValueError(f"divergence {name!r} takes no parameter; got {spec!r}")
-    return REGISTRY[name](**params)
+    made = entry.make(**({param: params["alpha"]} if params else {}))
+    if not isinstance(made, Divergence):
+        raise TypeError(f"divergence {name!r} made a {type(made).__name__}, not a dibregman Divergence (from_h makes "
+                        "one of a convex h)")
+    return made
 
 
 def names() -> list[str]:
-    return list(REGISTRY)
+    return list(DIVERGENCES)

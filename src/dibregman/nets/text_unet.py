@@ -42,6 +42,8 @@ def cond_unet_features(unet: nn.Module, x: Tensor, timestep: Tensor, hidden: Ten
 
 
 class TextUNet(nn.Module):
+    arch_kind = "text_unet"  # its name in BACKBONES and in a saved arch
+
     def __init__(self, channels: int = 1, resolution: int = 28, base: int = 32, mult: tuple[int, ...] = (1, 2, 2),
                  layers_per_block: int = 1, text_dim: int = 384, text_length: int = 16, heads: int = 4,
                  attention_levels: int = 1, norm_groups: int = 8):

@@ -24,6 +24,8 @@ NOISE_SCALE = 250.0  # c_noise in about [-1.6, 1.1] -> about [-400, 275], DDPM's
 
 
 class UNet(nn.Module):
+    arch_kind = "unet"  # its name in BACKBONES and in a saved arch
+
     def __init__(self, channels: int = 1, resolution: int = 28, base: int = 32, mult: tuple[int, ...] = (1, 2, 2),
                  layers_per_block: int = 1, attention: bool = False, num_classes: int = 0, norm_groups: int = 8,
                  dropout: float = 0.0):

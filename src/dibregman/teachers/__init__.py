@@ -7,12 +7,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..assets import shipped_names
-from ..plugins import Registry
-from .base import Teacher, exact_mixture, latent_codec
+from ..registry import Registry
+from .base import (
+    Teacher,
+    class_names,
+    data_spec,
+    exact_mixture,
+    exact_sampler,
+    guidable,
+    latent_codec,
+    set_guidance,
+    text_spec,
+)
 from .objects import ModuleTeacher, check_teacher
 
-__all__ = ["TEACHER_FORMATS", "ModuleTeacher", "Teacher", "check_teacher", "exact_mixture", "latent_codec",
-           "load_teacher"]
+__all__ = ["TEACHER_FORMATS", "ModuleTeacher", "Teacher", "check_teacher", "class_names", "data_spec", "exact_mixture",
+           "exact_sampler", "guidable", "latent_codec", "load_teacher", "set_guidance", "text_spec"]
 
 
 TEACHER_FORMATS = Registry("teacher format")  # the prefix of a spec string, `<format>:<argument>`

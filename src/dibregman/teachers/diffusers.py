@@ -28,7 +28,8 @@ decodes for grids, metrics and samples. A Stable Diffusion 3 folder (``transform
 the pipeline's own prompt handling (``text/pipeline_prompts.py``); so does a Flux folder
 (``FluxTransformer2DModel``: packed latents, position ids, a guidance embedding).
 
-The conversion lives in ``DiffusersDenoiser``, a trainable module with ``Precond``'s interface; the teacher is
+The conversion lives in ``DiffusersDenoiser``: a ``Precond`` whose four coefficients are the scheduler's VP or
+flow parameterisation (``schedules.py``), so it is trained and saved like our own networks; the teacher is
 a frozen wrapper around one, and students (``distill --teacher diffusers:<folder>``) start from copies of it.
 """
 
@@ -43,14 +44,13 @@ import torch
 from torch import nn
 
 from ..nets.arch import check_arch_size
-from ..precond import append_dims, edm_loss_weight
+from ..precond import Precond
 from ..schedules import (
-    flow_input_from_x_sigma,
+    VP_PREDICTIONS,
+    FlowParameterisation,
+    Parameterisation,
+    VPParameterisation,
     flow_sigma_from_t,
-    flow_t_from_sigma,
-    vp_alpha_bar_from_sigma,
-    vp_input_from_x_sigma,
-    vp_sigma_from_alpha_bar,
 )
 from .dit import TRANSFORMER_CLASSES, transformer_backbone, unpack_text
 from .latent import VAE_FOLDER, LatentCodec, load_codec
@@ -64,7 +64,7 @@ VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
                  "UniPCMultistepScheduler", "DEISMultistepScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS
-PREDICTIONS = ("epsilon", "v_prediction", "sample")  # for the VP schedulers; flow models predict velocity
+PREDICTIONS = VP_PREDICTIONS  # for the VP schedulers; flow models predict velocity
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 MODEL_CLASSES = UNET_CLASSES + TRANSFORMER_CLASSES
 # models whose text conditions come from several encoders, read through that pipeline class's encode_prompt
@@ -139,27 +139,25 @@ class DiffusersUNet(nn.Module):
         return u.mid_block(h, emb) if u.mid_block is not None else h
 
 
-class DiffusersDenoiser(nn.Module):
+class DiffusersDenoiser(Precond):
     """A diffusers UNet (or SD3 transformer) + its scheduler's conventions as a trainable EDM denoiser.
 
-    The same interface as ``Precond`` (``forward``, ``features``, ``loss_weight``, ``sigma_data``,
-    ``backbone``), so students start from a copy of it as from one of our networks; the conversion is the
-    preconditioning (module docstring). Its state dict is the UNet's weights (``backbone.unet.*``); the
+    A ``Precond`` whose parameterisation is the scheduler's VP or flow convention (``schedules.py``) and whose
+    network is called in diffusers' conventions (its dtype, its conditions), so students start from a copy of
+    it as from one of our networks. Its state dict is the UNet's weights (``backbone.unet.*``); the
     conversion is rebuilt from ``arch()`` (the UNet and scheduler configs), so a saved generator reloads
     offline with ``from_arch``. The scheduler itself is not kept: only its noise table is needed.
     """
 
     def __init__(self, unet: nn.Module, scheduler: Any, sigma_data: float = 0.5, options: dict | None = None):
-        super().__init__()
         sched_name = type(scheduler).__name__
         if sched_name not in SCHEDULERS:
             raise ValueError(f"unsupported diffusers scheduler {sched_name}; supported: {', '.join(SCHEDULERS)}")
         cfg = scheduler.config
-        self.kind = "flow" if sched_name in FLOW_SCHEDULERS else "vp"
-        if self.kind == "flow":
+        if sched_name in FLOW_SCHEDULERS:
             if cfg.get("invert_sigmas", False):  # t = 1 would then be data, not noise: another convention
                 raise ValueError(f"{sched_name} with invert_sigmas=True is not supported (x_t = (1-t) x0 + t n only)")
-            self.prediction_type = "velocity"
+            param: Parameterisation = FlowParameterisation(cfg["num_train_timesteps"])
         else:
             if cfg.get("use_flow_sigmas"):  # a flow model sampled by a DPM-Solver (Sana): another convention
                 raise ValueError(f"{sched_name} with use_flow_sigmas=True is not supported: read the model with "
@@ -169,10 +167,16 @@ class DiffusersDenoiser(nn.Module):
             if pred not in PREDICTIONS:
                 raise ValueError(f"unsupported prediction_type {pred!r} for {sched_name}; supported: "
                                  f"{', '.join(PREDICTIONS)} (and velocity via FlowMatchEulerDiscreteScheduler)")
-            self.prediction_type = pred
+            # Euler's EDM-style variant feeds 0.25 log sigma instead of an index (diffusers only does it for v)
+            continuous = (sched_name == "EulerDiscreteScheduler" and pred == "v_prediction"
+                          and cfg.get("timestep_type", "discrete") == "continuous")
+            try:
+                param = VPParameterisation(scheduler.alphas_cumprod, pred, continuous)
+            except ValueError as e:
+                raise ValueError(f"{sched_name}: {e}") from None
         ucfg = unet.config
         transformer = type(unet).__name__ in TRANSFORMER_CLASSES
-        if transformer and self.kind != "flow" and type(unet).__name__ != "PixArtTransformer2DModel":
+        if transformer and param.kind != "flow" and type(unet).__name__ != "PixArtTransformer2DModel":
             raise ValueError(f"{type(unet).__name__} is a flow-matching model: it needs "
                              f"FlowMatchEulerDiscreteScheduler, not {sched_name}")
         if type(unet).__name__ == "UNet2DConditionModel":
@@ -185,30 +189,18 @@ class DiffusersDenoiser(nn.Module):
         if ucfg.get("time_embedding_type", "positional") != "positional":  # those embed integer steps or sigma
             raise ValueError(f"UNet time_embedding_type {ucfg.get('time_embedding_type')!r} is not supported; "
                              "only 'positional' takes the continuous timesteps this teacher feeds")
-        self.backbone = transformer_backbone(unet, options) if transformer else DiffusersUNet(unet, options)
+        super().__init__(transformer_backbone(unet, options) if transformer else DiffusersUNet(unet, options),
+                         sigma_data, param)
         self.scheduler_class = sched_name
         self.scheduler_config = _plain(cfg)  # for arch(): the scheduler is rebuilt from it, not pickled
-        self.sigma_data = float(sigma_data)
         if transformer:
             self.shape: tuple[int, ...] = self.backbone.sample_shape
         else:
             self.shape = (int(ucfg["in_channels"]), *_size(ucfg))
         self.num_classes = self.backbone.num_classes
         self.num_train_timesteps = int(cfg["num_train_timesteps"])
-        # Euler's EDM-style variant feeds 0.25 log sigma instead of an index (diffusers only does it for v)
-        self.continuous_timesteps = (sched_name == "EulerDiscreteScheduler" and self.prediction_type == "v_prediction"
-                                     and cfg.get("timestep_type", "discrete") == "continuous")
-        # plain attributes, not buffers: the state dict stays the UNet's weights alone
-        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        if self.kind == "vp":
-            log_sigmas = vp_sigma_from_alpha_bar(scheduler.alphas_cumprod.double()).log()
-            keep = log_sigmas.isfinite()  # a zero-terminal-SNR end (alpha_bar = 0) has no finite EDM sigma
-            self._log_sigmas = log_sigmas[keep]
-            self._steps = torch.arange(len(log_sigmas), dtype=torch.float64)[keep]
-            if len(self._log_sigmas) < 2 or not bool((self._log_sigmas.diff() > 0).all()):
-                raise ValueError(f"{sched_name}: noise levels must increase strictly with the timestep")
-            self.sigma_min = float(self._log_sigmas[0].exp())
-            self.sigma_max = float(self._log_sigmas[-1].exp())
+        if isinstance(param, VPParameterisation):
+            self.sigma_min, self.sigma_max = param.sigma_min, param.sigma_max
         else:
             ts = scheduler.sigmas.double()
             ts = ts[(ts > 0) & (ts < 1)]  # t = 1 is pure noise: EDM sigma = inf, so the range stops one step short
@@ -216,6 +208,20 @@ class DiffusersDenoiser(nn.Module):
                 raise ValueError(f"{sched_name}: no flow time strictly between 0 and 1 in its schedule")
             self.sigma_min = float(flow_sigma_from_t(ts.min()))
             self.sigma_max = float(flow_sigma_from_t(ts.max()))
+
+    @property
+    def kind(self) -> str:
+        """``vp`` or ``flow``: the convention the model was trained in."""
+        return self.parameterisation.kind
+
+    @property
+    def prediction_type(self) -> str:
+        """What the model outputs: ``epsilon``, ``v_prediction`` or ``sample`` (VP), ``velocity`` (flow)."""
+        return self.parameterisation.prediction
+
+    @property
+    def continuous_timesteps(self) -> bool:
+        return bool(getattr(self.parameterisation, "continuous", False))
 
     @property
     def unet(self) -> nn.Module:
@@ -254,79 +260,39 @@ class DiffusersDenoiser(nn.Module):
 
     # --- sigma <-> the UNet's timestep ----------------------------------------------------------------
 
-    def _table(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(log sigma_k, k)`` on ``device`` (float64 for exact knots; MPS has no float64)."""
-        if device not in self._tables:
-            dt = torch.float32 if device.type == "mps" else torch.float64
-            self._tables[device] = (self._log_sigmas.to(device, dt), self._steps.to(device, dt))
-        return self._tables[device]
-
     def timestep_from_sigma(self, sigma: Tensor) -> Tensor:
         """The ``timestep`` the UNet is called with at EDM noise level ``sigma`` (float64 where possible)."""
-        sigma = torch.as_tensor(sigma)
-        if self.kind == "flow":
-            return flow_t_from_sigma(sigma.double()) * self.num_train_timesteps
-        if self.continuous_timesteps:
-            return 0.25 * sigma.double().log()
-        log_sigmas, steps = self._table(sigma.device)
-        return _interp(sigma.to(log_sigmas.dtype).log(), log_sigmas, steps)
+        return self.parameterisation.timestep(sigma)
 
     def sigma_from_timestep(self, timestep: Tensor) -> Tensor:
         """Inverse of ``timestep_from_sigma`` on the trained range (VP: log-linear between the discrete sigmas)."""
-        t = torch.as_tensor(timestep).double()
-        if self.kind == "flow":
-            return flow_sigma_from_t(t / self.num_train_timesteps)
-        if self.continuous_timesteps:
-            return (4 * t).exp()
-        log_sigmas, steps = self._table(t.device)
-        return _interp(t.to(steps.dtype), steps, log_sigmas).exp()
+        return self.parameterisation.sigma_from_timestep(timestep)
 
-    # --- the denoiser ------------------------------------------------------------------------------------
+    # --- the network F, called in diffusers' conventions ---------------------------------------------------
 
-    def _inputs(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """``(x_t, timestep, labels, sigma)``: the UNet's inputs at ``(x_sigma, sigma)``, sigma as ``[B, 1, ...]``."""
-        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
-        timestep = self.timestep_from_sigma(sigma).float()
-        s = append_dims(sigma.to(x.dtype), x.ndim)
-        x_in = flow_input_from_x_sigma(x, s) if self.kind == "flow" else vp_input_from_x_sigma(x, s)
+    def _model_inputs(self, x_in: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(x_t, cond)`` as the model takes them: its dtype, and the condition it needs (or none)."""
         if self.backbone.text:
             if cond is None:
                 raise ValueError("this diffusers model is text-conditional: pass cond (text encoder hidden states; "
                                  "the teacher supplies the empty prompt's for classifier-free guidance)")
-            return x_in, timestep, cond.to(self.unet.dtype), s
+            return x_in.to(self.unet.dtype), cond.to(self.unet.dtype)
         if self.unet.class_embedding is not None and cond is None:
             raise ValueError(f"this diffusers model is class-conditional ({self.num_classes} classes): "
                              "pass cond (class labels)")
-        labels = cond if self.unet.class_embedding is not None else None
-        return x_in, timestep, labels, s
+        return x_in.to(self.unet.dtype), cond if self.unet.class_embedding is not None else None
 
-    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
-        x_in, timestep, labels, s = self._inputs(x, sigma, cond)
-        out = self.backbone(x_in.to(self.unet.dtype), timestep, labels).to(x.dtype)
-        if out.shape[1] == 2 * x.shape[1]:  # learned variance (improved DDPM): the mean half comes first
-            out = out[:, : x.shape[1]]
-        if self.kind == "flow":
-            return x_in - flow_t_from_sigma(s) * out
-        if self.prediction_type == "epsilon":
-            return x - s * out
-        if self.prediction_type == "v_prediction":
-            ab = vp_alpha_bar_from_sigma(s)
-            return ab.sqrt() * x_in - (1 - ab).sqrt() * out
+    def _network(self, x_in: Tensor, c_noise: Tensor, cond: Tensor | None) -> Tensor:
+        x_t, cond = self._model_inputs(x_in, cond)
+        out = self.backbone(x_t, c_noise, cond).to(x_in.dtype)
+        if out.shape[1] == 2 * x_in.shape[1]:  # learned variance (improved DDPM): the mean half comes first
+            out = out[:, : x_in.shape[1]]
         return out
 
-    def forward_with_features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(D(x, sigma), features(x, sigma))``, as ``Precond``'s; here in two calls (diffusers' forward hides
-        its bottleneck)."""
-        return self(x, sigma, cond), self.features(x, sigma, cond)
+    def _network_features(self, x_in: Tensor, c_noise: Tensor, cond: Tensor | None) -> Tensor:
+        x_t, cond = self._model_inputs(x_in, cond)
+        return self.backbone.features(x_t, c_noise, cond)
 
-    def features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
-        """The UNet's bottleneck at ``(x_sigma, sigma)`` (what critic heads read), same inputs as ``forward``."""
-        x_in, timestep, labels, _ = self._inputs(x, sigma, cond)
-        return self.backbone.features(x_in.to(self.unet.dtype), timestep, labels)
-
-    def loss_weight(self, sigma: Tensor) -> Tensor:
-        """EDM's lambda(sigma), as ``Precond``: D is an x0 estimate here too, so the same weight unit-scales it."""
-        return edm_loss_weight(sigma, self.sigma_data)
 
 
 class DiffusersTeacher(nn.Module):
@@ -451,14 +417,6 @@ def _plain(config: Any) -> dict[str, Any]:
         raise TypeError(f"config value {v!r} is not JSON-able")
 
     return {k: v for k, v in json.loads(json.dumps(dict(config), default=default)).items() if not k.startswith("_")}
-
-
-def _interp(q: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """Piecewise-linear ``f(q)`` through ``(xp, fp)`` (``xp`` increasing), clamped to the end values."""
-    q = q.clamp(xp[0], xp[-1])
-    i = torch.searchsorted(xp, q.contiguous(), right=True).clamp(1, len(xp) - 1)
-    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    return f0 + (q - x0) / (x1 - x0) * (f1 - f0)
 
 
 # --- loading -----------------------------------------------------------------------------------------------

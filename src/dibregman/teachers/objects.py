@@ -5,6 +5,7 @@ that makes a plain module or function a teacher (``ModuleTeacher``), and the lab
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -76,6 +77,27 @@ def _number(obj: Any, name: str) -> float:
     return float(value)
 
 
+def check_saveable(net: Precond, what: str) -> None:
+    """A ``Precond`` the students can be saved from and rebuilt: exactly a ``Precond`` (a subclass's own calls
+    would not be), with EDM's coefficients at its ``sigma_data`` (what ``arch`` and ``sigma_data`` rebuild) around
+    a backbone registered in ``dibregman.nets.BACKBONES`` whose ``arch()`` is JSON."""
+    from ..nets import BACKBONES, registered
+    from ..schedules import EDMParameterisation
+
+    if not registered(net.backbone):
+        raise TypeError(f"{what} is a Precond around a {type(net.backbone).__name__}; the student is saved by its "
+                        "architecture, so the backbone must be registered in dibregman.nets.BACKBONES "
+                        f"({', '.join(BACKBONES)}, or one of your own with an arch_kind)")
+    if type(net) is not Precond or net.parameterisation != EDMParameterisation(net.sigma_data):
+        raise TypeError(f"{what} is a {type(net).__name__} with {net.parameterisation!r}; a saved student is rebuilt "
+                        f"as Precond(backbone, sigma_data) with EDM's coefficients, so it must be one (a diffusers "
+                        "model's VP or flow convention comes with a diffusers: teacher)")
+    try:
+        json.dumps(net.backbone.arch())
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what}: its {type(net.backbone).__name__}.arch() must be JSON-able ({e})") from None
+
+
 def check_teacher(obj: Any) -> Teacher:
     """``obj`` if it meets the teacher contract (``dibregman.teachers.Teacher``), else a ``TypeError`` or
     ``ValueError`` that names the member to fix. One call on two noisy inputs checks what it returns."""
@@ -103,19 +125,11 @@ def check_teacher(obj: Any) -> Teacher:
     net = obj.network
     from .diffusers import DiffusersDenoiser
 
-    if net is not None and not isinstance(net, Precond | DiffusersDenoiser):
+    if net is not None and not isinstance(net, Precond):
         raise TypeError(f"the teacher's network is a {type(net).__name__}; it must be a dibregman.precond.Precond "
                         "around a backbone of dibregman.nets (so the student can be saved and sampled), or None")
-    if isinstance(net, Precond):
-        from ..nets.edm_unet import SongUNet
-        from ..nets.mlp import MLP
-        from ..nets.text_unet import TextUNet
-        from ..nets.unet import UNet
-
-        if not isinstance(net.backbone, MLP | UNet | TextUNet | SongUNet):
-            raise TypeError(f"the teacher's network is a Precond around a {type(net.backbone).__name__}; the "
-                            "student is saved by its architecture, so the backbone must be one of dibregman.nets "
-                            "(MLP, UNet, TextUNet, SongUNet)")
+    if isinstance(net, Precond) and not isinstance(net, DiffusersDenoiser):
+        check_saveable(net, "the teacher's network")
     if net is None and len(shape) == 3:
         raise ValueError("an image teacher needs a network for the students to start from: pass network=Precond("
                          "backbone, sigma_data) with a backbone of dibregman.nets (e.g. dibregman.nets.unet.UNet)")

@@ -31,14 +31,12 @@ import torch
 from torch import nn
 
 from ..io import atomic_save_safetensors, read_tagged_json, require_files, write_json
-from ..nets import KINDS, arch_of, build_backbone, image_shape
-from ..nets.edm_unet import SongUNet
-from ..nets.mlp import MLP
+from ..nets import BACKBONES, arch_of, build_backbone, image_shape
 from ..nets.text_unet import TextUNet
-from ..nets.unet import UNet
 from ..precond import Precond
 from .diffusers import ARCH_KIND, DiffusersDenoiser, DiffusersTeacher
 from .latent import VAE_FOLDER, LatentCodec, load_pinned_vae, save_pinned_vae
+from .objects import check_saveable
 
 Tensor = torch.Tensor
 
@@ -93,17 +91,16 @@ class NetworkTeacher(nn.Module):
 
 def save_teacher(folder: str | Path, net: Precond | DiffusersDenoiser, meta: dict[str, Any] | None = None,
                  codec: LatentCodec | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``net`` (a Precond around an MLP, UNet or EDM SongUNet, or a ``DiffusersDenoiser``) and ``meta``
-    (``data``, ``shape``, ``command``, ``metrics``, any other JSON-able keys) as a teacher folder, with ``codec``'s
-    VAE in ``vae/`` when ``net`` denoises its latents; returns the folder. ``dtype``: of the stored floating-point
-    weights (``torch.float16`` halves a shipped folder; loading always gives float32).
+    """Write ``net`` (a Precond around a backbone of ``dibregman.nets.BACKBONES``, or a ``DiffusersDenoiser``) and
+    ``meta`` (``data``, ``shape``, ``command``, ``metrics``, any other JSON-able keys) as a teacher folder, with
+    ``codec``'s VAE in ``vae/`` when ``net`` denoises its latents; returns the folder. ``dtype``: of the stored
+    floating-point weights (``torch.float16`` halves a shipped folder; loading always gives float32).
 
     Each file is written atomically, the VAE and weights first, so ``teacher.json`` only ever describes complete
     weights of the run that wrote it."""
     diffusers_net = isinstance(net, DiffusersDenoiser)
-    if not diffusers_net and not isinstance(net.backbone, MLP | UNet | TextUNet | SongUNet):
-        raise TypeError("save_teacher stores MLP, UNet, TextUNet and SongUNet backbones, and diffusers denoisers; "
-                        f"got {type(net.backbone).__name__}")
+    if not diffusers_net:
+        check_saveable(net, "save_teacher's network")
     if codec is not None and not diffusers_net:
         raise TypeError("a VAE is saved with a latent teacher, whose network is a DiffusersDenoiser")
     folder = Path(folder)
@@ -115,8 +112,11 @@ def save_teacher(folder: str | Path, net: Precond | DiffusersDenoiser, meta: dic
     if diffusers_net:
         shape, arch = list(net.shape), net.arch()
     else:
-        shape = [b.dim] if isinstance(b, MLP) else [b.channels, b.resolution, b.resolution]
         arch = arch_of(b)
+        shape = image_shape(arch) or ([int(arch["dim"])] if "dim" in arch else meta.get("shape"))
+        if not isinstance(shape, list):
+            raise ValueError(f"the shape of a {type(b).__name__}'s samples is neither in its arch (dim, or the "
+                             "image_shape of its BACKBONES entry) nor given: pass meta={'shape': [...]}")
     doc = {"shape": shape, **meta, "format": FORMAT, "version": VERSION, "arch": arch,
            "sigma_data": float(net.sigma_data)}
     json.dumps(doc)  # fail on non-JSON meta before touching the folder
@@ -191,10 +191,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if isinstance(sd, bool) or not isinstance(sd, int | float) or not math.isfinite(sd) or sd <= 0:
         raise ValueError(f"{str(path)!r}: sigma_data must be a positive number; got {sd!r}")
     arch = doc.get("arch")
-    if not isinstance(arch, dict) or arch.get("kind") not in (*KINDS, ARCH_KIND):
+    if not isinstance(arch, dict) or not (arch.get("kind") in BACKBONES or arch.get("kind") == ARCH_KIND):
         kind = arch.get("kind") if isinstance(arch, dict) else arch
-        raise ValueError(f"{str(path)!r}: unknown arch kind {kind!r}; this version knows {', '.join(KINDS)}, "
-                         f"{ARCH_KIND}")
+        raise ValueError(f"{str(path)!r}: unknown arch kind {kind!r}; this version knows {', '.join(BACKBONES)}, "
+                         f"{ARCH_KIND} (a backbone of your own: register it in dibregman.nets.BACKBONES first)")
     if arch["kind"] == ARCH_KIND:
         shape = doc.get("shape")
         if not isinstance(shape, list) or len(shape) != 3:

@@ -70,6 +70,8 @@ def accuracy(model: Classifier, images: Tensor, labels: Tensor, batch_size: int 
     return float((predict_logits(model, images, batch_size).argmax(1) == labels.cpu()).double().mean())
 
 
+@holds_run_lock  # until the classifier is written: a second process cannot start on the folder before
+@keeps_caller_rng
 def train_classifier(data: str | ImageSet, out: str | Path, epochs: int = 8, batch_size: int = 128,
                      lr: float = 3e-3, seed: int = 0, device: str = "cpu", *, width: int = 16, depth: int = 2,
                      feature_dim: int = 128, max_shift: int = 0, test: str | ImageSet | None = None,
@@ -115,8 +117,6 @@ def train_classifier(data: str | ImageSet, out: str | Path, epochs: int = 8, bat
     return out
 
 
-@holds_run_lock
-@keeps_caller_rng
 def _train(train_set: ImageSet, out: Path, config: dict, dev: torch.device, progress: bool | None, resume: bool,
            checkpoint_every: int) -> tuple[Path, Classifier, float]:
     """The training steps, through the run driver: the run folder, the trained model, the seconds of this

@@ -21,13 +21,14 @@ from ..losses import GeneratorLoss, OmegaBinNormalizer, denoising_loss
 from ..metrics.exact import variety_diagnostics
 from ..precond import Precond
 from ..ratio import Critic
-from ..schedules import KarrasUniform, LogNormal
-from ..teachers import Teacher, latent_codec
+from ..schedules import LogNormal, SigmaSampler
+from ..teachers import Teacher, data_spec, exact_sampler, latent_codec
 from ..teachers.objects import weights_digest
 from .conditions import Conditions
 from .config import ConfigError, DistillConfig, eval_samples, resolved_divergence
 from .critics import CRITIC_HEADS
 from .ema import EMA
+from .sigmas import sigma_sampler
 
 Tensor = torch.Tensor
 
@@ -42,11 +43,12 @@ def fit_network(teacher: Teacher, hidden: int, depth: int, steps: int, batch_siz
                             teacher.sigma_data).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     sigmas = LogNormal(p_mean=-0.4, p_std=1.4)  # wider than EDM's: the generator queries large sigma
-    pool = None if hasattr(teacher, "sample") else teacher_samples(
+    exact = exact_sampler(teacher)
+    pool = None if exact is not None else teacher_samples(
         teacher, FIT_POOL, int(torch.randint(2**62, (1,), generator=generator)), device)  # its own stream
     for _ in range(steps):
         if pool is None:
-            x0 = teacher.sample(batch_size, generator=generator).float().to(device)
+            x0 = exact(batch_size, generator=generator).float().to(device)
         else:
             x0 = pool[torch.randint(len(pool), (batch_size,), generator=generator).to(device)]
         sigma = sigmas(batch_size, generator).to(device)
@@ -139,9 +141,10 @@ def true_samples(teacher: Teacher, n: int, seed: int, split: str = "train", clas
     the ``balanced_labels`` order over ``classes`` (default: the teacher's); there may be fewer than ``n``
     if a class runs short."""
     g = torch.Generator().manual_seed(seed)
-    if hasattr(teacher, "sample"):
-        return teacher.sample(n, generator=g).float()
-    data = getattr(teacher, "data_spec", None)
+    exact = exact_sampler(teacher)
+    if exact is not None:
+        return exact(n, generator=g).float()
+    data = data_spec(teacher)
     if not data:
         return None
     from ..data.images import is_image_spec, load_images, test_split
@@ -172,8 +175,8 @@ class Components:
     generator_loss: GeneratorLoss
     dre: Divergence
     bins: OmegaBinNormalizer | None
-    generator_sigmas: KarrasUniform
-    fake_score_sigmas: LogNormal
+    generator_sigmas: SigmaSampler
+    fake_score_sigmas: SigmaSampler
     shared: frozenset[int] | None = None  # LoRA: the teacher's tensors under the adapters, never checkpointed
 
     def modules(self) -> dict[str, nn.Module]:
@@ -254,7 +257,7 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
         generator = Generator.from_teacher(base, cfg.sigma_g, sigmas).to(device).requires_grad_(True).train()
         fake_score = copy.deepcopy(base).to(device).requires_grad_(True).train()
     sigma_min, sigma_max = noise_range(cfg, teacher)
-    gsig = KarrasUniform(sigma_min, sigma_max, cfg.generator_t_min, cfg.generator_t_max)
+    gsig = sigma_sampler(cfg, "generator_sigmas", sigma_min, sigma_max)
     gen_loss = generator_loss(cfg)
     critic = None
     if gen_loss.needs_critic:
@@ -270,7 +273,7 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     ema = EMA(generator, cfg.ema_decay, share=base.buffers() if shared is not None else ())
     return Components(generator, fake_score, critic, ema, opts, gen_loss,
                       resolved_divergence(cfg, "critic_loss"), bins, gsig,
-                      LogNormal(cfg.fake_score_p_mean, cfg.fake_score_p_std), shared)
+                      sigma_sampler(cfg, "fake_score_sigmas", sigma_min, sigma_max), shared)
 
 
 def _trainable(net: nn.Module) -> list[nn.Parameter]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..teachers.base import class_names, text_spec
 from ..text.prompts import PromptSet
 
 Tensor = torch.Tensor
@@ -87,13 +88,13 @@ def conditions_for(teacher: object, prompts: str | PromptSet = "", device: torch
     from ..text.prompts import UNSEEN_TEMPLATES
     from .config import ConfigError
 
-    text = getattr(teacher, "text", None)
+    text = text_spec(teacher)
     if not text:
         if prompts:
             raise ConfigError(f"prompts = {prompts!r} is for text-conditional teachers; this teacher is "
                               f"{'class-conditional' if teacher.num_classes else 'unconditional'} (leave it empty)")
         return Conditions(teacher.num_classes)
-    names = tuple(getattr(teacher, "class_names", ()) or ())
+    names = class_names(teacher)
     try:
         if isinstance(prompts, PromptSet):
             chosen = prompts

@@ -68,6 +68,8 @@ class DistillConfig:
     fake_score_p_std: float = 1.2
     generator_t_min: float = 0.02  # generator loss: sigma from Karras-uniform t in [t_min, t_max]
     generator_t_max: float = 0.98
+    generator_sigmas: str = "karras"  # the noise law of the generator and critic updates (train/sigmas.py)
+    fake_score_sigmas: str = "lognormal"  # the fake score's
     weighting: str = "dmd"  # dmd | sigma2 | none
     r_clip_min: float = 0.1  # clip the ratio r = q/p to [r_clip_min, r_clip_max] (f-distill's [0.1, 20])
     r_clip_max: float = 20.0
@@ -221,6 +223,10 @@ def _choices(key: str) -> tuple[str, ...] | None:
         from .critics import CRITIC_HEADS  # below it: the heads import this module
 
         return tuple(CRITIC_HEADS)
+    if key in ("generator_sigmas", "fake_score_sigmas"):
+        from .sigmas import SIGMA_SAMPLERS
+
+        return tuple(SIGMA_SAMPLERS)
     return _CHOICES.get(key)
 
 
@@ -527,7 +533,8 @@ RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_samples", "chec
 # What a run computed before each of these options existed (its checkpoint has no entry for it): resuming it
 # with another value would change the run, e.g. continue a one-step run as a two-step one
 LEGACY = {"student_steps": 1, "student_sigma_min": 0.0, "regression_weight": 0.0, "lr_schedule": "constant",
-          "backbone": "auto", "vae": "", "patch_size": 1, "lora_rank": 0, "lora_alpha": 0.0}
+          "backbone": "auto", "vae": "", "patch_size": 1, "lora_rank": 0, "lora_alpha": 0.0,
+          "generator_sigmas": "karras", "fake_score_sigmas": "lognormal"}
 
 
 def check_resumable(saved: dict[str, Any], cfg: Any, where: str) -> None:

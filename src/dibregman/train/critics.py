@@ -8,10 +8,11 @@ import copy
 
 from torch import nn
 
+from ..nets import feature_width
 from ..nets.mlp import MLP
-from ..plugins import Registry
 from ..precond import Precond
 from ..ratio import Critic, FeatureCritic, feature_head
+from ..registry import Registry
 from ..teachers import Teacher
 from .config import ConfigError, DistillConfig
 
@@ -19,9 +20,14 @@ CRITIC_HEADS = Registry("critic head")
 
 
 def _features(base: Precond) -> tuple[bool, int]:
-    """Whether ``base`` is an image backbone (ours or a diffusers UNet: spatial features) and its width."""
-    spatial = hasattr(base.backbone, "feature_channels")
-    return spatial, base.backbone.feature_channels if spatial else base.backbone.hidden
+    """``(spatial, width)`` of the features of ``base``'s backbone (spatial: an image backbone, ours or a diffusers
+    one); a config error for a backbone without features."""
+    width = feature_width(base.backbone)
+    if width is None:
+        raise ConfigError(f"a critic head reads the network's features, and its {type(base.backbone).__name__} "
+                          "backbone has none (features with feature_channels or hidden): use a divergence without "
+                          "a critic (reverse_kl) or a backbone with features")
+    return width
 
 
 @CRITIC_HEADS.register("fake_score", help="a head on the fake score's bottleneck features")

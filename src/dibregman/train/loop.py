@@ -25,7 +25,7 @@ from ..metrics.toy import evaluate as evaluate_points
 from ..run_folder import RunFolder
 from ..sampling import batch_for, seeded_noise
 from ..stats import append_jsonl, truncate_jsonl
-from ..teachers import Teacher, check_teacher, exact_mixture, latent_codec, load_teacher
+from ..teachers import Teacher, check_teacher, class_names, exact_mixture, latent_codec, load_teacher, set_guidance
 from ..teachers.objects import fingerprint, object_spec
 from .checkpoint import check_any, list_checkpoints, load_latest, read_meta, save_checkpoint
 from .components import (
@@ -41,6 +41,7 @@ from .conditions import Conditions, conditions_for
 from .config import ConfigError, DistillConfig, check_resumable, eval_samples, to_dict, validate
 from .driver import RunDriver
 from .guard import holds_run_lock, keeps_caller_rng, prepare_run_dir
+from .sigmas import sigma_sampler
 from .state import DistillState, build_state
 from .step import distill_step
 
@@ -155,13 +156,13 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
 def _checked_conditions(cfg: DistillConfig, teacher: Teacher, device: torch.device) -> Conditions:
     """The teacher's conditions (labels, encoded prompts), after the checks that need the loaded teacher: all
     before the run folder is made."""
-    if cfg.guidance != 1.0 and (not (teacher.num_classes or getattr(teacher, "text", None))
-                                or not hasattr(teacher, "guidance")):
-        raise ConfigError(f"guidance = {cfg.guidance} needs a class- or text-conditional network teacher; "
-                          f"{cfg.teacher} is not one (leave guidance at 1)")
-    if hasattr(teacher, "guidance"):  # also 1: a teacher object may come from a run with another scale
-        teacher.guidance = cfg.guidance
-    noise_range(cfg, teacher)  # an empty sigma range fails here
+    try:
+        set_guidance(teacher, cfg.guidance)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.teacher}: {e}") from None
+    sigma_range = noise_range(cfg, teacher)  # an empty sigma range fails here
+    for key in ("generator_sigmas", "fake_score_sigmas"):  # and a sampler of your own that draws no noise levels
+        sigma_sampler(cfg, key, *sigma_range)
     conds = conditions_for(teacher, cfg.prompts, device)
     if conds.text and cfg.critic_data == "data" and generator_loss(cfg).needs_critic:
         try:  # the critic's real images are paired with prompts asking for their class
@@ -258,7 +259,7 @@ def _finish(s: DistillState, ev: Evaluation, step_times: list[float]) -> Path:
             "num_classes": teacher.num_classes, "steps": s.step, "guidance": cfg.guidance}
     if conds.text:  # what `dibregman sample --prompt` needs to encode new prompts for this generator
         info["text"] = dict(teacher.text)
-        info["class_names"] = list(getattr(teacher, "class_names", ()))
+        info["class_names"] = list(class_names(teacher))
     ema = s.c.ema.module
     if s.c.shared is not None:  # a LoRA student is the plain network, its adapters merged in: saved and scored
         from ..lora import merged

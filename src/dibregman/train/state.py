@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..artifacts import build_precond
+from ..nets import checkpointable
 from ..schedules import SigmaSampler
 from ..teachers import Teacher, latent_codec
 from .checkpoint import entry
@@ -113,7 +114,7 @@ def build_state(cfg: DistillConfig, teacher: Teacher, conds: Conditions, out: Pa
     c = build(cfg, teacher, base, device)
     if cfg.grad_checkpointing:
         for net in (c.generator.denoiser.backbone, c.fake_score.backbone):
-            if not hasattr(net, "unet"):
+            if not checkpointable(net):
                 raise ConfigError("grad_checkpointing works on diffusers U-Net backbones (our UNet, a diffusers "
                                   "teacher's); this network does not support it")
             net.unet.enable_gradient_checkpointing()

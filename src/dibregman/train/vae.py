@@ -9,16 +9,14 @@ variance), as Stable Diffusion chose its 0.18215, so a latent teacher on it take
 Output folder ``out``: ``vae/`` (``save_pretrained``, safetensors; what ``train-teacher --vae`` and the
 latent teachers read), ``vae.json`` (command, data, settings, held-out reconstruction error) and
 ``reconstructions.png`` (held-out images over their reconstructions; digits has no test split, so its last
-1000 training images stand in). A run takes minutes, so it is not resumable: ``vae/`` is written last, and an
-interrupted run leaves none and starts over.
+1000 training images stand in). While it trains, ``out`` is a run folder (``train_vae``), resumable bit-exactly;
+``vae/`` is written last, so a folder with one holds a finished VAE.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,11 @@ from ..data.images import load_images, test_split
 from ..dist import resolve_device
 from ..grids import save_grid
 from ..io import fsync_dir, write_json
+from ..run_folder import RunFolder
+from .checkpoint import entry, load_latest, save_checkpoint
+from .config import ConfigError
+from .driver import RunDriver
+from .guard import NonFiniteGuard, holds_run_lock, keeps_caller_rng, prepare_run_dir
 
 Tensor = torch.Tensor
 
@@ -46,21 +49,27 @@ def small_vae(image_channels: int, resolution: int, channels: tuple[int, ...] = 
                          up_block_types=("UpDecoderBlock2D",) * len(channels), sample_size=resolution)
 
 
+@holds_run_lock  # until the VAE is written: a second process cannot start on the folder before
+@keeps_caller_rng
 def train_vae(data: str, out: str | Path, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
               channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4, kl_weight: float = 1e-6,
               seed: int = 0, device: str = "auto", progress: bool | None = None,
-              command: str | None = None) -> Path:
-    """Train a VAE on ``data`` (an image spec) and write ``out`` (module docstring); returns ``out / "vae"``."""
-    from tqdm import tqdm
+              command: str | None = None, resume: bool = False, checkpoint_every: int = 500) -> Path:
+    """Train a VAE on ``data`` (an image spec) and write ``out`` (module docstring); returns ``out / "vae"``.
 
+    While it trains, ``out`` is a run folder like distillation's (``config.json``, ``stats.jsonl`` with
+    ``loss/vae``, ``vae/l1`` and ``vae/kl``, ``checkpoints/`` every ``checkpoint_every`` steps and on
+    SIGINT/SIGTERM); ``resume=True`` continues an interrupted run bit-exactly (same arguments). A non-finite loss
+    or gradient stops it with the last checkpoint named."""
     out = Path(out)
     if (out / "vae").exists():
         raise FileExistsError(f"{str(out / 'vae')!r} already exists: choose another --out or remove it")
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("latent_channels", latent_channels)):
-        if v < 1:
-            raise ValueError(f"{name} must be a positive integer; got {v}")
-    if not lr > 0 or not kl_weight >= 0:
-        raise ValueError(f"need lr > 0 and kl_weight >= 0; got {lr}, {kl_weight}")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("latent_channels", latent_channels),
+                    ("checkpoint_every", checkpoint_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer; got {v!r}")
+    if not 0 < lr < 3.4e38 or not kl_weight >= 0:  # float32 parameters take no larger step
+        raise ValueError(f"need 0 < lr < 3.4e38 and kl_weight >= 0; got {lr}, {kl_weight}")
     if not channels or min(channels) < 1:
         raise ValueError(f"channels must be positive integers, one per level; got {channels}")
     images = load_images(data).images
@@ -68,30 +77,14 @@ def train_vae(data: str, out: str | Path, steps: int = 2000, batch_size: int = 6
     if images.shape[2] != images.shape[3] or res % 2**levels:
         raise ValueError(f"{data} has {images.shape[2]}x{images.shape[3]} images; {len(channels)} levels need square "
                          f"images whose side is a multiple of {2**levels}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{data} has non-finite pixels (NaN or inf): fix or drop those images")
     held = test_split(data)
     test = load_images(held).images[:1000] if held else images[-1000:]
     dev = resolve_device(device)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-        vae = small_vae(images.shape[1], res, channels, latent_channels).to(dev).train()
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    show = sys.stderr.isatty() if progress is None else progress
-    t0 = time.perf_counter()
-    for _ in tqdm(range(steps), disable=not show, desc="vae", dynamic_ncols=True):
-        x = images[torch.randint(len(images), (batch_size,), generator=gen)].to(dev)
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
-        recon = vae.decode(z).sample
-        loss = (recon - x).abs().mean() + kl_weight * post.kl().mean()
-        if not torch.isfinite(loss):
-            raise ValueError("the VAE loss became NaN or infinite: lower --lr (nothing was written)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    seconds = time.perf_counter() - t0
+    config = {"data": data, "steps": steps, "batch_size": batch_size, "lr": float(lr), "channels": list(channels),
+              "latent_channels": latent_channels, "kl_weight": float(kl_weight), "seed": seed, "device": str(dev)}
+    vae, seconds = _train(images, out, config, dev, progress, resume, checkpoint_every)
     vae.eval()
     with torch.no_grad():
         mean = torch.cat([vae.encode(x.to(dev)).latent_dist.mean.cpu() for x in images[:10000].split(500)])
@@ -101,11 +94,9 @@ def train_vae(data: str, out: str | Path, steps: int = 2000, batch_size: int = 6
                            for x in test.split(500)])
     l1 = float((recon - test).abs().mean())
     mse = float((recon - test).square().mean())
-    out.mkdir(parents=True, exist_ok=True)
     save_grid(out / "reconstructions.png", torch.cat([test[:16], recon[:16]]), nrow=16)
     write_json(out / META_FILE, {
-        "data": data, "command": command, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "channels": list(channels), "latent_channels": latent_channels, "kl_weight": kl_weight, "seed": seed,
+        **{k: v for k, v in config.items() if k != "device"}, "command": command,
         "latent_shape": list(mean.shape[1:]), "shift_factor": shift, "scaling_factor": scale,
         "test_data": held or f"{data} (last 1000 training images)", "test_l1": l1, "test_mse": mse,
         "test_psnr_db": 10 * math.log10(4.0 / mse) if mse > 0 else None,  # images span [-1, 1]: peak-to-peak 2
@@ -115,5 +106,55 @@ def train_vae(data: str, out: str | Path, steps: int = 2000, batch_size: int = 6
         shutil.rmtree(tmp)
     vae.cpu().save_pretrained(str(tmp), safe_serialization=True)
     tmp.rename(out / "vae")  # last, whole or absent: a finished run is one with a vae/
+    shutil.rmtree(out / RunFolder.CHECKPOINTS, ignore_errors=True)  # a finished folder is the VAE alone
     fsync_dir(out)
     return out / "vae"
+
+
+def _train(images: Tensor, out: Path, config: dict, dev: torch.device, progress: bool | None, resume: bool,
+           checkpoint_every: int) -> tuple[Any, float]:
+    """The training steps, through the run driver: the trained VAE and the seconds of this invocation's steps.
+    One CPU generator seeded from ``seed`` draws the weights, the batches and the posterior noise."""
+    gen = torch.Generator().manual_seed(config["seed"])
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # layers initialise from the global RNG
+    vae = small_vae(images.shape[1], images.shape[2], tuple(config["channels"]), config["latent_channels"])
+    vae.to(dev).train()
+    out = prepare_run_dir(out, resume)
+    opt = torch.optim.Adam(vae.parameters(), lr=config["lr"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config["steps"])
+    guard = NonFiniteGuard("strict", resume_hint=None)
+    run = {"step": 0}
+
+    def check(meta: dict) -> None:
+        if meta.get("config") != config:
+            raise ConfigError(f"cannot resume {out}: it was started with other arguments ({meta.get('config')}); "
+                              "resume with the same ones, or use another --out for a new run")
+
+    def restore(state: dict, meta: dict) -> None:
+        opt.load_state_dict(entry(state, "optimizer", dict, "state.pt"))
+        sched.load_state_dict(entry(state, "scheduler", dict, "state.pt"))
+        gen.set_state(entry(state, "rng", torch.Tensor, "state.pt"))
+        run["step"] = meta["step"]
+
+    loaded = load_latest(out / RunFolder.CHECKPOINTS, {"vae": vae}, check, restore) if resume else None
+    driver = RunDriver(out, config["steps"], max(1, min(50, config["steps"] // 20)), checkpoint_every, desc="vae",
+                       progress=progress)
+    driver.begin(run["step"], config, resume, loaded[0] if loaded is not None else None)
+
+    def update(step: int) -> None:
+        x = images[torch.randint(len(images), (config["batch_size"],), generator=gen)].to(dev)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
+        l1, kl = (vae.decode(z).sample - x).abs().mean(), post.kl().mean()
+        loss = l1 + config["kl_weight"] * kl
+        guard.step(opt, loss, vae, "VAE", step + 1, 0.0, out)
+        sched.step()
+        driver.stats.add({"loss/vae": loss.detach(), "vae/l1": l1.detach(), "vae/kl": kl.detach()})
+
+    def save(step: int) -> None:
+        save_checkpoint(out / RunFolder.CHECKPOINTS, step, {"vae": vae},
+                        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": gen.get_state()},
+                        {"config": config}, keep=1)
+
+    driver.run(run["step"], update, save, after=lambda _, row: {"loss": row["loss/vae"]} if row else None)
+    return vae, round(sum(driver.step_times), 1)
