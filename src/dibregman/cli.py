@@ -96,8 +96,7 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
 }
 TEACHER_HELP = {
     "data": "toy set (moons, swiss_roll, checkerboard, spirals, grid25, ring8) or a .npy/.csv point cloud "
-            "(an MLP teacher), or image data (fashion-mnist, mnist, digits, cifar10:<dir>, folder:<dir>, "
-            "file.npz: a U-Net teacher)",
+            "(an MLP teacher), or image data ({images}: a U-Net teacher)",
     "num_points": "points drawn from a toy set (a file uses all its rows); integer >= 1",
     "steps": "training steps; integer >= 1",
     "batch_size": "points or images per step (the global batch under torchrun); integer >= 1",
@@ -154,7 +153,8 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type, kind: str) -> Non
                    help="show a progress bar on stderr (default: only on a terminal)")
     group = p.add_argument_group("options (also valid as keys of --config files)")
     texts = {**HELP, **registered_help()}
-    texts = {**texts, **TEACHER_HELP} if kind == "teacher" else texts
+    if kind == "teacher":
+        texts = {**texts, **TEACHER_HELP, "data": TEACHER_HELP["data"].format(images=image_specs())}
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         group.add_argument(flag, dest=f.name, default=None, metavar=type(f.default).__name__.upper(),
@@ -176,6 +176,13 @@ def registered_help() -> dict[str, str]:
             "critic_head": "the critic: " + CRITIC_HEADS.describe(", "),
             "generator_sigmas": "noise law of the generator and critic updates: " + SIGMA_SAMPLERS.describe(", "),
             "fake_score_sigmas": "noise law of the fake score's denoising loss: " + SIGMA_SAMPLERS.describe(", ")}
+
+
+def image_specs() -> str:
+    """The ``--data`` forms of the registered image sources (so one of your own shows up too)."""
+    from .data.images import IMAGE_SOURCES
+
+    return ", ".join(IMAGE_SOURCES.get(n).usage for n in IMAGE_SOURCES) + ", file.npz"
 
 
 def _resolve(args: argparse.Namespace, cls: type) -> Any:
@@ -225,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-classifier", help="train the feature classifier image metrics use (FD, KID, "
                        "label accuracy) on an image data set")
-    p.add_argument("--data", required=True, help="image data spec (fashion-mnist, mnist, digits, cifar10:<dir>, "
-                   "folder:<dir>, file.npz)")
+    p.add_argument("--data", required=True, help=f"image data spec: {image_specs()}")
     p.add_argument("--out", required=True, help="folder for the classifier")
     p.add_argument("--epochs", type=int, default=8, help="passes over the training split; integer >= 1")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
@@ -235,8 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-vae", help="train a small AutoencoderKL on an image data set: the VAE of a latent "
                        "teacher (train-teacher --vae)")
-    p.add_argument("--data", required=True, help="image data spec (fashion-mnist, mnist, digits, cifar10:<dir>, "
-                   "folder:<dir>, file.npz)")
+    p.add_argument("--data", required=True, help=f"image data spec: {image_specs()}")
     p.add_argument("--out", required=True, help="folder to write: <out>/vae (the diffusers VAE), vae.json, "
                    "reconstructions.png; while training a run folder (stats.jsonl, checkpoints/); refused if it "
                    "holds a finished VAE, or a started run unless --resume")
