@@ -137,6 +137,18 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return None
 
 
+def same_arguments(config: dict[str, Any], out: Path) -> Callable[[dict[str, Any]], None]:
+    """A ``load_latest`` check for a run whose checkpoints record the arguments they ran with (``config``): a resume
+    with others is refused, naming them."""
+
+    def check(meta: dict[str, Any]) -> None:
+        if meta.get("config") != config:
+            raise ConfigError(f"cannot resume {out}: it was started with other arguments ({meta.get('config')}); "
+                              "resume with the same ones, or use another --out for a new run")
+
+    return check
+
+
 def load_latest(folder: str | Path, modules: dict[str, nn.Module],
                 check: Callable[[dict[str, Any]], None] | None = None,
                 restore: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,

@@ -26,7 +26,7 @@ from ..metrics.classifier import (  # noqa: F401  (re-exported: the classifier's
 )
 from ..nets.classifier import Classifier
 from ..run_folder import RunFolder
-from .checkpoint import entry, load_latest, save_checkpoint
+from .checkpoint import entry, load_latest, same_arguments, save_checkpoint
 from .config import ConfigError
 from .driver import RunDriver
 from .guard import NonFiniteGuard, holds_run_lock, keeps_caller_rng, prepare_run_dir
@@ -135,17 +135,13 @@ def _train(train_set: ImageSet, out: Path, config: dict, dev: torch.device, prog
     guard = NonFiniteGuard("strict", resume_hint=None)
     run = {"step": 0, "order": torch.empty(0, dtype=torch.long)}
 
-    def check(meta: dict) -> None:
-        if meta.get("config") != config:
-            raise ConfigError(f"cannot resume {out}: it was started with other arguments ({meta.get('config')}); "
-                              "resume with the same ones, or use another --out for a new run")
-
     def restore(state: dict, meta: dict) -> None:
         opt.load_state_dict(entry(state, "optimizer", dict, "state.pt"))
         gen.set_state(entry(state, "rng", torch.Tensor, "state.pt"))
         run["order"], run["step"] = entry(state, "order", torch.Tensor, "state.pt"), meta["step"]
 
-    loaded = load_latest(out / RunFolder.CHECKPOINTS, {"classifier": model}, check, restore) if resume else None
+    loaded = (load_latest(out / RunFolder.CHECKPOINTS, {"classifier": model}, same_arguments(config, out), restore)
+              if resume else None)
     driver = RunDriver(out, total, max(1, min(50, steps_per_epoch)), checkpoint_every, desc="classifier",
                        progress=progress)
     driver.begin(run["step"], config, resume, loaded[0] if loaded is not None else None)

@@ -27,8 +27,7 @@ from ..dist import resolve_device
 from ..grids import save_grid
 from ..io import fsync_dir, write_json
 from ..run_folder import RunFolder
-from .checkpoint import entry, load_latest, save_checkpoint
-from .config import ConfigError
+from .checkpoint import entry, load_latest, same_arguments, save_checkpoint
 from .driver import RunDriver
 from .guard import NonFiniteGuard, holds_run_lock, keeps_caller_rng, prepare_run_dir
 
@@ -125,18 +124,14 @@ def _train(images: Tensor, out: Path, config: dict, dev: torch.device, progress:
     guard = NonFiniteGuard("strict", resume_hint=None)
     run = {"step": 0}
 
-    def check(meta: dict) -> None:
-        if meta.get("config") != config:
-            raise ConfigError(f"cannot resume {out}: it was started with other arguments ({meta.get('config')}); "
-                              "resume with the same ones, or use another --out for a new run")
-
     def restore(state: dict, meta: dict) -> None:
         opt.load_state_dict(entry(state, "optimizer", dict, "state.pt"))
         sched.load_state_dict(entry(state, "scheduler", dict, "state.pt"))
         gen.set_state(entry(state, "rng", torch.Tensor, "state.pt"))
         run["step"] = meta["step"]
 
-    loaded = load_latest(out / RunFolder.CHECKPOINTS, {"vae": vae}, check, restore) if resume else None
+    loaded = (load_latest(out / RunFolder.CHECKPOINTS, {"vae": vae}, same_arguments(config, out), restore)
+              if resume else None)
     driver = RunDriver(out, config["steps"], max(1, min(50, config["steps"] // 20)), checkpoint_every, desc="vae",
                        progress=progress)
     driver.begin(run["step"], config, resume, loaded[0] if loaded is not None else None)
