@@ -20,7 +20,7 @@ class Teacher(Protocol):
     the trainable denoiser the students start from: a ``Precond`` (a diffusers teacher's ``DiffusersDenoiser``
     is one); ``None`` for an analytic teacher, which has none.
 
-    Optional capabilities, each read through its function below (never probed elsewhere): an exact sampler
+    Optional capabilities, each read through its function below: an exact sampler
     (``sample``, ``exact_sampler``), an exact density (``exact_mixture``), the data it was trained on
     (``data_spec``, ``data_spec``), a guidance scale (``guidance``, ``guidable``), text conditions (``text``
     and ``class_names``, ``text_spec``, ``class_names``) and a VAE for latents (``codec``, ``latent_codec``).
