@@ -50,12 +50,12 @@ class Registry:
         self._entries.pop(name, None)
 
     def get(self, name: str) -> Entry:
-        if name not in self._entries:
+        if name not in self:
             raise ValueError(f"unknown {self.what} {name!r}; choose one of {', '.join(self._entries)}")
         return self._entries[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return isinstance(name, str) and name in self._entries  # a hand-edited arch may hold any JSON value
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._entries))
