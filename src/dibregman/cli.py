@@ -560,30 +560,33 @@ def _write_samples(path: Path, x: Any, labels: Any = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """The console entry point: a user error (bad option, file or folder; full disk; a non-finite run)
     prints one ``dibregman: error: ...`` line and exits with 2; ``DIBREGMAN_TRACEBACK=1`` re-raises."""
-    from .dist import PeerStopped, reports
+    from .dist import PeerStopped, reports, shutdown
     from .integrity import CheckpointError
     from .train.guard import NonFiniteError
 
-    try:
-        sys.exit(run(argv))
-    except PeerStopped:  # under torchrun: process 0 prints the line; give it the time to (torchrun stops the rest)
-        import time
+    try:  # the process group is left whatever the exit (dist.shutdown)
+        try:
+            sys.exit(run(argv))
+        except PeerStopped:  # under torchrun: process 0 prints the line; give it the time to (torchrun stops the rest)
+            import time
 
-        time.sleep(2)
-        sys.exit(2)
-    except (ConfigError, UserError, CheckpointError, NonFiniteError, ValueError, OSError) as e:
-        if os.environ.get("DIBREGMAN_TRACEBACK"):
-            raise
-        message = " ".join((_os_message(e) if isinstance(e, OSError) else str(e)).splitlines())
-        # undecodable argv bytes arrive as lone surrogates: escape them rather than fail while reporting
-        line = f"dibregman: error: {message or type(e).__name__}".encode("utf-8", "backslashreplace").decode()
-        if reports():  # under torchrun every process meets the same error: process 0 alone prints it
-            print(line, file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:  # Interrupted (a checkpoint was saved) carries the signal's number
-        if reports():
-            print(f"dibregman: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(128 + getattr(e, "signum", 2))
+            time.sleep(2)
+            sys.exit(2)
+        except (ConfigError, UserError, CheckpointError, NonFiniteError, ValueError, OSError) as e:
+            if os.environ.get("DIBREGMAN_TRACEBACK"):
+                raise
+            message = " ".join((_os_message(e) if isinstance(e, OSError) else str(e)).splitlines())
+            # undecodable argv bytes arrive as lone surrogates: escape them rather than fail while reporting
+            line = f"dibregman: error: {message or type(e).__name__}".encode("utf-8", "backslashreplace").decode()
+            if reports():  # under torchrun every process meets the same error: process 0 alone prints it
+                print(line, file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt as e:  # Interrupted (a checkpoint was saved) carries the signal's number
+            if reports():
+                print(f"dibregman: {e or 'interrupted'}", file=sys.stderr)
+            sys.exit(128 + getattr(e, "signum", 2))
+    finally:
+        shutdown()
 
 
 def _os_message(e: OSError) -> str:

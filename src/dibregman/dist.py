@@ -127,6 +127,13 @@ def on_main(fn, default):
     return result
 
 
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits: a gloo group torn down by its destructor at exit can
+    abort the process (SIGABRT) instead of letting it exit with its own code."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
