@@ -64,7 +64,6 @@ VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
                  "UniPCMultistepScheduler", "DEISMultistepScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS
-PREDICTIONS = VP_PREDICTIONS  # for the VP schedulers; flow models predict velocity
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 MODEL_CLASSES = UNET_CLASSES + TRANSFORMER_CLASSES
 # models whose text conditions come from several encoders, read through that pipeline class's encode_prompt
@@ -164,9 +163,9 @@ class DiffusersDenoiser(Precond):
                                  "FlowMatchEulerDiscreteScheduler (its scheduler_config.json)")
             pred = cfg.get("prediction_type", "epsilon")
             pred = "sample" if pred == "original_sample" else pred  # Euler's alias
-            if pred not in PREDICTIONS:
+            if pred not in VP_PREDICTIONS:
                 raise ValueError(f"unsupported prediction_type {pred!r} for {sched_name}; supported: "
-                                 f"{', '.join(PREDICTIONS)} (and velocity via FlowMatchEulerDiscreteScheduler)")
+                                 f"{', '.join(VP_PREDICTIONS)} (and velocity via FlowMatchEulerDiscreteScheduler)")
             # Euler's EDM-style variant feeds 0.25 log sigma instead of an index (diffusers only does it for v)
             continuous = (sched_name == "EulerDiscreteScheduler" and pred == "v_prediction"
                           and cfg.get("timestep_type", "discrete") == "continuous")
