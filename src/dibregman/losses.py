@@ -89,11 +89,10 @@ class OmegaBinNormalizer(nn.Module):
         sums.index_add_(0, b, omega.double())
         counts.index_add_(0, b, torch.ones_like(omega, dtype=torch.float64))
         sums, counts = reduce_sum(sums), reduce_sum(counts)
-        hit = counts > 0
-        batch_mean = sums[hit] / counts[hit]
-        old = self.running[hit]
-        self.running[hit] = torch.where(self.seen[hit], self.momentum * old + (1 - self.momentum) * batch_mean,
-                                        batch_mean)
+        hit = counts > 0  # masks, not boolean indexing: the step never waits for the device to count hits
+        batch_mean = sums / counts.clamp_min(1)
+        moved = torch.where(self.seen, self.momentum * self.running + (1 - self.momentum) * batch_mean, batch_mean)
+        self.running.copy_(torch.where(hit, moved, self.running))
         self.seen |= hit
         return omega / self.running[b].to(omega.dtype)
 

@@ -210,7 +210,10 @@ class GaussianMixture(nn.Module):
         else:
             raise ValueError(f"sigma must be a scalar or have one value per sample ({b}); "
                              f"got shape {list(s.shape)}")
-        if bool((s < 0).any()) or not bool(torch.isfinite(s).all()):
+        ok = ((s >= 0) & torch.isfinite(s)).all()
+        if s.device.type != "cpu":  # checked on the device: a training step on a GPU never waits for this
+            torch._assert_async(ok, "sigma must be finite and >= 0")
+        elif not bool(ok):
             raise ValueError("sigma must be finite and >= 0")
         return s
 

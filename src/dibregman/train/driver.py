@@ -48,14 +48,19 @@ class RunDriver:
 
     def run(self, step: int, update: Callable[[int], None], save: Callable[[int], None], *,
             extra: Callable[[int, bool], dict] | None = None,
-            after: Callable[[int, dict | None], dict | None] | None = None) -> int:
+            after: Callable[[int, dict | None], dict | None] | None = None,
+            check: Callable[[], None] | None = None) -> int:
         """Steps from ``step``; returns the last. ``update(step)`` trains one step and adds its stats (timed);
         ``extra(step, logging)`` gives stats measured outside the timing (``logging``: this step writes a row);
         ``save(step)`` writes a checkpoint (called on process 0, the others wait for it); ``after(step, row)``
-        (``row``: the written stats row, or None) may return values for the progress bar."""
+        (``row``: the written stats row, or None) may return values for the progress bar. ``check()`` (a deferred
+        finite check, ``NonFiniteGuard.check``) runs before every stats row and every checkpoint: what it refuses
+        is never logged or saved."""
         bar = tqdm(total=self.steps, initial=step, disable=not self.show, desc=self.desc, dynamic_ncols=True)
 
         def checkpoint(at: int) -> None:
+            if check is not None:
+                check()
             if self.main:
                 save(at)
             dist.barrier()
@@ -73,6 +78,8 @@ class RunDriver:
                         self.stats.add(extra(step, logging))
                     row = None
                     if logging:
+                        if check is not None:
+                            check()
                         self.stats.all_reduce()
                         row = self.stats.flush(step)
                     shown = after(step, row) if after is not None else None

@@ -157,16 +157,27 @@ class NonFiniteGuard:
     them to inf. An applied update cannot be undone, so that stops the run under either policy (naming
     the network, instead of a NaN loss one step later in whichever network reads them first).
     ``resume_hint`` is how the user continues in skip mode (``None`` where the command has no such flag).
+
+    ``deferred`` (strict only): the step never waits for the device. Each update leaves one fused flag tensor
+    (loss, gradient, weights) where it was computed, and ``check()`` reads all of them in one transfer; the
+    run driver calls it before it writes a stats row or a checkpoint, so a non-finite update still stops the
+    run, named by network and step, and no checkpoint after it exists. Skip mode decides per update, so it
+    reads its flags at once (one host sync per update).
     """
 
-    def __init__(self, policy: str, resume_hint: str | None = "--resume --nonfinite skip"):
+    def __init__(self, policy: str, resume_hint: str | None = "--resume --nonfinite skip", deferred: bool = False):
         self.policy, self.skipped, self.resume_hint = policy, 0, resume_hint
+        self.deferred = deferred and policy == "strict"
         self.resumed_from: Path | None = None  # the checkpoint a resumed run loaded
         self.recent: collections.deque[bool] = collections.deque(maxlen=SKIP_WINDOW)  # True: that update skipped
+        self.pending: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []  # (name, step, flags, loss) unread
+        self.run_dir: Path | None = None
 
     def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, net: nn.Module, name: str, step: int,
              max_norm: float, run_dir: Path) -> bool:
-        """One update of ``net``; ``step`` is the 1-based number of the update, as in checkpoint names."""
+        """One update of ``net``; ``step`` is the 1-based number of the update, as in checkpoint names.
+        Returns whether the update was applied (always True when deferred: ``check`` decides later)."""
+        self.run_dir = run_dir
         opt.zero_grad(set_to_none=True)
         # Backward even through a non-finite loss: under torchrun every process must join the gradient
         # all-reduce, and the NaN it spreads makes every process take the same decision below.
@@ -174,17 +185,19 @@ class NonFiniteGuard:
         dist.average_gradients(net)
         total = dist.all_reduce_sum(loss.detach().clone())
         norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm if max_norm > 0 else math.inf)
-        flags = torch.stack([torch.isfinite(total), torch.isfinite(norm).to(total.device)])
-        loss_ok, grad_ok = flags.tolist()  # one host sync for both checks
+        ok = torch.stack([torch.isfinite(total), torch.isfinite(norm).to(total.device)])
+        if self.deferred:  # applied now, judged at the next check; a non-finite update's run stops there
+            opt.step()
+            self.pending.append((name, step, torch.cat([ok, _finite(net).to(ok.device).reshape(1)]),
+                                 loss.detach()))
+            return True
+        loss_ok, grad_ok = ok.tolist()  # one host sync for both checks
         bad = None if loss_ok and grad_ok else f"loss ({loss.item()})" if not loss_ok else "gradient"
         if bad is None:
             self.recent.append(False)
             opt.step()
-            if not _finite(net):
-                raise NonFiniteError(f"non-finite {name} weights after the update at step {step} (finite loss "
-                                     "and gradient: the step overflowed); stopped, the update cannot be undone "
-                                     f"({self._last_good(run_dir, step)}). Start a new run (another --out) with a "
-                                     "lower learning rate or a gradient clip")
+            if not bool(_finite(net)):
+                raise self._weights_error(name, step)
             return True
         opt.zero_grad(set_to_none=True)
         if self.policy == "skip":
@@ -201,9 +214,33 @@ class NonFiniteGuard:
                                      f"has diverged; stopped ({self._last_good(run_dir, step)}). Start a new run "
                                      "(another --out) with a lower learning rate or a gradient clip")
             return False
+        raise self._strict_error(name, bad, step)
+
+    def check(self) -> None:
+        """Read the flags of the updates since the last check (one host sync) and raise for the first
+        non-finite one, as the immediate check would have at that update. Nothing to do unless deferred."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        flags = torch.stack([f.to(pending[0][2].device) for _, _, f, _ in pending]).tolist()
+        for (name, step, _, loss), (loss_ok, grad_ok, weights_ok) in zip(pending, flags, strict=True):
+            if not loss_ok:
+                raise self._strict_error(name, f"loss ({loss.item()})", step)
+            if not grad_ok:
+                raise self._strict_error(name, "gradient", step)
+            if not weights_ok:
+                raise self._weights_error(name, step)
+
+    def _strict_error(self, name: str, bad: str, step: int) -> NonFiniteError:
         hint = f", or continue with {self.resume_hint} to drop such steps and count them" if self.resume_hint else ""
-        raise NonFiniteError(f"non-finite {name} {bad} at step {step}; stopped ({self._last_good(run_dir, step)}). "
-                             f"Start a new run (another --out) with a lower learning rate{hint}")
+        return NonFiniteError(f"non-finite {name} {bad} at step {step}; stopped ({self._last_good(self.run_dir, step)})"
+                              f". Start a new run (another --out) with a lower learning rate{hint}")
+
+    def _weights_error(self, name: str, step: int) -> NonFiniteError:
+        return NonFiniteError(f"non-finite {name} weights after the update at step {step} (finite loss and gradient: "
+                              f"the step overflowed); stopped, the update cannot be undone "
+                              f"({self._last_good(self.run_dir, step)}). Start a new run (another --out) with a lower "
+                              "learning rate or a gradient clip")
 
     def _last_good(self, run_dir: Path, step: int) -> str:
         resumed = self.resumed_from
@@ -214,10 +251,10 @@ class NonFiniteGuard:
         return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 
 
-def _finite(net: nn.Module) -> bool:
-    # one host sync for all tensors, one reduction per tensor: a sum is NaN or inf exactly when a value is, and
-    # in float64 no sum of float32 values overflows (a norm would, for large finite weights). MPS has no float64:
-    # there, isfinite per tensor
+def _finite(net: nn.Module) -> torch.Tensor:
+    """One boolean tensor, on the device: whether every trainable weight of ``net`` is finite. One reduction per
+    tensor: a sum is NaN or inf exactly when a value is, and in float64 no sum of float32 values overflows (a norm
+    would, for large finite weights). MPS has no float64: there, isfinite per tensor."""
     checks = [torch.isfinite(p).all() if p.device.type == "mps" else torch.isfinite(p.sum(dtype=torch.float64))
               for p in net.parameters() if p.requires_grad]  # a frozen weight cannot have changed
-    return bool(torch.stack(checks).all()) if checks else True
+    return torch.stack(checks).all() if checks else torch.tensor(True)

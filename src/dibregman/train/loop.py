@@ -144,7 +144,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     def save(step: int) -> None:
         save_checkpoint(out / RunFolder.CHECKPOINTS, step, s.c.modules(), *s.checkpoint(), cfg.keep_checkpoints)
 
-    driver.run(s.step, update, save, extra=extra, after=ev.during_training)
+    driver.run(s.step, update, save, extra=extra, after=ev.during_training, check=s.guard.check)
     if not dist.is_main():
         return out
     _finish(s, ev, driver.step_times)
@@ -241,7 +241,10 @@ class Evaluation:
     def during_training(self, step: int, _row: dict | None) -> dict | None:
         """Every ``eval_every`` steps but the last (that one is the final table): a metrics row and a grid."""
         cfg = self.s.cfg
-        if not dist.is_main() or step % cfg.eval_every or step >= cfg.steps:
+        if step % cfg.eval_every or step >= cfg.steps:
+            return None
+        self.s.guard.check()  # on every process (the same flags): a non-finite generator is not evaluated
+        if not dist.is_main():
             return None
         student = self.sample()
         metrics = self(student)

@@ -62,8 +62,9 @@ class DistillState:
         return torch.randn((self.cfg.batch_size, *like), generator=self.g)[self.local].to(self.device)
 
     def indices(self, n: int) -> Tensor:
-        """Uniform indices into ``n`` rows (a pool), this process's share."""
-        return torch.randint(n, (self.cfg.batch_size,), generator=self.g)[self.local].to(self.device)
+        """Uniform indices into ``n`` rows (a pool), this process's share; on the CPU, where the pools'
+        conditions are (reading them back from a GPU would make the step wait for it)."""
+        return torch.randint(n, (self.cfg.batch_size,), generator=self.g)[self.local]
 
     def sigmas(self, sampler: SigmaSampler) -> Tensor:
         return sampler(self.cfg.batch_size, self.g)[self.local].to(self.device)
@@ -119,8 +120,8 @@ def build_state(cfg: DistillConfig, teacher: Teacher, conds: Conditions, out: Pa
                                   "teacher's); this network does not support it")
             net.unet.enable_gradient_checkpointing()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    s = DistillState(cfg, teacher, c, conds, g, device, local, amp, NonFiniteGuard(cfg.nonfinite), out,
-                     teacher_digest)
+    guard = NonFiniteGuard(cfg.nonfinite, deferred=True)  # strict: checked before each log row and checkpoint
+    s = DistillState(cfg, teacher, c, conds, g, device, local, amp, guard, out, teacher_digest)
     _pools(s)
     return s
 

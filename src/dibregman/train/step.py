@@ -73,9 +73,10 @@ def critic_update(s: DistillState, x: Tensor, y: Tensor | None) -> Tensor:
     """One update of the critic: the pool's samples against the student's ``x``, at the generator's sigmas."""
     idx = s.indices(len(s.pool))
     sigma = s.sigmas(s.c.generator_sigmas)
-    y_pool = s.conds.lookup(s.pool_idx[idx.cpu()], s.device) if s.pool_idx is not None else None
+    y_pool = s.conds.lookup(s.pool_idx[idx], s.device) if s.pool_idx is not None else None
     with s.amp:
-        loss = critic_loss(s.c.critic, s.pool[idx], x, sigma, s.draw(), s.draw(), s.c.dre, y, y_pool).float().mean()
+        loss = critic_loss(s.c.critic, s.pool[idx.to(s.device)], x, sigma, s.draw(), s.draw(), s.c.dre, y,
+                           y_pool).float().mean()
     s.guard.step(s.c.optimizers["critic"], loss, s.c.critic, "critic", s.step + 1, s.cfg.grad_clip, s.out)
     return loss
 
@@ -84,5 +85,6 @@ def regression_term(s: DistillState) -> Tensor:
     """DMD's regression loss on a batch of the teacher's noise-sample pairs."""
     z, x, conds = s.pairs
     j = s.indices(len(z))
-    y = s.conds.lookup(conds[j.cpu()], s.device) if conds is not None else None
+    y = s.conds.lookup(conds[j], s.device) if conds is not None else None
+    j = j.to(s.device)
     return regression_loss(s.c.generator.first_step, z[j], x[j], y).float().mean()
