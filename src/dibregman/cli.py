@@ -78,6 +78,8 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
     "precision": "fp32, or bf16 (autocast of the forward passes; weights and optimisers stay fp32)",
     "grad_checkpointing": "U-Nets: recompute activations in backward, less memory, more time; true or false",
+    "compile": "torch.compile the generator, fake score, critic and teacher network (the first steps compile; "
+               "pays on a GPU, rarely on a CPU; weights and checkpoints as without it); true or false",
     "lora_rank": "0: train full copies of the teacher; R >= 1: the generator and the fake score are rank-R LoRA "
                  "adapters (peft) on the teacher's own frozen weights, one network in memory instead of three; "
                  "needs a network teacher",

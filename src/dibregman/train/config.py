@@ -89,6 +89,7 @@ class DistillConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward passes; weights and optimisers stay fp32)
     grad_checkpointing: bool = False  # U-Nets: recompute activations in backward (less memory, more time)
+    compile: bool = False  # torch.compile the networks a step calls (in place: checkpoints are unchanged)
     lora_rank: int = 0  # > 0: generator and fake score are LoRA adapters of this rank on the frozen teacher
     lora_alpha: float = 0.0  # the adapters' scale is lora_alpha / lora_rank; 0 = lora_rank (scale 1)
     tensorboard: bool = False  # also write the stats as TensorBoard scalars to <out>/tensorboard
@@ -527,7 +528,8 @@ def _strict_type(cls: type, key: str, value: Any, file: str | Path) -> None:
 
 # Options that may change between a run and its resumption without changing what is computed.
 RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints",
-                       "out", "device", "nonfinite", "grad_checkpointing", "tensorboard", "classifier"})
+                       "out", "device", "nonfinite", "grad_checkpointing", "compile", "tensorboard",
+                       "classifier"})
 
 
 # What a run computed before each of these options existed (its checkpoint has no entry for it): resuming it

@@ -119,11 +119,24 @@ def build_state(cfg: DistillConfig, teacher: Teacher, conds: Conditions, out: Pa
                 raise ConfigError("grad_checkpointing works on diffusers U-Net backbones (our UNet, a diffusers "
                                   "teacher's); this network does not support it")
             net.unet.enable_gradient_checkpointing()
+    if cfg.compile:
+        _compile(c, teacher)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     guard = NonFiniteGuard(cfg.nonfinite, deferred=True)  # strict: checked before each log row and checkpoint
     s = DistillState(cfg, teacher, c, conds, g, device, local, amp, guard, out, teacher_digest)
     _pools(s)
     return s
+
+
+def _compile(c: Components, teacher: Teacher) -> None:
+    """``torch.compile`` of every network a step calls, in place (``nn.Module.compile``: parameters, state dicts,
+    checkpoints and the EMA's copy are untouched), and of the fake score's one-pass forward with features (the
+    critic head on the fake score reads it). The first calls of each shape compile."""
+    for net in (c.generator.denoiser, c.fake_score, c.critic, teacher.network):
+        if net is not None:
+            net.compile()
+    if hasattr(c.fake_score, "forward_with_features"):
+        c.fake_score.forward_with_features = torch.compile(c.fake_score.forward_with_features)
 
 
 def _pools(s: DistillState) -> None:
