@@ -80,6 +80,9 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "grad_checkpointing": "U-Nets: recompute activations in backward, less memory, more time; true or false",
     "compile": "torch.compile the generator, fake score, critic and teacher network (the first steps compile; "
                "pays on a GPU, rarely on a CPU; weights and checkpoints as without it); true or false",
+    "parallel": "how torchrun processes share the work: ddp (every process holds every network, gradients "
+                "averaged) or fsdp (FSDP2: the generator's, fake score's and critic's weights, gradients and "
+                "optimiser states sharded across processes; teacher and EMA whole on each)",
     "lora_rank": "0: train full copies of the teacher; R >= 1: the generator and the fake score are rank-R LoRA "
                  "adapters (peft) on the teacher's own frozen weights, one network in memory instead of three; "
                  "needs a network teacher",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,23 +179,59 @@ class Components:
     generator_sigmas: SigmaSampler
     fake_score_sigmas: SigmaSampler
     shared: frozenset[int] | None = None  # LoRA: the teacher's tensors under the adapters, never checkpointed
+    views: dict[str, nn.Module] | None = None  # parallel = fsdp: the whole-state views of the sharded networks
+    gathered: dict[str, Any] | None = None  # and their optimisers' whole states, from the last gather()
+
+    def trained(self) -> dict[str, nn.Module]:
+        """The networks the optimisers step, by optimiser name."""
+        nets: dict[str, nn.Module] = {"generator": self.generator, "fake_score": self.fake_score}
+        return nets if self.critic is None else {**nets, "critic": self.critic}
 
     def modules(self) -> dict[str, nn.Module]:
-        """What a checkpoint holds (under LoRA: each module's tensors but the shared teacher weights)."""
-        mods: dict[str, nn.Module] = {"generator": self.generator, "fake_score": self.fake_score,
-                                      "ema": self.ema.module}
-        if self.critic is not None:
-            mods["critic"] = self.critic
+        """What a checkpoint holds (under LoRA: each module's tensors but the shared teacher weights; under
+        FSDP: views that save and load the whole networks)."""
+        mods: dict[str, nn.Module] = {**self.trained(), "ema": self.ema.module}
         if self.bins is not None:
             mods["omega_bins"] = self.bins
         if self.shared is not None:
             from ..lora import WithoutShared
 
             mods = {name: WithoutShared(m, self.shared) for name, m in mods.items()}
-        return mods
+        return {**mods, **(self.views or {})}
+
+    @contextlib.contextmanager
+    def whole_state(self) -> Iterator[None]:
+        """Under FSDP, entered on every process around a checkpoint: the whole weights and optimiser states
+        gathered (process 0 holds them: ``modules`` and ``optimizer_state`` give them inside), dropped after."""
+        if self.views is None:
+            yield
+            return
+        from .sharding import optimizer_state
+
+        try:
+            for view in self.views.values():
+                view.gather()
+            self.gathered = {k: optimizer_state(self.trained()[k], o) for k, o in self.optimizers.items()}
+            yield
+        finally:
+            for view in self.views.values():
+                view.drop()
+            self.gathered = None
 
     def optimizer_state(self) -> dict[str, Any]:
+        if self.views is not None:
+            if self.gathered is None:
+                raise RuntimeError("a sharded run's optimiser states are saved inside whole_state() on every process")
+            return self.gathered
         return {k: o.state_dict() for k, o in self.optimizers.items()}
+
+    def load_optimizer_state(self, name: str, state: dict[str, Any]) -> None:
+        if self.views is not None:
+            from .sharding import load_optimizer_state
+
+            load_optimizer_state(self.trained()[name], self.optimizers[name], state)
+        else:
+            self.optimizers[name].load_state_dict(state)
 
 
 def noise_range(cfg: DistillConfig, teacher: Teacher) -> tuple[float, float]:
@@ -262,18 +299,27 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     critic = None
     if gen_loss.needs_critic:
         critic = CRITIC_HEADS.get(cfg.critic_head).make(teacher, base, fake_score, cfg).to(device)
+    bins = None
+    if cfg.omega_normalize == "bins":
+        bins = OmegaBinNormalizer(sigma_min, sigma_max).to(device)
+    ema = EMA(generator, cfg.ema_decay, share=base.buffers() if shared is not None else ())  # whole, before sharding
+    views = None
+    if cfg.parallel == "fsdp":  # the optimisers below then hold their parameters' shards
+        from .sharding import FullState, shard
+
+        shard([generator.denoiser.backbone, fake_score.backbone, *([critic] if critic is not None else [])],
+              device, cfg.precision)
+        views = {"generator": FullState(generator), "fake_score": FullState(fake_score)}
+        if critic is not None:
+            views["critic"] = FullState(critic)
     betas = (cfg.beta1, cfg.beta2)
     opts = {"generator": _adam(_trainable(generator), cfg.lr_generator, betas, device),
             "fake_score": _adam(_trainable(fake_score), cfg.lr_fake_score, betas, device)}
     if critic is not None:
         opts["critic"] = _adam(_trainable(critic), cfg.lr_critic, betas, device)
-    bins = None
-    if cfg.omega_normalize == "bins":
-        bins = OmegaBinNormalizer(sigma_min, sigma_max).to(device)
-    ema = EMA(generator, cfg.ema_decay, share=base.buffers() if shared is not None else ())
     return Components(generator, fake_score, critic, ema, opts, gen_loss,
                       resolved_divergence(cfg, "critic_loss"), bins, gsig,
-                      sigma_sampler(cfg, "fake_score_sigmas", sigma_min, sigma_max), shared)
+                      sigma_sampler(cfg, "fake_score_sigmas", sigma_min, sigma_max), shared, views)
 
 
 def _trainable(net: nn.Module) -> list[nn.Parameter]:

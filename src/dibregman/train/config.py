@@ -90,6 +90,7 @@ class DistillConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward passes; weights and optimisers stay fp32)
     grad_checkpointing: bool = False  # U-Nets: recompute activations in backward (less memory, more time)
     compile: bool = False  # torch.compile the networks a step calls (in place: checkpoints are unchanged)
+    parallel: str = "ddp"  # torchrun: ddp (whole networks everywhere) | fsdp (trainable state sharded)
     lora_rank: int = 0  # > 0: generator and fake score are LoRA adapters of this rank on the frozen teacher
     lora_alpha: float = 0.0  # the adapters' scale is lora_alpha / lora_rank; 0 = lora_rank (scale 1)
     tensorboard: bool = False  # also write the stats as TensorBoard scalars to <out>/tensorboard
@@ -215,6 +216,7 @@ _CHOICES = {
     "lr_schedule": ("constant", "cosine"),
     "nonfinite": ("strict", "skip"),
     "backbone": ("auto", "sd3"),
+    "parallel": ("ddp", "fsdp"),
 }
 
 
@@ -372,6 +374,9 @@ def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:
         if cfg.lora_rank < 0 or cfg.lora_alpha < 0:
             raise ConfigError(f"lora_rank and lora_alpha must be >= 0 (0: full fine-tuning, and alpha = rank); got "
                               f"{cfg.lora_rank}, {cfg.lora_alpha}")
+        if cfg.parallel == "fsdp" and (cfg.lora_rank or cfg.compile):
+            raise ConfigError("parallel = fsdp shards fully trained networks without torch.compile; LoRA students "
+                              "(lora_rank) and compile run with parallel = ddp")
 
 
 MAX_SEED = 2**40
@@ -536,7 +541,7 @@ RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_samples", "chec
 # with another value would change the run, e.g. continue a one-step run as a two-step one
 LEGACY = {"student_steps": 1, "student_sigma_min": 0.0, "regression_weight": 0.0, "lr_schedule": "constant",
           "backbone": "auto", "vae": "", "patch_size": 1, "lora_rank": 0, "lora_alpha": 0.0,
-          "generator_sigmas": "karras", "fake_score_sigmas": "lognormal"}
+          "generator_sigmas": "karras", "fake_score_sigmas": "lognormal", "parallel": "ddp"}
 
 
 def check_resumable(saved: dict[str, Any], cfg: Any, where: str) -> None:

@@ -4,6 +4,7 @@ It knows nothing of what a step trains; the caller passes the step, the checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -49,20 +50,23 @@ class RunDriver:
     def run(self, step: int, update: Callable[[int], None], save: Callable[[int], None], *,
             extra: Callable[[int, bool], dict] | None = None,
             after: Callable[[int, dict | None], dict | None] | None = None,
-            check: Callable[[], None] | None = None) -> int:
+            check: Callable[[], None] | None = None,
+            whole_state: Callable[[], contextlib.AbstractContextManager] | None = None) -> int:
         """Steps from ``step``; returns the last. ``update(step)`` trains one step and adds its stats (timed);
         ``extra(step, logging)`` gives stats measured outside the timing (``logging``: this step writes a row);
         ``save(step)`` writes a checkpoint (called on process 0, the others wait for it); ``after(step, row)``
         (``row``: the written stats row, or None) may return values for the progress bar. ``check()`` (a deferred
         finite check, ``NonFiniteGuard.check``) runs before every stats row and every checkpoint: what it refuses
-        is never logged or saved."""
+        is never logged or saved. ``whole_state()`` is entered on every process around each checkpoint (a sharded
+        run gathers its state there)."""
         bar = tqdm(total=self.steps, initial=step, disable=not self.show, desc=self.desc, dynamic_ncols=True)
 
         def checkpoint(at: int) -> None:
             if check is not None:
                 check()
-            if self.main:
-                save(at)
+            with whole_state() if whole_state is not None else contextlib.nullcontext():
+                if self.main:
+                    save(at)
             dist.barrier()
 
         try:

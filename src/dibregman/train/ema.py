@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .sharding import whole
+
 
 class EMA:
     """``ema.module`` is a frozen copy of the model, updated by ``ema = d ema + (1 - d) model``.
@@ -30,8 +32,8 @@ class EMA:
         t = self.num_updates
         d = min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
         for e, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            if e is not p:
-                e.lerp_(p.detach(), 1 - d)
+            if e is not p:  # the EMA is whole; a sharded (FSDP) parameter is gathered for it
+                e.lerp_(whole(p.detach()), 1 - d)
         for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
             if e is not b:
                 e.copy_(b)

@@ -19,6 +19,7 @@ from .. import dist
 from ..run_folder import RunFolder
 from .checkpoint import latest_checkpoint
 from .config import ConfigError
+from .sharding import is_sharded, local, whole
 
 
 class NonFiniteError(FloatingPointError):
@@ -182,13 +183,15 @@ class NonFiniteGuard:
         # Backward even through a non-finite loss: under torchrun every process must join the gradient
         # all-reduce, and the NaN it spreads makes every process take the same decision below.
         loss.backward()
-        dist.average_gradients(net)
+        sharded = is_sharded(net)
+        if not sharded:  # FSDP's backward reduce-scatters the mean gradient itself
+            dist.average_gradients(net)
         total = dist.all_reduce_sum(loss.detach().clone())
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm if max_norm > 0 else math.inf)
+        norm = whole(torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm if max_norm > 0 else math.inf))
         ok = torch.stack([torch.isfinite(total), torch.isfinite(norm).to(total.device)])
         if self.deferred:  # applied now, judged at the next check; a non-finite update's run stops there
             opt.step()
-            self.pending.append((name, step, torch.cat([ok, _finite(net).to(ok.device).reshape(1)]),
+            self.pending.append((name, step, torch.cat([ok, _finite(net, sharded).to(ok.device).reshape(1)]),
                                  loss.detach()))
             return True
         loss_ok, grad_ok = ok.tolist()  # one host sync for both checks
@@ -196,7 +199,7 @@ class NonFiniteGuard:
         if bad is None:
             self.recent.append(False)
             opt.step()
-            if not bool(_finite(net)):
+            if not bool(_finite(net, sharded)):
                 raise self._weights_error(name, step)
             return True
         opt.zero_grad(set_to_none=True)
@@ -251,10 +254,15 @@ class NonFiniteGuard:
         return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 
 
-def _finite(net: nn.Module) -> torch.Tensor:
-    """One boolean tensor, on the device: whether every trainable weight of ``net`` is finite. One reduction per
-    tensor: a sum is NaN or inf exactly when a value is, and in float64 no sum of float32 values overflows (a norm
-    would, for large finite weights). MPS has no float64: there, isfinite per tensor."""
+def _finite(net: nn.Module, sharded: bool = False) -> torch.Tensor:
+    """One boolean tensor, on the device: whether every trainable weight of ``net`` is finite (``sharded``: on
+    every process, each checking its shards). One reduction per tensor: a sum is NaN or inf exactly when a value
+    is, and in float64 no sum of float32 values overflows (a norm would, for large finite weights). MPS has no
+    float64: there, isfinite per tensor."""
+    params = [local(p) for p in net.parameters() if p.requires_grad]  # a frozen weight cannot have changed
     checks = [torch.isfinite(p).all() if p.device.type == "mps" else torch.isfinite(p.sum(dtype=torch.float64))
-              for p in net.parameters() if p.requires_grad]  # a frozen weight cannot have changed
-    return torch.stack(checks).all() if checks else torch.tensor(True)
+              for p in params if p.numel()]  # a process may hold an empty shard
+    flag = torch.stack(checks).all() if checks else torch.tensor(True, device=params[0].device if params else None)
+    if sharded:
+        flag = dist.all_reduce(flag.float(), "min") > 0
+    return flag

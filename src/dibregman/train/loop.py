@@ -144,7 +144,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
     def save(step: int) -> None:
         save_checkpoint(out / RunFolder.CHECKPOINTS, step, s.c.modules(), *s.checkpoint(), cfg.keep_checkpoints)
 
-    driver.run(s.step, update, save, extra=extra, after=ev.during_training, check=s.guard.check)
+    driver.run(s.step, update, save, extra=extra, after=ev.during_training, check=s.guard.check,
+               whole_state=s.c.whole_state)
     if not dist.is_main():
         return out
     _finish(s, ev, driver.step_times)

@@ -92,8 +92,9 @@ class DistillState:
 
     def restore(self, state: dict, meta: dict) -> None:
         """The inverse of ``checkpoint``; a missing or mistyped entry is damage (``load_latest``)."""
-        for name, opt in self.c.optimizers.items():
-            opt.load_state_dict(entry(entry(state, "optimizers", dict, "state.pt"), name, dict, "state.pt"))
+        for name in self.c.optimizers:
+            self.c.load_optimizer_state(name, entry(entry(state, "optimizers", dict, "state.pt"), name, dict,
+                                                    "state.pt"))
         self.g.set_state(entry(state, "rng", torch.Tensor, "state.pt"))
         torch.set_rng_state(entry(state, "torch_rng", torch.Tensor, "state.pt"))
         self.step, self.guard.skipped = meta["step"], entry(meta, "nonfinite_skipped", int, "state.json", 0)

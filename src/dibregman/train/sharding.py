@@ -1,0 +1,118 @@
+"""``parallel = fsdp``: the trainable networks sharded across the torchrun processes with FSDP2
+(``torch.distributed.fsdp.fully_shard``). Each process keeps 1/N of the generator's, the fake score's and
+the critic's weights, gradients and Adam moments; a forward all-gathers a network's weights, the backward
+reduce-scatters its gradients (their mean over processes, as DDP's all-reduce). The teacher (frozen) and
+the generator's EMA stay whole on every process, so evaluation and sampling on process 0 need no peers.
+
+Checkpoints hold full (gathered) state dicts in the usual files, keyed by parameter name: they load on any
+number of processes. Gathering is collective, so ``Components.gather`` runs on every process before
+process 0 writes."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import dist
+
+
+@functools.cache
+def _dtensor() -> type | None:
+    """DTensor, where this torch build has torch.distributed (imported on first use: most runs never shard)."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _full() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to process 0, on its CPU
+
+
+_FORWARD_METHODS = ("features", "forward_features", "forward_with_features", "from_features")
+
+
+def is_sharded(net: nn.Module) -> bool:
+    kind = _dtensor()
+    return kind is not None and any(isinstance(p, kind) for p in net.parameters())
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered (collective), any other as it is."""
+    kind = _dtensor()
+    return t.full_tensor() if kind is not None and isinstance(t, kind) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded tensor, any other as it is."""
+    kind = _dtensor()
+    return t.to_local() if kind is not None and isinstance(t, kind) else t
+
+
+def shard(nets: list[nn.Module], device: torch.device, precision: str) -> None:
+    """``fully_shard`` each of ``nets`` in place, over every process; methods other than ``forward`` that read
+    their weights (a fake score's features, a critic head's ``from_features``) gather them too."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if not torch.distributed.is_initialized():  # one process without torchrun: a process group of one
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (dist.world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    # FSDP warns that a network returns a view (a reshaped output) on which an in-place op would skip its hook;
+    # the losses use their outputs out of place only, and tests/test_fsdp.py checks the gradients against DDP's
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for net in nets:
+        fully_shard(net, mesh=mesh, mp_policy=policy)
+        for name in _FORWARD_METHODS:
+            if callable(getattr(net, name, None)):
+                register_fsdp_forward_method(net, name)
+
+
+class FullState(nn.Module):
+    """A checkpoint's view of a sharded ``net``: ``state_dict`` is what ``gather`` collected (on process 0: the
+    whole network; before any gather: the live sharded tensors, whose shapes are the whole ones), and
+    ``load_state_dict`` of a whole state dict shards it onto every process (each reads the same file)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "net", net)  # a reference, not a submodule
+        object.__setattr__(self, "gathered", None)
+
+    def gather(self) -> None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        object.__setattr__(self, "gathered", get_model_state_dict(self.net, options=_full()))
+
+    def drop(self) -> None:
+        object.__setattr__(self, "gathered", None)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.gathered if self.gathered is not None else self.net.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        return set_model_state_dict(self.net, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def optimizer_state(net: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole optimiser state of a sharded ``net``, keyed by parameter name (collective)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(net, opt, options=_full())
+
+
+def load_optimizer_state(net: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(net, opt, state, options=StateDictOptions(full_state_dict=True))
