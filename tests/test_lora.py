@@ -99,3 +99,43 @@ def test_lora_students_of_diffusers_u_nets_and_transformers(tmp_path, family):
     assert ema and all("lora_" in k for k in ema)
     x = db.sample(run, 2, prompts=["a red square"])
     assert torch.isfinite(x).all()
+
+
+def test_a_lora_student_of_stable_diffusion_exports_as_diffusers_lora_weights(tmp_path, capsys):
+    # the teacher's own pipeline, its LoRA loaded and Euler's trailing one-step scheduler, is the student
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from dibregman.cli import main
+    from dibregman.export import export_lora
+    from dibregman.sampling import seeded_noise
+
+    folder = sd_pipeline(tmp_path / "sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    opts = {"preset": "tiny-images", "teacher": f"diffusers:{folder}", "prompts": str(prompts), "progress": False,
+            "classifier": "none", "critic_data": "teacher", "teacher_pool": 16,
+            "sigma_g": load_teacher(f"diffusers:{folder}").sigma_max}  # what a one-step pipeline call denoises at
+    run = db.distill(out=str(tmp_path / "run"), lora_rank=2, lora_alpha=4, **opts)  # scale 2, folded into B
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(run), "--lora", "--out", str(tmp_path / "lora")])
+    assert e.value.code == 0 and "load_lora_weights" in capsys.readouterr().out
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    def one_step(lora: bool) -> torch.Tensor:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+        if lora:
+            pipe.load_lora_weights(str(tmp_path / "lora"))
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                            final_sigmas_type="zero", use_karras_sigmas=False)
+        with torch.no_grad():
+            return pipe(["a green star", "two dots"], num_inference_steps=1, guidance_scale=1.0,
+                        latents=seeded_noise(0, 2, (4, 8, 8)), output_type="pt").images * 2 - 1
+
+    ours = db.sample(run, 2, prompts=["a green star", "two dots"])
+    torch.testing.assert_close(one_step(lora=True), ours, rtol=1e-5, atol=1e-5)
+    assert (one_step(lora=False) - ours).abs().max() > 1e-3  # the adapters are what makes it the student
+    full = db.distill(out=str(tmp_path / "full"), steps=1, **opts)
+    with pytest.raises(ValueError, match="lora_rank 0"):
+        export_lora(full, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

@@ -270,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write: DiffusionPipeline.from_pretrained(out) loads a "
                    "Stable Diffusion, SDXL or PixArt-Sigma student's (its teacher's own class), "
                    "DiffusionPipeline.from_pretrained(out, trust_remote_code=True) one of our networks' students")
+    p.add_argument("--lora", action="store_true", help="a run of distill --lora-rank R with a Stable Diffusion 1.x/2.x "
+                   "or SDXL teacher: write its adapters alone as diffusers LoRA weights "
+                   "(pytorch_lora_weights.safetensors) for the teacher pipeline's load_lora_weights, instead of the "
+                   "whole student")
 
     p = sub.add_parser("tiny-pipeline", help="write a tiny random-weight diffusers pipeline folder (a few hundred kB) "
                        "to try commands on before a real one: --teacher diffusers:<out>")
@@ -389,8 +393,13 @@ def run(argv: list[str] | None = None) -> int:
         print(f"tiny {args.family} pipeline (random weights): {folder} (use it with --teacher diffusers:{folder})")
         return 0
     if args.command == "export":
-        from .export import export_diffusers
+        from .export import export_diffusers, export_lora
 
+        if args.lora:
+            folder = export_lora(args.run, args.out)
+            print(f"diffusers LoRA weights: {folder} (the teacher pipeline's load_lora_weights({str(folder)!r}); see "
+                  "its README.md)")
+            return 0
         folder = export_diffusers(args.run, args.out)
         remote = ", trust_remote_code=True" if list(Path(folder).glob("*.py")) else ""
         print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}{remote}); see its "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,21 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
 def _write(pipe: Any, out_folder: str | Path, info: dict[str, Any], readme: str, custom: str | None = None) -> Path:
     """``pipe.save_pretrained`` into a folder beside ``out_folder``, with ``generator.json`` (provenance), the
     README and, for a ``custom`` pipeline class, its source file; swapped in once complete."""
+    def fill(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if custom is not None:
+            index_path = tmp / "model_index.json"
+            index = json.loads(index_path.read_text())
+            index["_class_name"] = [MODULE, custom]  # diffusers: "the class is in <MODULE>.py here"
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(pipeline_module.__file__, tmp / f"{MODULE}.py")
+
+    return _written(out_folder, fill, info, readme)
+
+
+def _written(out_folder: str | Path, fill: Callable[[Path], None], info: dict[str, Any], readme: str) -> Path:
+    """``fill(tmp)`` into a folder beside ``out_folder``, then ``generator.json`` (provenance) and the README;
+    swapped in once complete."""
     out = Path(out_folder)
     _check_out(out)
     with writing(out):
@@ -137,13 +153,7 @@ def _write(pipe: Any, out_folder: str | Path, info: dict[str, Any], readme: str,
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export of this pid
         tmp.mkdir()
         try:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            if custom is not None:
-                index_path = tmp / "model_index.json"
-                index = json.loads(index_path.read_text())
-                index["_class_name"] = [MODULE, custom]  # diffusers: "the class is in <MODULE>.py here"
-                index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-                shutil.copyfile(pipeline_module.__file__, tmp / f"{MODULE}.py")
+            fill(tmp)
             (tmp / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             (tmp / "README.md").write_text(readme)
             _swap_in(tmp, out)
@@ -151,6 +161,79 @@ def _write(pipe: Any, out_folder: str | Path, info: dict[str, Any], readme: str,
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+_LORA_README = """# LoRA of a one-step student of {teacher}, distilled with dibregman
+
+Diffusers LoRA weights (`pytorch_lora_weights.safetensors`, rank {rank}) on the teacher's own {model}: loaded
+onto the teacher's pipeline with Euler's scheduler at trailing timesteps, one step gives the student.
+
+```python
+import torch
+from diffusers import {cls}, EulerDiscreteScheduler
+
+pipe = {cls}.from_pretrained("{teacher_folder}")
+pipe.load_lora_weights("{name}")
+pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                    final_sigmas_type="zero", use_karras_sigmas=False)
+images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=1.0,
+              generator=torch.Generator().manual_seed(0)).images
+```
+
+One U-Net evaluation per image at the scheduler's last noise level (sigma = {sigma_g:.6g}), then the VAE's
+decoding. Keep `guidance_scale` at 1: the student was distilled with guidance {guidance:g} already inside it.
+The adapters are those of the run's EMA generator at step {step}, with their scale ({scale:g}) folded into the
+`lora_B` weights, so they load at diffusers' default scale; `pipe.fuse_lora()` folds them into the U-Net.
+"""
+
+
+def export_lora(run_folder: str | Path, out_folder: str | Path) -> Path:
+    """Write a LoRA run's student (``lora_rank`` > 0) of a Stable Diffusion 1.x/2.x or SDXL pipeline as diffusers
+    LoRA weights that the teacher's pipeline loads with ``load_lora_weights``; the same checks as the full export
+    (``export_diffusers``) decide whether that pipeline reproduces the student."""
+    from safetensors.torch import load_file
+
+    from .integrity import verify_manifest
+    from .train.checkpoint import list_checkpoints, read_meta
+
+    run, out = Path(run_folder), Path(out_folder)
+    _check_out(out)
+    if run.name == "generator":
+        run = run.parent
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{run} is not a run folder with a readable config.json ({e}); --lora exports a run of "
+                         "`dibregman distill --lora-rank R`") from None
+    rank, alpha = int(config.get("lora_rank") or 0), float(config.get("lora_alpha") or 0)
+    if rank < 1:
+        raise ValueError(f"{run} trained its students fully (lora_rank 0): it has no adapters; export its whole "
+                         "student without --lora")
+    gen, info = load_generator(run)
+    pipe, _ = _family_pipeline(gen, info, run / "generator", out.name)  # the family's checks, and its class
+    cls = type(pipe)
+    if not hasattr(cls, "load_lora_weights"):
+        raise ValueError(f"{cls.__name__} loads no LoRA weights in diffusers; export the whole student without --lora")
+    step = info.get("steps")
+    ckpt = next((c for c in reversed(list_checkpoints(run / "checkpoints")) if read_meta(c).get("step") == step), None)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run}: no checkpoint of step {step}, where generator/ was saved, holds its "
+                                "adapters; resume the run (--resume) to write them again")
+    verify_manifest(ckpt, ("ema.safetensors",), only="ema.safetensors")
+    prefix, scale = "denoiser.backbone.unet.", (alpha or rank) / rank
+    layers = {}
+    for key, value in load_file(str(ckpt / "ema.safetensors")).items():
+        if not key.startswith(prefix) or ".lora_" not in key:
+            raise ValueError(f"{ckpt / 'ema.safetensors'} holds {key!r}, which is not an adapter of the teacher's "
+                             "U-Net; this export reads the adapters of a diffusers U-Net teacher only")
+        name = key[len(prefix):].replace(".default.", ".")  # peft's adapter name out: diffusers' own keys
+        layers[name] = value * scale if ".lora_B." in name else value
+    readme = _LORA_README.format(teacher=info.get("teacher"), teacher_folder=info["text"]["encoder"], cls=cls.__name__,
+                                 name=out.name, rank=rank, model="U-Net", sigma_g=gen.sigma_g, scale=scale,
+                                 guidance=info.get("guidance", 1.0), step=step)
+    return _written(out, lambda tmp: cls.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True),
+                    {**info, "lora": {"rank": rank, "alpha": alpha, "scale_folded": scale, "checkpoint": ckpt.name}},
+                    readme)
 
 
 def _check_out(out: Path) -> None:
