@@ -124,3 +124,20 @@ def test_pipelines_it_cannot_distill_are_refused_with_the_reason(tmp_path):
     spec = _pipeline(tmp_path / "c", DDPMScheduler(), class_embed_type="timestep")
     with pytest.raises(ValueError, match="not supported"):
         load_teacher(spec)
+
+
+def test_a_run_encodes_its_prompts_with_the_encoder_the_teacher_loaded(sd, monkeypatch):
+    import dibregman.text as text_mod
+    from dibregman.teachers import take_text_encoder
+    from dibregman.train.conditions import conditions_for
+
+    loads, real = [], text_mod.load_text_encoder
+    monkeypatch.setattr(text_mod, "load_text_encoder", lambda *a, **k: (loads.append(a), real(*a, **k))[1])
+    teacher = load_teacher(sd)
+    prompts = Path(sd.removeprefix("diffusers:")).parent / "two-prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    conds = conditions_for(teacher, str(prompts))
+    assert len(loads) == 1 and take_text_encoder(teacher) is None  # loaded once, handed over, then dropped
+    torch.testing.assert_close(conds.hidden, _clip_states(sd, ["a red square", "a blue circle"]))
+    conditions_for(teacher, str(prompts))  # a second encoding loads it again (nothing is kept alive)
+    assert len(loads) == 2

@@ -17,12 +17,14 @@ from .base import (
     guidable,
     latent_codec,
     set_guidance,
+    take_text_encoder,
     text_spec,
 )
 from .objects import ModuleTeacher, check_teacher
 
 __all__ = ["TEACHER_FORMATS", "ModuleTeacher", "Teacher", "check_teacher", "class_names", "data_spec", "exact_mixture",
-           "exact_sampler", "guidable", "latent_codec", "load_teacher", "set_guidance", "text_spec"]
+           "exact_sampler", "guidable", "latent_codec", "load_teacher", "set_guidance", "take_text_encoder",
+           "text_spec"]
 
 
 TEACHER_FORMATS = Registry("teacher format")  # the prefix of a spec string, `<format>:<argument>`

@@ -92,6 +92,17 @@ def text_spec(teacher: Any) -> dict[str, Any] | None:
     return getattr(teacher, "text", None) or None
 
 
+def take_text_encoder(teacher: Any) -> Any:
+    """The text encoder a teacher loaded to build itself (its ``loaded_text_encoder``), handed over once: a run
+    encodes its prompts with it instead of loading the encoder (CLIP, T5: seconds and gigabytes) a second
+    time; the teacher drops its reference, so the encoder is freed once the prompts are encoded. ``None``
+    when there is none (or it was taken)."""
+    encoder = getattr(teacher, "loaded_text_encoder", None)
+    if encoder is not None:
+        teacher.__dict__["loaded_text_encoder"] = None
+    return encoder
+
+
 def class_names(teacher: Any) -> tuple[str, ...]:
     """The names of the teacher's classes (the words its captions use), or ``()``."""
     return tuple(getattr(teacher, "class_names", ()) or ())

@@ -334,6 +334,7 @@ class DiffusersTeacher(nn.Module):
             self.text = {"encoder": text_encoder.spec, "length": text_encoder.max_length}
             self.register_buffer("null_hidden", text_encoder.unconditional(), persistent=False)
             self.guidance = 1.0  # classifier-free guidance scale (1: none)
+        self.__dict__["loaded_text_encoder"] = text_encoder  # not a submodule: for take_text_encoder, once
         # a teacher trained here (teachers/trained.py): its data, classes, captions and EDM sampling range
         self.meta: dict[str, Any] = dict(meta or {})
         self.data_spec: str | None = self.meta.get("data")

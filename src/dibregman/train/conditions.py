@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..teachers.base import class_names, text_spec
+from ..teachers.base import class_names, take_text_encoder, text_spec
 from ..text.prompts import PromptSet
 
 Tensor = torch.Tensor
@@ -106,7 +106,7 @@ def conditions_for(teacher: object, prompts: str | PromptSet = "", device: torch
             chosen = caption_prompts(names, tuple(templates))
         else:
             chosen = read_prompts(prompts, names)
-        encoder = load_text_encoder(text["encoder"], text.get("length"))
+        encoder = take_text_encoder(teacher) or load_text_encoder(text["encoder"], text.get("length"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Conditions.from_prompts(chosen, encoder.to(device).encode(chosen.prompts).cpu())
