@@ -51,3 +51,19 @@ def test_sharded_u_nets_match_one_process(tmp_path):
 def test_fsdp_refuses_what_it_does_not_shard(option):
     with pytest.raises(ConfigError, match="parallel = fsdp"):
         resolve(DistillConfig, preset="tiny", overrides={"parallel": "fsdp", **option})
+
+
+def test_one_sharded_process_is_the_plain_run_in_bf16_too_and_the_mode_cannot_change_on_resume(tmp_path):
+    # bf16 is the run's autocast under either mode: FSDP casts neither weights nor inputs (the noise level)
+    import dibregman as db
+    from dibregman.train.checkpoint import list_checkpoints
+
+    opts = {"preset": "tiny", "precision": "bf16", "progress": False}
+    plain = db.distill(out=str(tmp_path / "plain"), **opts)
+    sharded = db.distill(out=str(tmp_path / "sharded"), parallel="fsdp", **opts)
+    a, b = (weights(run) for run in (plain, sharded))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "one process: the same arithmetic"
+    assert not torch.distributed.is_initialized()  # the process group of one is gone with its run
+    with pytest.raises(ConfigError, match=r"parallel: 'ddp' -> 'fsdp'"):
+        db.distill(out=str(plain), parallel="fsdp", steps=8, resume=True, **opts)
+    assert list_checkpoints(plain / "checkpoints")[-1].name == "step-00000006"

@@ -21,24 +21,59 @@ from dibregman.train.guard import NonFiniteError, NonFiniteGuard
 from dibregman.train.state import build_state
 from dibregman.train.step import distill_step
 
-READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy", "nonzero")
+
+
+def _masked(index) -> bool:
+    """Whether an index holds a boolean tensor (a mask: on a GPU its count is read back to size the result)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts)
 
 
 @pytest.fixture
 def syncs(monkeypatch):
     """Counts the reads of a tensor's values into Python (each one a host sync on a GPU)."""
     count = {"n": 0, "at": collections.Counter()}  # and where: (module file, function) of the caller
+
+    def seen() -> None:
+        count["n"] += 1
+        caller = sys._getframe(2).f_code
+        count["at"][Path(caller.co_filename).name, caller.co_name] += 1
+
     for name in READS:
         original = getattr(torch.Tensor, name)
 
         def counted(self, *a, _original=original, **k):
-            count["n"] += 1
-            caller = sys._getframe(1).f_code
-            count["at"][Path(caller.co_filename).name, caller.co_name] += 1
+            seen()
             return _original(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
+    for name in ("__getitem__", "__setitem__"):  # boolean-mask indexing
+        original = getattr(torch.Tensor, name)
+
+        def indexed(self, index, *a, _original=original):
+            if _masked(index):
+                seen()
+            return _original(self, index, *a)
+
+        monkeypatch.setattr(torch.Tensor, name, indexed)
+    real_nonzero = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: (seen(), real_nonzero(*a, **k))[1])
     return count
+
+
+def test_the_counter_sees_what_would_wait_for_a_gpu(syncs):
+    x = torch.randn(8)
+    start = syncs["n"]
+    x[x > 0]  # a mask: its size is read back
+    x[x < 0] = 0.0
+    x.cpu()
+    x.numpy()
+    torch.nonzero(x)
+    assert syncs["n"] - start == 5
+    x[torch.arange(3)]  # an index tensor is not a read
+    x.to("cpu", copy=True)  # not counted (a copy to a device is how data reaches a GPU, and back by .cpu())
+    assert syncs["n"] - start == 5
 
 
 def test_logged_tensors_are_read_once_per_window(tmp_path, syncs):
@@ -50,7 +85,7 @@ def test_logged_tensors_are_read_once_per_window(tmp_path, syncs):
         stats.add({"loss": v[0], "omega_min": v[1], "omega_max": v[2], "time/step_s": 0.5})
     assert syncs["n"] == start  # nothing read while the window fills
     row = stats.flush(50)
-    assert syncs["n"] == start + 1  # one transfer for the window
+    assert syncs["n"] == start + 2  # one transfer for the window (.cpu()), then the CPU copy's tolist
     for v in values:
         plain.add({"loss": float(v[0]), "omega_min": float(v[1]), "omega_max": float(v[2]), "time/step_s": 0.5})
     assert row == plain.flush(50) == read_jsonl(tmp_path / "a.jsonl")[0]

@@ -211,9 +211,9 @@ class GaussianMixture(nn.Module):
             raise ValueError(f"sigma must be a scalar or have one value per sample ({b}); "
                              f"got shape {list(s.shape)}")
         ok = ((s >= 0) & torch.isfinite(s)).all()
-        if s.device.type != "cpu":  # checked on the device: a training step on a GPU never waits for this
+        if s.device.type == "cuda":  # checked on the GPU (a step never waits for it); a failure is a device assert
             torch._assert_async(ok, "sigma must be finite and >= 0")
-        elif not bool(ok):
+        elif not bool(ok):  # the CPU (free), and MPS, which has no asynchronous assert
             raise ValueError("sigma must be finite and >= 0")
         return s
 

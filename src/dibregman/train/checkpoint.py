@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .. import dist
 from ..integrity import (  # noqa: F401  (the folder checks; re-exported for callers that import them from here)
     INTEGRITY,
     MANIFEST,
@@ -191,11 +192,12 @@ def load_latest(folder: str | Path, modules: dict[str, nn.Module],
             mismatch = mismatch or e
             damaged.append((path, f"{_brief(e)}, while an older checkpoint matches"))
             continue
-        # reported only now: if none loads, the one error below says it all
-        for bad, why in damaged:
+        # reported only now: if none loads, the one error below says it all. Under torchrun every process reads
+        # the same files and decides alike; process 0 alone moves the damaged ones aside (two would race)
+        for bad, why in damaged if dist.is_main() else ():
             moved = _move_aside(bad)
             print(f"warning: checkpoint {bad} is damaged ({why}); moved it to {moved.name}", file=sys.stderr)
-        if damaged:
+        if damaged and dist.is_main():
             print(f"resuming from {path}, the newest checkpoint that loads", file=sys.stderr)
         return path, state, meta
     if mismatch is not None:  # no checkpoint matches: another config or model, not damage

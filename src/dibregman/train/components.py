@@ -307,8 +307,7 @@ def build(cfg: DistillConfig, teacher: Teacher, base: Precond, device: torch.dev
     if cfg.parallel == "fsdp":  # the optimisers below then hold their parameters' shards
         from .sharding import FullState, shard
 
-        shard([generator.denoiser.backbone, fake_score.backbone, *([critic] if critic is not None else [])],
-              device, cfg.precision)
+        shard([generator.denoiser.backbone, fake_score.backbone, *([critic] if critic is not None else [])], device)
         views = {"generator": FullState(generator), "fake_score": FullState(fake_score)}
         if critic is not None:
             views["critic"] = FullState(critic)

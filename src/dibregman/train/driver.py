@@ -24,7 +24,8 @@ class RunDriver:
     """Runs ``update(step)`` from the current step to ``steps``; after each step it adds ``time/step_s``, reduces
     and writes the stats every ``log_every`` steps and at the last, calls ``after``, checkpoints every
     ``checkpoint_every`` steps and at the last, and on SIGINT/SIGTERM (on any process) checkpoints where it
-    stopped and raises ``Interrupted``. Only process 0 writes; every process runs the same cadence."""
+    stopped and raises ``Interrupted`` (under torchrun at the next log or checkpoint step). Only process 0
+    writes; every process runs the same cadence."""
 
     def __init__(self, out: Path, steps: int, log_every: int, checkpoint_every: int, *, desc: str,
                  progress: bool | None = None, tensorboard: bool = False, logs: tuple[str, ...] = (RunFolder.STATS,)):
@@ -92,8 +93,12 @@ class RunDriver:
                     if step % self.checkpoint_every == 0 or step == self.steps:
                         checkpoint(step)
                     bar.update(1)
-                    if dist.any_true(interrupt["signum"] is not None):  # stop here, saved
-                        if step % self.checkpoint_every != 0 and step != self.steps:
+                    # under torchrun the processes agree on a stop at log and checkpoint steps only: the agreement
+                    # is a collective, which would make every step wait for the device
+                    saved = step % self.checkpoint_every == 0 or step == self.steps
+                    polled = dist.world_size() == 1 or logging or saved
+                    if polled and dist.any_true(interrupt["signum"] is not None):  # stop here, saved
+                        if not saved:
                             checkpoint(step)
                         signum = interrupt["signum"] or signal.SIGTERM  # a process that saw none stops too
                         raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in "

@@ -148,6 +148,8 @@ def keeps_caller_rng(fn):
 # --nonfinite skip stops a run whose updates are mostly skipped: more than SKIP_RATIO of the last SKIP_WINDOW
 # updates (of every network; counted once SKIP_MIN_UPDATES were made), which is divergence, not a stray batch.
 SKIP_WINDOW, SKIP_MIN_UPDATES, SKIP_RATIO = 200, 50, 0.5
+# deferred flags are read at the latest after this many updates, for a loop of one's own that never calls check()
+MAX_PENDING = 4096
 
 
 class NonFiniteGuard:
@@ -162,8 +164,9 @@ class NonFiniteGuard:
     ``deferred`` (strict only): the step never waits for the device. Each update leaves one fused flag tensor
     (loss, gradient, weights) where it was computed, and ``check()`` reads all of them in one transfer; the
     run driver calls it before it writes a stats row or a checkpoint, so a non-finite update still stops the
-    run, named by network and step, and no checkpoint after it exists. Skip mode decides per update, so it
-    reads its flags at once (one host sync per update).
+    run, named by network and step, and no checkpoint after it exists (a loop of your own calls ``check()``;
+    it also runs every ``MAX_PENDING`` updates). Skip mode decides per update, so it reads its flags at once
+    (two host syncs per update: the loss and gradient flags, then the weights').
     """
 
     def __init__(self, policy: str, resume_hint: str | None = "--resume --nonfinite skip", deferred: bool = False):
@@ -193,6 +196,8 @@ class NonFiniteGuard:
             opt.step()
             self.pending.append((name, step, torch.cat([ok, _finite(net, sharded).to(ok.device).reshape(1)]),
                                  loss.detach()))
+            if len(self.pending) >= MAX_PENDING:
+                self.check()
             return True
         loss_ok, grad_ok = ok.tolist()  # one host sync for both checks
         bad = None if loss_ok and grad_ok else f"loss ({loss.item()})" if not loss_ok else "gradient"
@@ -245,12 +250,12 @@ class NonFiniteGuard:
                               f"({self._last_good(self.run_dir, step)}). Start a new run (another --out) with a lower "
                               "learning rate or a gradient clip")
 
-    def _last_good(self, run_dir: Path, step: int) -> str:
+    def _last_good(self, run_dir: Path | None, step: int) -> str:
         resumed = self.resumed_from
         if resumed is not None and resumed.name == f"step-{step - 1:08d}":  # the first update after a resume
             return (f"this is the first update after resuming from {resumed}, which may be damaged: move it aside "
                     f"(rename it to damaged-{resumed.name}) and --resume again to fall back to the one before it")
-        last = latest_checkpoint(run_dir / RunFolder.CHECKPOINTS)
+        last = latest_checkpoint(run_dir / RunFolder.CHECKPOINTS) if run_dir is not None else None
         return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 
 

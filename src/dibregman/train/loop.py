@@ -120,38 +120,44 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool | None = No
         check_any(out / RunFolder.CHECKPOINTS, lambda meta: _check_config(meta, cfg, out))
         _check_levels(out, resolved_student_sigmas(cfg, teacher))
         _check_teacher(out, digest)
-    s = build_state(cfg, teacher, conds, out, device, dist.local_slice(cfg.batch_size), digest, resuming)
-    ev = Evaluation.build(s)
-    loaded = load_latest(out / RunFolder.CHECKPOINTS, s.c.modules(), lambda meta: _check_config(meta, cfg, out),
-                         s.restore) if resuming else None
-    if loaded is not None:
-        s.guard.resumed_from = loaded[0]  # a non-finite first step then says the checkpoint may be damaged
-    driver = RunDriver(out, cfg.steps, cfg.log_every, cfg.checkpoint_every, progress=progress,
-                       tensorboard=cfg.tensorboard, desc=f"distill {s.c.generator_loss.divergence.name}",
-                       logs=(RunFolder.STATS, RunFolder.METRICS))
-    driver.begin(s.step, to_dict(cfg), resume, loaded[0] if loaded is not None else None)
+    try:
+        s = build_state(cfg, teacher, conds, out, device, dist.local_slice(cfg.batch_size), digest, resuming)
+        ev = Evaluation.build(s)
+        loaded = load_latest(out / RunFolder.CHECKPOINTS, s.c.modules(), lambda meta: _check_config(meta, cfg, out),
+                             s.restore) if resuming else None
+        if loaded is not None:
+            s.guard.resumed_from = loaded[0]  # a non-finite first step then says the checkpoint may be damaged
+        driver = RunDriver(out, cfg.steps, cfg.log_every, cfg.checkpoint_every, progress=progress,
+                           tensorboard=cfg.tensorboard, desc=f"distill {s.c.generator_loss.divergence.name}",
+                           logs=(RunFolder.STATS, RunFolder.METRICS))
+        driver.begin(s.step, to_dict(cfg), resume, loaded[0] if loaded is not None else None)
 
-    def update(_: int) -> None:
-        for record in distill_step(s).logs:
-            driver.stats.add(record)
+        def update(_: int) -> None:
+            for record in distill_step(s).logs:
+                driver.stats.add(record)
 
-    def extra(step: int, logging: bool) -> dict:
-        values = {"nonfinite/skipped": s.guard.skipped} if logging else {}  # equal on every process
-        if ev.diagnose is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            values.update(ev.diagnose())  # exact fake-score and ratio errors (every process: same numbers)
-        return values
+        def extra(step: int, logging: bool) -> dict:
+            values = {"nonfinite/skipped": s.guard.skipped} if logging else {}  # equal on every process
+            if ev.diagnose is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                values.update(ev.diagnose())  # exact fake-score and ratio errors (every process: same numbers)
+            return values
 
-    def save(step: int) -> None:
-        save_checkpoint(out / RunFolder.CHECKPOINTS, step, s.c.modules(), *s.checkpoint(), cfg.keep_checkpoints)
+        def save(step: int) -> None:
+            save_checkpoint(out / RunFolder.CHECKPOINTS, step, s.c.modules(), *s.checkpoint(), cfg.keep_checkpoints)
 
-    driver.run(s.step, update, save, extra=extra, after=ev.during_training, check=s.guard.check,
-               whole_state=s.c.whole_state)
-    if not dist.is_main():
+        driver.run(s.step, update, save, extra=extra, after=ev.during_training, check=s.guard.check,
+                   whole_state=s.c.whole_state)
+        if not dist.is_main():
+            return out
+        _finish(s, ev, driver.step_times)
+        if on_finish is not None:  # still holding the run folder's lock
+            on_finish(out)
         return out
-    _finish(s, ev, driver.step_times)
-    if on_finish is not None:  # still holding the run folder's lock
-        on_finish(out)
-    return out
+    finally:
+        if cfg.parallel == "fsdp":
+            from .sharding import release
+
+            release()  # a process group of one that sharding made
 
 
 def _checked_conditions(cfg: DistillConfig, teacher: Teacher, device: torch.device) -> Conditions:

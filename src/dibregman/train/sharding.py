@@ -5,8 +5,8 @@ reduce-scatters its gradients (their mean over processes, as DDP's all-reduce). 
 the generator's EMA stay whole on every process, so evaluation and sampling on process 0 need no peers.
 
 Checkpoints hold full (gathered) state dicts in the usual files, keyed by parameter name: they load on any
-number of processes. Gathering is collective, so ``Components.gather`` runs on every process before
-process 0 writes."""
+number of processes. Gathering is collective, so ``Components.whole_state`` is entered on every process
+around process 0's write."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def _full() -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to process 0, on its CPU
 
 
+_OWN_GROUP = False  # whether shard() made the process group (of one), for release()
 _FORWARD_METHODS = ("features", "forward_features", "forward_with_features", "from_features")
 
 
@@ -56,26 +57,38 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if kind is not None and isinstance(t, kind) else t
 
 
-def shard(nets: list[nn.Module], device: torch.device, precision: str) -> None:
+def shard(nets: list[nn.Module], device: torch.device) -> None:
     """``fully_shard`` each of ``nets`` in place, over every process; methods other than ``forward`` that read
     their weights (a fake score's features, a critic head's ``from_features``) gather them too."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    global _OWN_GROUP
     if not torch.distributed.is_initialized():  # one process without torchrun: a process group of one
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              store=torch.distributed.HashStore(), rank=0, world_size=1)
+        _OWN_GROUP = True
     mesh = init_device_mesh(device.type, (dist.world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if precision == "bf16" else MixedPrecisionPolicy()
+    # no parameter dtype: bf16 is the run's autocast, as under DDP (FSDP's bf16 parameters would also cast every
+    # floating input, the noise level too, before the time embedding reads it); the gathers stay fp32
+    policy = MixedPrecisionPolicy()
     # FSDP warns that a network returns a view (a reshaped output) on which an in-place op would skip its hook;
     # the losses use their outputs out of place only, and tests/test_fsdp.py checks the gradients against DDP's
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor", module="torch")
     for net in nets:
         fully_shard(net, mesh=mesh, mp_policy=policy)
         for name in _FORWARD_METHODS:
             if callable(getattr(net, name, None)):
                 register_fsdp_forward_method(net, name)
+
+
+def release() -> None:
+    """Leave the process group of one that ``shard`` made (at the end of its run), so that a later run in the
+    same Python process starts from none."""
+    global _OWN_GROUP
+    if _OWN_GROUP and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _OWN_GROUP = False
 
 
 class FullState(nn.Module):
@@ -99,7 +112,7 @@ class FullState(nn.Module):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         return self.gathered if self.gathered is not None else self.net.state_dict()
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         return set_model_state_dict(self.net, state, options=StateDictOptions(full_state_dict=True, strict=strict))

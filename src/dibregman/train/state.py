@@ -120,12 +120,12 @@ def build_state(cfg: DistillConfig, teacher: Teacher, conds: Conditions, out: Pa
                 raise ConfigError("grad_checkpointing works on diffusers U-Net backbones (our UNet, a diffusers "
                                   "teacher's); this network does not support it")
             net.unet.enable_gradient_checkpointing()
-    if cfg.compile:
-        _compile(c, teacher)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     guard = NonFiniteGuard(cfg.nonfinite, deferred=True)  # strict: checked before each log row and checkpoint
     s = DistillState(cfg, teacher, c, conds, g, device, local, amp, guard, out, teacher_digest)
     _pools(s)
+    if cfg.compile:  # after the pools: the teacher's samples in them are the eager teacher's, compiled or not
+        _compile(c, teacher)
     return s
 
 
