@@ -180,7 +180,7 @@ class Components:
     fake_score_sigmas: SigmaSampler
     shared: frozenset[int] | None = None  # LoRA: the teacher's tensors under the adapters, never checkpointed
     views: dict[str, nn.Module] | None = None  # parallel = fsdp: the whole-state views of the sharded networks
-    gathered: dict[str, Any] | None = None  # and their optimisers' whole states, from the last gather()
+    gathered: dict[str, Any] | None = None  # and their optimisers' whole states, inside whole_state()
 
     def trained(self) -> dict[str, nn.Module]:
         """The networks the optimisers step, by optimiser name."""

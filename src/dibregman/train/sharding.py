@@ -61,7 +61,7 @@ def shard(nets: list[nn.Module], device: torch.device) -> None:
     """``fully_shard`` each of ``nets`` in place, over every process; methods other than ``forward`` that read
     their weights (a fake score's features, a critic head's ``from_features``) gather them too."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     global _OWN_GROUP
     if not torch.distributed.is_initialized():  # one process without torchrun: a process group of one
@@ -69,14 +69,13 @@ def shard(nets: list[nn.Module], device: torch.device) -> None:
                                              store=torch.distributed.HashStore(), rank=0, world_size=1)
         _OWN_GROUP = True
     mesh = init_device_mesh(device.type, (dist.world_size(),))
-    # no parameter dtype: bf16 is the run's autocast, as under DDP (FSDP's bf16 parameters would also cast every
-    # floating input, the noise level too, before the time embedding reads it); the gathers stay fp32
-    policy = MixedPrecisionPolicy()
     # FSDP warns that a network returns a view (a reshaped output) on which an in-place op would skip its hook;
     # the losses use their outputs out of place only, and tests/test_fsdp.py checks the gradients against DDP's
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor", module="torch")
     for net in nets:
-        fully_shard(net, mesh=mesh, mp_policy=policy)
+        # no mixed-precision policy: bf16 is the run's autocast, as under DDP (a bf16 parameter dtype would also
+        # cast every floating input, the noise level too, before the time embedding reads it)
+        fully_shard(net, mesh=mesh)
         for name in _FORWARD_METHODS:
             if callable(getattr(net, name, None)):
                 register_fsdp_forward_method(net, name)
