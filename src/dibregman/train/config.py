@@ -159,6 +159,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                           # cosine decay of the generator's rate: recall 0.78 +- 0.01 against 0.72 +- 0.02, FD
                           # 1.01 +- 0.04 against 1.10 +- 0.33 (3 seeds, benchmarks.md, image_recipe)
                           "lr_schedule": "cosine",
+                          # --steps 800: FD 0.76 +- 0.07, below the teacher's 0.82, at the same recall (0.79 +- 0.01;
+                          # 3 seeds, benchmarks.md, "The fake score's lag and the number of steps"), 2.7x the time
                           "out": "runs/distill-fmnist"},
         # text-to-image on 2 CPU cores: the shipped caption-conditioned teacher, its 80 training captions as
         # prompts, otherwise the fashion-mnist recipe; no guidance: with guidance 2 the students' recall fell to
