@@ -10,7 +10,6 @@ around process 0's write."""
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any
 
@@ -20,10 +19,10 @@ from torch import nn
 from .. import dist
 
 
-@functools.cache
 def _dtensor() -> type | None:
-    """DTensor, where this torch build has torch.distributed (imported on first use: most runs never shard)."""
-    if not torch.distributed.is_available():
+    """DTensor, once a process group exists (none can exist before). Until then nothing is imported: the import
+    takes most of a second, and most runs never shard."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
     from torch.distributed.tensor import DTensor
 
