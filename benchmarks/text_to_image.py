@@ -43,7 +43,8 @@ def distill_run(name: str, seed: int, args: argparse.Namespace, out: Path) -> Pa
     if not (folder / "summary.json").exists():
         cmd = [sys.executable, "-m", "dibregman", "distill", "--preset", args.preset, "--divergence", name,
                "--teacher", args.teacher, "--guidance", str(args.guidance), "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--eval-samples", str(args.run_eval_samples),
+               "--batch-size", str(args.batch_size), "--sigma-g", str(args.sigma_g),
+               "--eval-samples", str(args.run_eval_samples),
                "--eval-every", str(args.steps), "--device", args.device, "--seed", str(seed), "--out", str(folder),
                "--progress" if sys.stderr.isatty() else "--no-progress"]
         if (folder / "checkpoints").exists():
@@ -133,6 +134,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: the preset's")
     p.add_argument("--steps", type=int, default=None, help="default: the preset's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--sigma-g", type=float, default=None, help="the students' noise level (inf: a flow teacher's "
+                   "pure noise, as its pipeline's one-step call); default: the preset's")
     p.add_argument("--run-eval-samples", type=int, default=200, help="each run's own final evaluation")
     p.add_argument("--samples", type=int, default=1000, help="samples per model and prompt set")
     p.add_argument("--device", default="cpu")
@@ -146,6 +149,7 @@ def main() -> None:
     args.guidance = preset.guidance if args.guidance is None else args.guidance
     args.steps = args.steps or preset.steps
     args.batch_size = args.batch_size or preset.batch_size
+    args.sigma_g = preset.sigma_g if args.sigma_g is None else args.sigma_g
     out = Path(args.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -189,6 +193,7 @@ def main() -> None:
         "stages are read from the cache).", "",
         f"Teacher `{args.teacher}` with classifier-free guidance {args.guidance:g} (its 35-NFE Heun rows and the "
         f"students' targets); students: preset `{args.preset}`, {args.steps} steps, batch {args.batch_size}, "
+        f"sigma_g {args.sigma_g:g}, "
         f"training seeds {args.seeds}, distilled on the teacher's training captions (8 templates x 10 classes).", "",
         table, "",
         *([f"Over the {len(seeds)} training seeds (mean, and min to max):", "", spread, ""] if spread else []),

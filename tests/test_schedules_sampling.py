@@ -284,3 +284,23 @@ def test_one_step_generator():
     # an analytic denoiser at large sigma_g starts at the data's mean, spread s^2/sqrt(s^2+sigma_g^2)
     g = OneStepGenerator(denoiser(MU, S**2), sigma_g=2.5)
     torch.testing.assert_close(g(U), MU + S**2 / (S**2 + 6.25) * (2.5 * U - MU), rtol=1e-12, atol=1e-12)
+
+
+def test_a_flow_student_from_pure_noise_is_the_limit_of_its_finite_noise_levels():
+    """``sigma_g = inf``: ``Precond.from_pure_noise`` is ``lim D(sigma z, sigma)`` of a flow model (``z - v(z, 1)``,
+    a one-step SD3 or Flux call), approached as ``1 / sigma``; conventions without that limit refuse it."""
+    flow = Precond(Recorder(), parameterisation=schedules.FlowParameterisation(1000))
+    z = torch.randn(5, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    limit = flow.from_pure_noise(z)
+    torch.testing.assert_close(limit, z - (torch.sin(z) + 1000.0))  # a z + c_out F(b z, T) with (1, -1, 1, 1000)
+    gaps = [float((flow(s * z, torch.full((5,), s, dtype=F64)) - limit).abs().max()) for s in (1e2, 1e4, 1e6)]
+    assert gaps[0] > 0 and gaps[1] < gaps[0] / 50 and gaps[2] < gaps[1] / 50 and gaps[2] < 1e-2
+    gen = OneStepGenerator(flow, sigma_g=math.inf)
+    torch.testing.assert_close(gen(z), limit, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one step for now"):
+        OneStepGenerator(flow, sigmas=(math.inf, 1.0))
+    edm = Precond(Zero())
+    with pytest.raises(ValueError, match="no limit at infinite noise"):
+        edm.from_pure_noise(z)
+    with pytest.raises(ValueError, match="needs a flow-matching denoiser"):
+        OneStepGenerator(edm, sigma_g=math.inf)

@@ -119,7 +119,7 @@ def _state(run):
     return {f"{f.stem}/{k}": v for f in sorted(last.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def test_distill_sample_new_prompts_and_say_why_it_does_not_export(tmp_path, family):
+def test_distill_sample_new_prompts_and_say_why_a_finite_sigma_g_does_not_export(tmp_path, family):
     from dibregman.artifacts import load_generator
     from dibregman.export import export_diffusers
 
@@ -133,8 +133,43 @@ def test_distill_sample_new_prompts_and_say_why_it_does_not_export(tmp_path, fam
     assert gen.denoiser.shape == LATENT
     if family[0] == "flux":  # and the guidance input the student was distilled with
         assert info["arch"]["options"]["embedded_guidance"] == 2.0 == gen.denoiser.backbone.embedded_guidance
-    with pytest.raises(ValueError, match="starts from pure noise at t = 1"):
+    with pytest.raises(ValueError, match="starts from pure noise at t = 1.*--sigma-g inf"):
         export_diffusers(whole, tmp_path / "exported")
+
+
+def test_a_pure_noise_student_exports_to_its_own_pipeline_class_that_reproduces_it(tmp_path, family):
+    """``sigma_g = inf``: the student is the flow model at t = 1, what a one-step SD3 / Flux call computes, so the
+    exported ``StableDiffusion3Pipeline`` / ``FluxPipeline`` folder (no custom code) draws `dibregman sample`'s
+    images from the same noise; Flux with the student's guidance input as its ``guidance_scale``."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from dibregman.export import export_diffusers
+    from dibregman.sampling import seeded_noise
+
+    name, folder = family
+    run = _distill(folder, tmp_path / "run", guidance=2.0, sigma_g=float("inf"), steps=2)
+    info = json.loads((run / "generator" / "generator.json").read_text())
+    assert info["sigma_g"] == float("inf")
+    out = export_diffusers(run, tmp_path / "exported")
+    readme = (out / "README.md").read_text()
+    cls = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == cls
+    absent = {"text_encoder_3": None, "tokenizer_3": None} if name == "sd3" else {}  # this SD3 has no T5
+    assert ("text_encoder_3=None" in readme) == bool(absent) and "from pure noise (t = 1)" in readme
+    pipe = DiffusionPipeline.from_pretrained(out, local_files_only=True, **absent)
+    z = seeded_noise(0, 2, LATENT)
+    kw = {"max_sequence_length": info["text"]["length"], "height": IMAGE[1], "width": IMAGE[2],
+          "guidance_scale": 1.0}
+    if name == "flux":  # packed latents; the guidance input the student was distilled with
+        z = FluxPipeline._pack_latents(z, 2, *LATENT)
+        kw["guidance_scale"] = 2.0
+        assert "guidance_scale=2," in readme
+    asked = ["a green star", "two dots"]
+    with torch.no_grad():
+        theirs = pipe(asked, num_inference_steps=1, latents=z, output_type="pt", **kw).images
+    torch.testing.assert_close(theirs * 2 - 1, db.sample(run, 2, prompts=asked), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

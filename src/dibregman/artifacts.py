@@ -123,6 +123,14 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def _in_range(value: Any, lo: float, hi: float, key: str) -> bool:
+    """``value`` in ``[lo, hi]``; a ``sigma_g`` may also be inf (a flow student's pure-noise start, which
+    ``Generator`` accepts only for a flow denoiser)."""
+    if key == "sigma_g" and value == math.inf and not isinstance(value, bool):
+        return True
+    return _positive(value) and lo <= value <= hi
+
+
 def _check_numbers(info: dict[str, Any], path: Path) -> None:
     """The numbers of ``generator.json`` that shape every sample: finite and in range (a NaN ``sigma_g``
     would give all-NaN samples that look like a working generator)."""
@@ -132,13 +140,13 @@ def _check_numbers(info: dict[str, Any], path: Path) -> None:
     for key, (lo, hi) in SIGMA_RANGE.items():
         if key not in info:
             raise CheckpointError(f"{path} is damaged (bad or missing entry {key!r}); {_REMAKE}")
-        if not _positive(info[key]) or not lo <= info[key] <= hi:
-            raise CheckpointError(f"{path} is damaged: {key} must be a finite number > 0 (in [{lo:g}, {hi:g}]); "
-                                  f"got {info[key]!r}; {_REMAKE}")
+        if not _in_range(info[key], lo, hi, key):
+            raise CheckpointError(f"{path} is damaged: {key} must be a finite number > 0 (in [{lo:g}, {hi:g}]"
+                                  f"{'; or inf' if key == 'sigma_g' else ''}); got {info[key]!r}; {_REMAKE}")
     sigmas = info.get("sigmas", [info["sigma_g"]])  # a few-step student's noise levels, sigma_g first
     lo, hi = SIGMA_RANGE["sigma_g"]
     if (not isinstance(sigmas, list) or not 1 <= len(sigmas) <= 16
-            or not all(_positive(s) and lo <= s <= hi for s in sigmas)
+            or not all(_in_range(s, lo, hi, "sigma_g") for s in sigmas)
             or sigmas[0] != info["sigma_g"] or any(b >= a for a, b in pairwise(sigmas))):
         raise CheckpointError(f"{path} is damaged: sigmas must be 1 to 16 decreasing numbers in [{lo:g}, {hi:g}] "
                               f"starting at sigma_g; got {sigmas!r}; {_REMAKE}")

@@ -49,7 +49,8 @@ HELP = {  # distill (and demo) options; TEACHER_HELP below overrides the ones tr
     "beta2": "Adam beta2 of all three optimisers; in [0, 1)",
     "ema_decay": "EMA decay of the saved generator; in [0, 1)",
     "grad_clip": "max global gradient norm per network; >= 0, 0 disables",
-    "sigma_g": "the generator's fixed noise level: G(z) = D(sigma_g z, sigma_g); > 0",
+    "sigma_g": "the generator's fixed noise level: G(z) = D(sigma_g z, sigma_g); in [1e-4, 1e4], or inf: start "
+               "from pure noise, a flow teacher's t = 1 (one step; how SD3 and Flux students export)",
     "student_steps": "network calls per sample, 1..16: 1 is a one-step student; N > 1 re-noises and denoises "
                      "its last estimate at N noise levels (DMD2's few-step student, trained by backward simulation)",
     "student_sigma_min": "the last noise level of a few-step student (its levels run from sigma_g down to it on "

@@ -1,11 +1,10 @@
-"""Export a U-Net one-step generator as a diffusers pipeline folder that loads without dibregman.
+"""Export a one-step generator as a diffusers pipeline folder that loads without dibregman.
 
-A student of a Stable Diffusion 1.x/2.x, SDXL or PixArt-Sigma pipeline goes back into that family: a
-``StableDiffusionPipeline`` (``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``) folder (the teacher's
-tokenizers and text encoders, the student's UNet or transformer, its VAE, Euler's scheduler with trailing
-timesteps) that
-``DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=1.0)`` runs with no
-custom code (``_family_pipeline``). Students of our own networks export as follows.
+A student of a Stable Diffusion 1.x/2.x, SDXL, PixArt-Sigma, SD3 or Flux pipeline goes back into that family: a
+folder of the teacher's pipeline class (the teacher's tokenizers and text encoders, the student's UNet or
+transformer, its VAE, a scheduler whose one step is the student's) that
+``DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, ...)`` runs with no custom code
+(``_family_pipeline``). Students of our own networks export as follows.
 
 The folder holds the student's ``UNet2DModel`` (``unet/``; a text student's ``UNet2DConditionModel`` with its
 ``tokenizer/`` and ``text_encoder/``), ``model_index.json`` naming the custom pipeline
@@ -20,6 +19,7 @@ class, that class's source (``dibregman_pipeline.py``, a copy of ``dibregman/pip
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -67,15 +67,13 @@ A `{cls}` folder of the teacher's own family (no custom code, no `trust_remote_c
 import torch
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{name}")
-images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=1.0,{call}
+pipe = DiffusionPipeline.from_pretrained("{name}"{load})
+images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale={scale},{call}
               generator=torch.Generator().manual_seed(0)).images
 ```
 
-One {model} evaluation per image at the scheduler's last noise level (sigma = {sigma_g:.6g}, timestep
-{timestep}), then the VAE's decoding. Keep `guidance_scale` at 1 (or 0): the student was distilled with
-guidance {guidance:g} already inside it, and a larger value would apply classifier-free guidance a second time.
-`latents` (unit noise, shape [batch, {latent}]) gives the same images as `dibregman sample` draws from that noise.
+One {model} evaluation per image from {at}, timestep {timestep}, then the VAE's decoding. {guidance}
+{noise} gives the same images as `dibregman sample` draws from that noise.
 """
 
 
@@ -242,31 +240,111 @@ def _check_out(out: Path) -> None:
 
 
 def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: str) -> tuple[Any, str]:
-    """A one-step student of a Stable Diffusion 1.x/2.x (SDXL, PixArt-Sigma) pipeline as a
-    ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``): the teacher folder's
-    tokenizers and text encoders, the student's UNet (transformer), the VAE saved with it, and Euler's scheduler with
-    trailing timesteps, whose single step from noise level S returns the UNet's x0 at S. That is the student's
-    one step exactly when it was distilled at ``sigma_g`` = S (the scheduler's last noise level)."""
+    """A one-step student of a Stable Diffusion 1.x/2.x (SDXL, PixArt-Sigma, SD3, Flux) pipeline as a pipeline of
+    the teacher's class: the teacher folder's tokenizers and text encoders, the student's UNet (transformer), the
+    VAE saved with it, and a scheduler whose single step is the student's one step (``_one_step_scheduler``)."""
     import diffusers
-    from diffusers import EulerDiscreteScheduler
 
     den = gen.denoiser
     where = f"{folder}: "
     if info.get("text") and not Path(str(info["text"]["encoder"])).is_dir():
         raise ValueError(where + f"this student's text encoder ({info['text']['encoder']}) is not a pipeline's, so "
                          "there is no pipeline class of its family to export to; use `dibregman sample`")
-    if den.kind == "flow":
-        raise ValueError(where + "a student of a flow-matching pipeline (SD3, a flow UNet) does not export to its "
-                         "pipeline class yet: that class's one-step call starts from pure noise at t = 1, an infinite "
-                         "EDM noise level, while the student denoises at a finite sigma_g; use `dibregman sample`")
     model = type(den.unet).__name__
-    if not info.get("text") or model not in ("UNet2DConditionModel", "PixArtTransformer2DModel") or den.kind != "vp" \
-            or den.continuous_timesteps:
-        raise ValueError(where + "only text-to-image students of Stable Diffusion 1.x/2.x, SDXL and PixArt-Sigma "
-                         "pipelines (a VP scheduler over a discrete noise table) export to their own pipeline class")
+    if not info.get("text") or model not in _FAMILY_CLASSES:
+        raise ValueError(where + "only text-to-image students of Stable Diffusion 1.x/2.x, SDXL, PixArt-Sigma, SD3 and "
+                         f"Flux pipelines export to their own pipeline class; this one has a {model}")
+    if den.kind == "flow" and model not in _FLOW_CLASSES:
+        raise ValueError(where + f"a student of a flow-matching {model} has no diffusers pipeline class to go back "
+                         "into (only SD3's and Flux's transformers); use `dibregman sample`")
     if gen.steps != 1:
         raise ValueError(where + f"a {gen.steps}-step student re-noises between its steps, which no diffusers "
                          "scheduler of this family does; export a one-step student (--student-steps 1)")
+    scheduler, last, timestep = _one_step_scheduler(gen, where)
+    teacher_folder = Path(info["text"]["encoder"])
+    if not (teacher_folder / "tokenizer").is_dir() or not (teacher_folder / "text_encoder").is_dir():
+        raise FileNotFoundError(where + f"the export takes the tokenizer and text encoder from the teacher folder "
+                                f"{str(teacher_folder)!r}, which has no tokenizer/ and text_encoder/ now; restore it")
+    codec = load_codec_of(folder, info)
+    length, (c, h, w) = info["text"]["length"], info["shape"]
+    parts = {"vae": codec.vae, "scheduler": scheduler, "local_files_only": True}
+    call, load = "", ""  # what the README's call and its from_pretrained add
+    guidance_in = 1.0  # the call's guidance_scale
+    if model == "PixArtTransformer2DModel":  # T5 at the student's token budget; its own sizes, not binned ones
+        pipe = diffusers.PixArtSigmaPipeline.from_pretrained(str(teacher_folder), transformer=den.unet, **parts)
+        call = f"{_WRAP}max_sequence_length={length}, use_resolution_binning=False, clean_caption=False,"
+    elif model == "SD3Transformer2DModel":  # a folder saved without T5 stays without it (the pipeline pads zeros)
+        absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if not (teacher_folder / k).is_dir()}
+        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(teacher_folder), transformer=den.unet, **absent,
+                                                                  **parts)
+        load = "".join(f", {k}=None" for k in absent)  # diffusers loads a T5-less SD3 folder only when told
+        call = _sized_call(length, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
+    elif model == "FluxTransformer2DModel":  # its guidance input is the call's guidance_scale
+        pipe = diffusers.FluxPipeline.from_pretrained(str(teacher_folder), transformer=den.unet, **parts)
+        guidance_in = den.backbone.options["embedded_guidance"]
+        call = _sized_call(length, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
+    elif den.backbone.added:  # SDXL: its own class, whose default size gives the student's time ids
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(teacher_folder), unet=den.unet, **parts)
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            str(teacher_folder), unet=den.unet, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **parts)
+    if not call and int(pipe.tokenizer.model_max_length) != int(length):
+        raise ValueError(where + f"the teacher's tokenizer pads to {pipe.tokenizer.model_max_length} tokens, the "
+                         f"student was distilled on {length}: the pipeline would encode prompts differently")
+    if model == "FluxTransformer2DModel":
+        guidance = (f"Pass `guidance_scale={guidance_in:g}`: Flux reads it as its guidance input, and the student "
+                    "was distilled with that input.") if den.backbone.embedded_guidance is not None else \
+            "This Flux model has no guidance input; `guidance_scale` is unused."
+        noise = (f"`latents` (unit noise of shape [batch, {c}, {h}, {w}], packed as `FluxPipeline._pack_latents` "
+                 "packs it)")
+    else:
+        guidance = ("Keep `guidance_scale` at 1 (or 0): the student was distilled with guidance "
+                    f"{info.get('guidance', 1.0):g} already inside it, and a larger value would apply "
+                    "classifier-free guidance a second time.")
+        noise = f"`latents` (unit noise, shape [batch, {c}, {h}, {w}])"
+    at = "pure noise (t = 1)" if math.isinf(last) else f"the scheduler's last noise level (sigma = {last:.6g})"
+    readme = _FAMILY_README.format(teacher=info.get("teacher"), cls=type(pipe).__name__, name=name, at=at,
+                                   call=call, load=load, model="transformer" if "Transformer" in model else "U-Net",
+                                   timestep=timestep, guidance=guidance, noise=noise, scale=f"{guidance_in:g}")
+    return pipe, readme
+
+
+_WRAP = "\n" + " " * 14  # the README's call continues on a line of its own
+
+
+def _sized_call(length: int, height: int, width: int) -> str:
+    return f"{_WRAP}max_sequence_length={length}, height={height}, width={width},"
+
+_FLOW_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+_FAMILY_CLASSES = ("UNet2DConditionModel", "PixArtTransformer2DModel", *_FLOW_CLASSES)
+
+
+def _one_step_scheduler(gen: Any, where: str) -> tuple[Any, float, int]:
+    """The scheduler of the exported pipeline and its one step's ``(sigma, timestep)``.
+
+    A VP student (SD 1.x/2.x, SDXL, PixArt): Euler with trailing timesteps, whose single step from noise level S
+    returns the network's x0 at S, the student's step exactly when it was distilled at ``sigma_g`` = S. A flow
+    student (SD3, Flux): the teacher's own flow-matching Euler scheduler, whose single step starts at t = 1 and
+    returns ``x_1 - v``, the student's step when it was distilled from pure noise (``sigma_g = inf``)."""
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    den = gen.denoiser
+    if den.kind == "flow":
+        if not math.isinf(gen.sigma_g):
+            raise ValueError(where + "a one-step call of a flow-matching pipeline (SD3, Flux) starts from pure noise "
+                             f"at t = 1, an infinite EDM noise level, while this student denoises at sigma_g = "
+                             f"{gen.sigma_g:g}; distill with --sigma-g inf to export it (`dibregman sample` runs it "
+                             "as is)")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(den.scheduler_config)
+        scheduler.set_timesteps(1, **({"mu": 0.0} if scheduler.config.get("use_dynamic_shifting") else {}))
+        if float(scheduler.sigmas[0]) != 1.0:  # a shift_terminal or inverted grid: the first step is not pure noise
+            raise ValueError(where + f"this teacher's {type(scheduler).__name__} starts a one-step call at t = "
+                             f"{float(scheduler.sigmas[0]):.6g}, not at pure noise (t = 1); it has no exported form")
+        return scheduler, math.inf, round(float(scheduler.timesteps[0]))
+    if den.kind != "vp" or den.continuous_timesteps:
+        raise ValueError(where + "only students of VP pipelines over a discrete noise table (SD 1.x/2.x, SDXL, "
+                         "PixArt-Sigma) or of flow-matching transformers (SD3, Flux) export to their pipeline class")
     scheduler = EulerDiscreteScheduler.from_config(den.scheduler_config, timestep_spacing="trailing",
                                                    final_sigmas_type="zero", use_karras_sigmas=False)
     scheduler.set_timesteps(1)
@@ -276,32 +354,7 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: s
                          f"{type(scheduler).__name__} one-step call denoises at the scheduler's last noise level "
                          f"{last:.6g}; distill with --sigma-g {last:.6g} to export it to its pipeline class "
                          "(`dibregman sample` runs it as is)")
-    teacher_folder = Path(info["text"]["encoder"])
-    if not (teacher_folder / "tokenizer").is_dir() or not (teacher_folder / "text_encoder").is_dir():
-        raise FileNotFoundError(where + f"the export takes the tokenizer and text encoder from the teacher folder "
-                                f"{str(teacher_folder)!r}, which has no tokenizer/ and text_encoder/ now; restore it")
-    codec = load_codec_of(folder, info)
-    call = ""  # what the README's call adds
-    if model == "PixArtTransformer2DModel":  # T5 at the student's token budget; its own sizes, not binned ones
-        pipe = diffusers.PixArtSigmaPipeline.from_pretrained(
-            str(teacher_folder), transformer=den.unet, vae=codec.vae, scheduler=scheduler, local_files_only=True)
-        call = f" max_sequence_length={info['text']['length']}, use_resolution_binning=False, clean_caption=False,"
-    elif den.backbone.added:  # SDXL: its own class, whose default size gives the student's time ids
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
-            str(teacher_folder), unet=den.unet, vae=codec.vae, scheduler=scheduler, local_files_only=True)
-    else:
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            str(teacher_folder), unet=den.unet, vae=codec.vae, scheduler=scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False, local_files_only=True)
-    if not call and int(pipe.tokenizer.model_max_length) != int(info["text"]["length"]):
-        raise ValueError(where + f"the teacher's tokenizer pads to {pipe.tokenizer.model_max_length} tokens, the "
-                         f"student was distilled on {info['text']['length']}: the pipeline would encode prompts "
-                         "differently")
-    readme = _FAMILY_README.format(teacher=info.get("teacher"), cls=type(pipe).__name__, name=name, sigma_g=last,
-                                   call=call, model="transformer" if call else "U-Net",
-                                   timestep=int(scheduler.timesteps[0]), guidance=info.get("guidance", 1.0),
-                                   latent=", ".join(str(n) for n in info["shape"]))
-    return pipe, readme
+    return scheduler, last, int(scheduler.timesteps[0])
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

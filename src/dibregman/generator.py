@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -29,8 +30,9 @@ class Generator(nn.Module):
     """``G(z, cond)``: ``x_1 = D(sigma_1 z_1, sigma_1)``, then for each later step ``k`` the last estimate is
     noised again and denoised, ``x_k = D(x_{k-1} + sigma_k z_k, sigma_k)`` (DMD2's multi-step student).
 
-    One step (the default) is ``D(sigma_g z, sigma_g)`` and ``z`` has the sample's shape; with ``N`` steps
-    ``z`` holds the ``N`` noise tensors, ``[B, N, *shape]`` (``latent_shape``), so the student stays a plain
+    One step (the default) is ``D(sigma_g z, sigma_g)`` (at ``sigma_g = inf``, a flow model's
+    ``z - v(z, t=1)``: what SD3's and Flux's one-step pipelines compute) and ``z`` has the sample's shape; with
+    ``N`` steps ``z`` holds the ``N`` noise tensors, ``[B, N, *shape]`` (``latent_shape``), so the student stays a plain
     function of its noise: seeded samples, metrics and exports treat both alike.
 
     Started from a copy of the teacher's denoiser, it is already a (poor) sampler: at large ``sigma_g`` the
@@ -44,6 +46,12 @@ class Generator(nn.Module):
         self.sigmas = tuple(float(s) for s in (sigmas if sigmas is not None else (sigma_g,)))
         if not self.sigmas or any(b >= a for a, b in pairwise(self.sigmas)):
             raise ValueError(f"a student's noise levels must decrease; got {list(self.sigmas)}")
+        if math.isinf(self.sigmas[0]):
+            if len(self.sigmas) > 1:
+                raise ValueError("a student that starts from pure noise (sigma_g = inf) has one step for now")
+            if denoiser.parameterisation.at_pure_noise() is None:
+                raise ValueError(f"sigma_g = inf (pure noise) needs a flow-matching denoiser, whose limit there is "
+                                 f"finite; this one is {denoiser.parameterisation.kind}: give a finite sigma_g")
 
     @property
     def sigma_g(self) -> float:
@@ -83,7 +91,10 @@ class Generator(nn.Module):
         return x
 
     def first_step(self, z0: Tensor, cond: Tensor | None = None) -> Tensor:
-        """``D(sigma_g z0, sigma_g)`` for noise ``z0`` of the sample's shape (what DMD's regression pairs fit)."""
+        """``D(sigma_g z0, sigma_g)`` for noise ``z0`` of the sample's shape (what DMD's regression pairs fit); at
+        ``sigma_g = inf`` its limit, the flow model at ``t = 1`` (``Precond.from_pure_noise``)."""
+        if math.isinf(self.sigma_g):
+            return self.denoiser.from_pure_noise(z0, cond)
         return self._step(self.sigma_g * z0, 0, cond)
 
 

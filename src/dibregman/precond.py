@@ -66,6 +66,17 @@ class Precond(nn.Module):
         c_skip, c_out, c_in, c_noise = self._prepare(x, sigma)
         return c_skip * x + c_out * self._network(c_in * x, c_noise, cond)
 
+    def from_pure_noise(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``lim D(sigma z, sigma)`` as ``sigma -> inf`` for unit noise ``z``: a flow model at ``t = 1``. Raises
+        ValueError for a convention without that limit (``Parameterisation.at_pure_noise``)."""
+        limit = self.parameterisation.at_pure_noise()
+        if limit is None:
+            raise ValueError(f"a {self.parameterisation.kind} denoiser has no limit at infinite noise; only a flow "
+                             "model starts from pure noise (sigma_g = inf)")
+        a, c_out, b, c_noise = limit
+        t = torch.full((z.shape[0],), c_noise, dtype=torch.float32, device=z.device)
+        return a * z + c_out * self._network(b * z, t, cond)
+
     def forward_with_features(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(D(x, sigma), features(x, sigma))`` in one pass where the backbone computes both at once
         (``forward_features``: its features are a prefix of its forward), else in two calls."""

@@ -79,6 +79,12 @@ class Parameterisation:
         """The inverse of ``timestep`` on the trained range."""
         raise NotImplementedError
 
+    def at_pure_noise(self) -> tuple[float, float, float, float] | None:
+        """``(a, c_out, b, c_noise)`` with ``D(sigma z, sigma) -> a z + c_out F(b z, c_noise)`` as ``sigma -> inf``,
+        where the convention has that limit (a student that starts from pure noise, ``sigma_g = inf``); else None
+        (EDM's and a VP table's time input diverge there)."""
+        return None
+
 
 @dataclass(frozen=True)
 class EDMParameterisation(Parameterisation):
@@ -185,6 +191,10 @@ class FlowParameterisation(Parameterisation):
         s = sigma.to(dtype)
         c_in = 1 / (1 + s)
         return c_in, -s * c_in, c_in, self.timestep(sigma).float()
+
+    def at_pure_noise(self) -> tuple[float, float, float, float]:
+        # t = 1: the model input is the noise itself and x0 = x_1 - v, what a one-step flow pipeline returns
+        return 1.0, -1.0, 1.0, float(self.num_train_timesteps)
 
 
 def interp(q: Tensor, xp: Tensor, fp: Tensor) -> Tensor:

@@ -239,6 +239,11 @@ _POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "student_steps", "te
                  "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "num_points",
                  "base_channels", "layers_per_block", "patch_size")
 _POSITIVE = ("lr_generator", "lr_fake_score", "lr_critic", "lr", "sigma_g", "r_clip_min", "r_clip_max")
+_MAY_BE_INFINITE = ("sigma_g",)  # inf: a flow student's pure-noise start
+def _infinite(key: str) -> tuple[float, ...]:
+    return (math.inf,) if key in _MAY_BE_INFINITE else ()
+
+
 _UNIT = ("beta1", "beta2", "ema_decay", "label_dropout")
 _FLOAT32_MAX = 3.4028234663852886e38
 # eval_samples = 0 (auto): point teachers get many samples (their mixture-exact metrics are O(N), so their
@@ -282,7 +287,7 @@ def coerce(cls: type, key: str, value: Any) -> Any:
     except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
         kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[want]
         raise ConfigError(f"option {key!r} must be {kind}; got {value!r}") from None
-    if isinstance(out, float) and not math.isfinite(out):
+    if isinstance(out, float) and not math.isfinite(out) and not (key in _MAY_BE_INFINITE and out == math.inf):
         raise ConfigError(f"option {key!r} must be finite; got {value!r}")
     return out
 
@@ -339,7 +344,8 @@ def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:
             raise ConfigError(f"option {key!r} must be a positive integer; got {value}")
         if key in _POSITIVE and not value > 0:
             raise ConfigError(f"option {key!r} must be > 0; got {value}")
-        if key in _POSITIVE and value > _FLOAT32_MAX:  # torch fails mid-step converting it to float32
+        # torch fails mid-step converting a larger one to float32 (a flow student's sigma_g = inf is exact)
+        if key in _POSITIVE and value > _FLOAT32_MAX and value not in _infinite(key):
             raise ConfigError(f"option {key!r} must be below {_FLOAT32_MAX:.3g} (float32); got {value}")
         if key in _UNIT and not 0 <= value < 1:
             raise ConfigError(f"option {key!r} must be in [0, 1); got {value}")
@@ -350,8 +356,9 @@ def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:
         raise ConfigError(f"option 'seed' must be an integer in [0, 2**40); got {cfg.seed}")
     check_out(cfg.out)
     check_device(cfg.device)
-    if isinstance(cfg, DistillConfig) and not 1e-4 <= cfg.sigma_g <= 1e4:  # as artifacts.SIGMA_RANGE loads
-        raise ConfigError(f"option 'sigma_g' must be in [0.0001, 10000] (float32 preconditioning); got {cfg.sigma_g}")
+    if isinstance(cfg, DistillConfig) and not (1e-4 <= cfg.sigma_g <= 1e4 or cfg.sigma_g == math.inf):
+        raise ConfigError(f"option 'sigma_g' must be in [0.0001, 10000] (float32 preconditioning; as "
+                          f"artifacts.SIGMA_RANGE loads) or inf (pure noise, flow teachers); got {cfg.sigma_g}")
     if isinstance(cfg, TeacherConfig):
         channel_mult(cfg.channel_mult)
     if isinstance(cfg, DistillConfig):
