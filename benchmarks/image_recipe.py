@@ -55,6 +55,11 @@ VARIANTS: dict[str, dict] = {
     "sg1_cos": {"sigma_g": 1.0},
     "ttur2_cos": {"fake_score_steps": 2},
     "cos_long": {"steps": 800},  # ttur4_cos's wall time (2.6x a step) spent on more generator steps instead
+    # DMD2's GAN term on real data (the critic already reads real images: critic_data = data)
+    "gan0.01_cos": {"gan_weight": 0.01},
+    "gan0.1_cos": {"gan_weight": 0.1},
+    # f-distill's clip, which bounds p/q (not our r = q/p) to [0.1, 20]: r in [0.05, 10]
+    "fclip_cos": {"r_clip_min": 0.05, "r_clip_max": 10.0},
 }
 METRICS = ("fd", "precision", "recall", "label_acc")
 

@@ -16,7 +16,7 @@ from dibregman.artifacts import load_generator
 from dibregman.assets import shipped
 from dibregman.lora import WithoutShared, lora_copy, merged, tensor_ids
 from dibregman.teachers import load_teacher
-from dibregman.tiny import sd3_pipeline, sd_pipeline
+from dibregman.tiny import flux_pipeline, sd3_pipeline, sd_pipeline
 from dibregman.train.checkpoint import list_checkpoints
 from dibregman.train.config import ConfigError
 
@@ -139,3 +139,41 @@ def test_a_lora_student_of_stable_diffusion_exports_as_diffusers_lora_weights(tm
     with pytest.raises(ValueError, match="lora_rank 0"):
         export_lora(full, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_lora_student_of_a_flow_transformer_exports_as_lora_weights_of_its_pipeline(tmp_path, family):
+    """Distilled from pure noise (``sigma_g = inf``), the teacher's own pipeline with its own flow scheduler and
+    the exported adapters loaded is the student in one step (Flux with the student's guidance input)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from dibregman.export import export_lora
+    from dibregman.sampling import seeded_noise
+
+    folder = (sd3_pipeline if family == "sd3" else flux_pipeline)(tmp_path / family)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    run = db.distill(preset="tiny-images", teacher=f"diffusers:{folder}", prompts=str(prompts), lora_rank=2,
+                     lora_alpha=4, sigma_g=float("inf"), guidance=2.0, steps=2, out=str(tmp_path / "run"),
+                     progress=False, classifier="none", critic_data="teacher", teacher_pool=16)
+    out = export_lora(run, tmp_path / "lora")
+    assert "EulerDiscreteScheduler" not in (out / "README.md").read_text()  # the teacher's own scheduler
+    _, info = load_generator(run)
+    cls = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    absent = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # this SD3 has no T5
+    z = seeded_noise(0, 2, (16, 8, 8))
+    kw = {"max_sequence_length": info["text"]["length"], "height": 16, "width": 16, "guidance_scale": 1.0}
+    if family == "flux":
+        z, kw["guidance_scale"] = FluxPipeline._pack_latents(z, 2, 16, 8, 8), 2.0
+
+    def one_step(lora: bool) -> torch.Tensor:
+        pipe = cls.from_pretrained(folder, local_files_only=True, **absent)
+        if lora:
+            pipe.load_lora_weights(str(out))
+        with torch.no_grad():
+            return pipe(["a green star", "two dots"], num_inference_steps=1, latents=z, output_type="pt",
+                        **kw).images * 2 - 1
+
+    ours = db.sample(run, 2, prompts=["a green star", "two dots"])
+    torch.testing.assert_close(one_step(lora=True), ours, rtol=1e-5, atol=1e-5)
+    assert (one_step(lora=False) - ours).abs().max() > 1e-4  # the adapters are what makes it the student

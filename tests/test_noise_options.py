@@ -37,6 +37,7 @@ def test_the_sigma_range_and_the_fake_score_law_are_used():
     ({"sigma_min": 100.0}, "noise range .* is empty"),  # above the teacher's sigma_max of 80
     ({"sigma_g": float("inf")}, "only a flow-matching teacher's network"),  # pure noise: an MLP in EDM's form
     ({"sigma_g": float("-inf")}, "must be finite"),
+    ({"sigma_g": float("inf"), "student_steps": 2}, "one student step for now"),
     ({"sigma_g": 1e5}, "or inf"),
 ])
 def test_bad_noise_options_are_refused_before_the_run_folder(tmp_path, options, message):

@@ -19,6 +19,7 @@ from dibregman.generator import OneStepGenerator
 from dibregman.teachers import load_teacher
 from dibregman.tiny import TOKENS, clip_text_encoder, clip_tokenizer, cond_unet
 from dibregman.train.checkpoint import list_checkpoints, load_module
+from dibregman.train.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,6 +101,13 @@ def test_distill_a_text_pipeline_and_sample_new_prompts(tmp_path, sd):
         torch.testing.assert_close(gen(z, states), saved.eval()(z, states))
     x = db.sample(run, 4, prompts=["a green star"])  # a prompt it was not distilled on
     assert x.shape == (4, 1, R, R) and torch.isfinite(x).all()
+
+
+def test_a_vp_pipeline_refuses_a_student_from_pure_noise_before_the_run_folder(tmp_path, sd):
+    with pytest.raises(ConfigError, match="a vp network: give a finite sigma_g"):
+        db.distill(preset="tiny-images", teacher=sd, sigma_g=float("inf"), classifier="none", critic_data="teacher",
+                   out=str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_flow_text_pipeline_loads_too(tmp_path):

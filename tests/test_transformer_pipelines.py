@@ -133,7 +133,7 @@ def test_distill_sample_new_prompts_and_say_why_a_finite_sigma_g_does_not_export
     assert gen.denoiser.shape == LATENT
     if family[0] == "flux":  # and the guidance input the student was distilled with
         assert info["arch"]["options"]["embedded_guidance"] == 2.0 == gen.denoiser.backbone.embedded_guidance
-    with pytest.raises(ValueError, match="starts from pure noise at t = 1.*--sigma-g inf"):
+    with pytest.raises(ValueError, match=r"starts from pure noise at t = 1.*--sigma-g inf"):
         export_diffusers(whole, tmp_path / "exported")
 
 

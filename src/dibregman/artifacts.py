@@ -149,6 +149,7 @@ def _check_numbers(info: dict[str, Any], path: Path) -> None:
             or not all(_in_range(s, lo, hi, "sigma_g") for s in sigmas)
             or sigmas[0] != info["sigma_g"] or any(b >= a for a, b in pairwise(sigmas))):
         raise CheckpointError(f"{path} is damaged: sigmas must be 1 to 16 decreasing numbers in [{lo:g}, {hi:g}] "
+                              "(the first may be inf) "
                               f"starting at sigma_g; got {sigmas!r}; {_REMAKE}")
     shape = info.get("shape")
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 3

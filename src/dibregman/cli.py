@@ -269,10 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a finished image run's generator as a diffusers pipeline folder")
     p.add_argument("run", help="run folder written by distill (or its generator/ subfolder)")
     p.add_argument("--out", required=True, help="folder to write: DiffusionPipeline.from_pretrained(out) loads a "
-                   "Stable Diffusion, SDXL or PixArt-Sigma student's (its teacher's own class), "
+                   "Stable Diffusion, SDXL, PixArt-Sigma, SD3 or Flux student's (its teacher's own class; SD3 and "
+                   "Flux students of distill --sigma-g inf), "
                    "DiffusionPipeline.from_pretrained(out, trust_remote_code=True) one of our networks' students")
-    p.add_argument("--lora", action="store_true", help="a run of distill --lora-rank R with a Stable Diffusion 1.x/2.x "
-                   "or SDXL teacher: write its adapters alone as diffusers LoRA weights "
+    p.add_argument("--lora", action="store_true", help="a run of distill --lora-rank R with a Stable Diffusion "
+                   "1.x/2.x, SDXL, SD3 or Flux teacher: write its adapters alone as diffusers LoRA weights "
                    "(pytorch_lora_weights.safetensors) for the teacher pipeline's load_lora_weights, instead of the "
                    "whole student")
 

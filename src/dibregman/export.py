@@ -68,11 +68,11 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{name}"{load})
-images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale={scale},{call}
+images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale={scale_in},{call}
               generator=torch.Generator().manual_seed(0)).images
 ```
 
-One {model} evaluation per image from {at}, timestep {timestep}, then the VAE's decoding. {guidance}
+One {model} evaluation per image from {at}, then the VAE's decoding. {guidance}
 {noise} gives the same images as `dibregman sample` draws from that noise.
 """
 
@@ -97,7 +97,9 @@ def export_diffusers(generator_folder: str | Path, out_folder: str | Path) -> Pa
     gen, info = load_generator(generator_folder)
     backbone = gen.denoiser.backbone
     if info.get("latent"):  # a student of a latent pipeline: back into that pipeline class
-        pipe, readme = _family_pipeline(gen, info, generator_folder, Path(out_folder).name)
+        pipe, call = _family_pipeline(gen, info, generator_folder)
+        readme = _FAMILY_README.format(teacher=info.get("teacher"), cls=type(pipe).__name__,
+                                       name=Path(out_folder).name, **call)
         return _write(pipe, out_folder, info, readme)
     if not isinstance(backbone, UNet | TextUNet):
         kind = info.get("arch", {}).get("kind", "mlp")
@@ -164,31 +166,32 @@ def _written(out_folder: str | Path, fill: Callable[[Path], None], info: dict[st
 _LORA_README = """# LoRA of a one-step student of {teacher}, distilled with dibregman
 
 Diffusers LoRA weights (`pytorch_lora_weights.safetensors`, rank {rank}) on the teacher's own {model}: loaded
-onto the teacher's pipeline with Euler's scheduler at trailing timesteps, one step gives the student.
+onto the teacher's pipeline{with_scheduler}, one step gives the student.
 
 ```python
 import torch
-from diffusers import {cls}, EulerDiscreteScheduler
+from diffusers import {imports}
 
-pipe = {cls}.from_pretrained("{teacher_folder}")
-pipe.load_lora_weights("{name}")
-pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
-                                                    final_sigmas_type="zero", use_karras_sigmas=False)
-images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale=1.0,
+pipe = {cls}.from_pretrained("{teacher_folder}"{load})
+pipe.load_lora_weights("{name}"){scheduler}
+images = pipe(["a photo of a cat"], num_inference_steps=1, guidance_scale={scale_in},{call}
               generator=torch.Generator().manual_seed(0)).images
 ```
 
-One U-Net evaluation per image at the scheduler's last noise level (sigma = {sigma_g:.6g}), then the VAE's
-decoding. Keep `guidance_scale` at 1: the student was distilled with guidance {guidance:g} already inside it.
+One {model} evaluation per image from {at}, then the VAE's decoding. {guidance}
 The adapters are those of the run's EMA generator at step {step}, with their scale ({scale:g}) folded into the
-`lora_B` weights, so they load at diffusers' default scale; `pipe.fuse_lora()` folds them into the U-Net.
+`lora_B` weights, so they load at diffusers' default scale; `pipe.fuse_lora()` folds them into the {model}.
 """
+
+_EULER_TRAILING = """
+pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                    final_sigmas_type="zero", use_karras_sigmas=False)"""
 
 
 def export_lora(run_folder: str | Path, out_folder: str | Path) -> Path:
-    """Write a LoRA run's student (``lora_rank`` > 0) of a Stable Diffusion 1.x/2.x or SDXL pipeline as diffusers
-    LoRA weights that the teacher's pipeline loads with ``load_lora_weights``; the same checks as the full export
-    (``export_diffusers``) decide whether that pipeline reproduces the student."""
+    """Write a LoRA run's student (``lora_rank`` > 0) of a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux pipeline as
+    diffusers LoRA weights that the teacher's pipeline loads with ``load_lora_weights``; the same checks as the full
+    export (``export_diffusers``) decide whether that pipeline reproduces the student."""
     from safetensors.torch import load_file
 
     from .integrity import verify_manifest
@@ -208,7 +211,7 @@ def export_lora(run_folder: str | Path, out_folder: str | Path) -> Path:
         raise ValueError(f"{run} trained its students fully (lora_rank 0): it has no adapters; export its whole "
                          "student without --lora")
     gen, info = load_generator(run)
-    pipe, _ = _family_pipeline(gen, info, run / "generator", out.name)  # the family's checks, and its class
+    pipe, call = _family_pipeline(gen, info, run / "generator")  # the family's checks, its class and its call
     cls = type(pipe)
     if not hasattr(cls, "load_lora_weights"):
         raise ValueError(f"{cls.__name__} loads no LoRA weights in diffusers; export the whole student without --lora")
@@ -219,17 +222,23 @@ def export_lora(run_folder: str | Path, out_folder: str | Path) -> Path:
                                 "adapters; resume the run (--resume) to write them again")
     verify_manifest(ckpt, ("ema.safetensors",), only="ema.safetensors")
     prefix, scale = "denoiser.backbone.unet.", (alpha or rank) / rank
+    model = call["model"]
     layers = {}
     for key, value in load_file(str(ckpt / "ema.safetensors")).items():
         if not key.startswith(prefix) or ".lora_" not in key:
             raise ValueError(f"{ckpt / 'ema.safetensors'} holds {key!r}, which is not an adapter of the teacher's "
-                             "U-Net; this export reads the adapters of a diffusers U-Net teacher only")
+                             f"{model}; this export reads the adapters of a diffusers teacher's network only")
         name = key[len(prefix):].replace(".default.", ".")  # peft's adapter name out: diffusers' own keys
         layers[name] = value * scale if ".lora_B." in name else value
-    readme = _LORA_README.format(teacher=info.get("teacher"), teacher_folder=info["text"]["encoder"], cls=cls.__name__,
-                                 name=out.name, rank=rank, model="U-Net", sigma_g=gen.sigma_g, scale=scale,
-                                 guidance=info.get("guidance", 1.0), step=step)
-    return _written(out, lambda tmp: cls.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True),
+    flow = math.isinf(gen.sigma_g)  # SD3, Flux: the teacher's own scheduler starts a one-step call at pure noise
+    readme = _LORA_README.format(
+        teacher=info.get("teacher"), teacher_folder=info["text"]["encoder"], cls=cls.__name__, name=out.name,
+        rank=rank, scale=scale, step=step, **call,
+        imports=cls.__name__ if flow else f"{cls.__name__}, EulerDiscreteScheduler",
+        with_scheduler="" if flow else " with Euler's scheduler at trailing timesteps",
+        scheduler="" if flow else _EULER_TRAILING)
+    key = "transformer_lora_layers" if model == "transformer" else "unet_lora_layers"
+    return _written(out, lambda tmp: cls.save_lora_weights(tmp, **{key: layers}, safe_serialization=True),
                     {**info, "lora": {"rank": rank, "alpha": alpha, "scale_folded": scale, "checkpoint": ckpt.name}},
                     readme)
 
@@ -239,7 +248,7 @@ def _check_out(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
 
 
-def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: str) -> tuple[Any, str]:
+def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path) -> tuple[Any, dict[str, str]]:
     """A one-step student of a Stable Diffusion 1.x/2.x (SDXL, PixArt-Sigma, SD3, Flux) pipeline as a pipeline of
     the teacher's class: the teacher folder's tokenizers and text encoders, the student's UNet (transformer), the
     VAE saved with it, and a scheduler whose single step is the student's one step (``_one_step_scheduler``)."""
@@ -304,10 +313,10 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path, name: s
                     "classifier-free guidance a second time.")
         noise = f"`latents` (unit noise, shape [batch, {c}, {h}, {w}])"
     at = "pure noise (t = 1)" if math.isinf(last) else f"the scheduler's last noise level (sigma = {last:.6g})"
-    readme = _FAMILY_README.format(teacher=info.get("teacher"), cls=type(pipe).__name__, name=name, at=at,
-                                   call=call, load=load, model="transformer" if "Transformer" in model else "U-Net",
-                                   timestep=timestep, guidance=guidance, noise=noise, scale=f"{guidance_in:g}")
-    return pipe, readme
+    # the README's account of the call, shared by the full export's and the LoRA export's
+    return pipe, {"at": f"{at}, timestep {timestep}", "call": call, "load": load, "guidance": guidance,
+                  "noise": noise, "scale_in": f"{guidance_in:g}",
+                  "model": "transformer" if "Transformer" in model else "U-Net"}
 
 
 _WRAP = "\n" + " " * 14  # the README's call continues on a line of its own
@@ -337,10 +346,14 @@ def _one_step_scheduler(gen: Any, where: str) -> tuple[Any, float, int]:
                              f"{gen.sigma_g:g}; distill with --sigma-g inf to export it (`dibregman sample` runs it "
                              "as is)")
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(den.scheduler_config)
-        scheduler.set_timesteps(1, **({"mu": 0.0} if scheduler.config.get("use_dynamic_shifting") else {}))
+        # any mu > 0 shifts t = 1 to itself, exponentially or linearly (the pipeline picks it from the image size)
+        scheduler.set_timesteps(1, **({"mu": 1.0} if scheduler.config.get("use_dynamic_shifting") else {}))
         if float(scheduler.sigmas[0]) != 1.0:  # a shift_terminal or inverted grid: the first step is not pure noise
-            raise ValueError(where + f"this teacher's {type(scheduler).__name__} starts a one-step call at t = "
-                             f"{float(scheduler.sigmas[0]):.6g}, not at pure noise (t = 1); it has no exported form")
+            raise ValueError(where + f"this teacher's {type(scheduler).__name__} (shift_terminal "
+                             f"{scheduler.config.get('shift_terminal')}, invert_sigmas "
+                             f"{scheduler.config.get('invert_sigmas')}) starts a one-step call at t = "
+                             f"{float(scheduler.sigmas[0]):.6g}, not at pure noise (t = 1), so no one-step call of its "
+                             "pipeline is the student; use `dibregman sample`")
         return scheduler, math.inf, round(float(scheduler.timesteps[0]))
     if den.kind != "vp" or den.continuous_timesteps:
         raise ValueError(where + "only students of VP pipelines over a discrete noise table (SD 1.x/2.x, SDXL, "

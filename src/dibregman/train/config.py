@@ -365,6 +365,9 @@ def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:
         if cfg.sigma_min < 0 or cfg.sigma_max < 0 or (cfg.sigma_max and cfg.sigma_min >= cfg.sigma_max):
             raise ConfigError(f"need 0 <= sigma_min < sigma_max (0: the teacher's own); got {cfg.sigma_min}, "
                               f"{cfg.sigma_max}")
+        if math.isinf(cfg.sigma_g) and cfg.student_steps > 1:
+            raise ConfigError("sigma_g = inf (pure noise) takes one student step for now; use student_steps = 1 or "
+                              "a finite sigma_g")
         if not (cfg.student_sigma_min == 0 or 1e-4 <= cfg.student_sigma_min < cfg.sigma_g):
             raise ConfigError(f"option 'student_sigma_min' must be 0 (0.16 x the teacher's sigma_data) or in "
                               f"[0.0001, sigma_g); got {cfg.student_sigma_min} with sigma_g {cfg.sigma_g}")

@@ -168,6 +168,12 @@ def _checked_conditions(cfg: DistillConfig, teacher: Teacher, device: torch.devi
         set_guidance(teacher, cfg.guidance)
     except ValueError as e:
         raise ConfigError(f"{cfg.teacher}: {e}") from None
+    network = teacher.network
+    if math.isinf(cfg.sigma_g) and (network is None or network.parameterisation.at_pure_noise() is None):
+        kind = "an analytic teacher (its students are EDM MLPs)" if network is None else \
+            f"a {network.parameterisation.kind} network"
+        raise ConfigError(f"sigma_g = inf starts the student from pure noise, which only a flow-matching teacher's "
+                          f"network has a limit at; {cfg.teacher} has {kind}: give a finite sigma_g")
     sigma_range = noise_range(cfg, teacher)  # an empty sigma range fails here
     for key in ("generator_sigmas", "fake_score_sigmas"):  # and a sampler of your own that draws no noise levels
         sigma_sampler(cfg, key, *sigma_range)
@@ -188,16 +194,6 @@ def _checked_conditions(cfg: DistillConfig, teacher: Teacher, device: torch.devi
             require_peft()
         except ImportError as e:
             raise ConfigError(str(e)) from None
-    if math.isinf(cfg.sigma_g):
-        network = teacher.network
-        if network is None or network.parameterisation.at_pure_noise() is None:
-            kind = "an analytic teacher (its students are EDM MLPs)" if network is None else \
-                f"a {network.parameterisation.kind} network"
-            raise ConfigError(f"sigma_g = inf starts the student from pure noise, which only a flow-matching "
-                              f"teacher's network has a limit at; {cfg.teacher} has {kind}: give a finite sigma_g")
-        if cfg.student_steps > 1:
-            raise ConfigError("sigma_g = inf (pure noise) takes one student step for now; use student_steps = 1 or a "
-                              "finite sigma_g")
     if len(teacher.shape) == 3 and teacher.network is None:  # only point teachers get a fitted MLP instead
         raise ConfigError(f"{cfg.teacher} is an image teacher without a network for the students to start from; "
                           "distill a teacher trained with `dibregman train-teacher` (net:<folder>) or a diffusers "

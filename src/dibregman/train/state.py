@@ -13,6 +13,7 @@ draws) and the exact diagnostics use ``seed + 7`` and ``seed + 8``.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,9 @@ def _compile(c: Components, teacher: Teacher) -> None:
     """``torch.compile`` of every network a step calls, in place (``nn.Module.compile``: parameters, state dicts,
     checkpoints and the EMA's copy are untouched), and of the fake score's one-pass forward with features (the
     critic head on the fake score reads it). The first calls of each shape compile."""
-    for net in (c.generator.denoiser, c.fake_score, c.critic, teacher.network):
+    # a student from pure noise calls its backbone through Precond.from_pure_noise, not the denoiser's forward
+    student = c.generator.denoiser.backbone if math.isinf(c.generator.sigma_g) else c.generator.denoiser
+    for net in (student, c.fake_score, c.critic, teacher.network):
         if net is not None:
             net.compile()
     if hasattr(c.fake_score, "forward_with_features"):
