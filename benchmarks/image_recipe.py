@@ -60,8 +60,18 @@ VARIANTS: dict[str, dict] = {
     "gan0.1_cos": {"gan_weight": 0.1},
     # f-distill's clip, which bounds p/q (not our r = q/p) to [0.1, 20]: r in [0.05, 10]
     "fclip_cos": {"r_clip_min": 0.05, "r_clip_max": 10.0},
+    # the fake score trained on the generator update's noise law, as DMD2 and FastGen do
+    "fskarras_cos": {"fake_score_sigmas": "karras"},
 }
-METRICS = ("fd", "precision", "recall", "label_acc")
+METRICS = ("fd", "precision", "recall", "label_acc", "tone")
+
+
+def tone_spread(x: np.ndarray, classes: np.ndarray) -> float:
+    """How much the images' overall brightness varies within a class: the std of each image's mean pixel among
+    the images the classifier puts in one class, averaged over classes (the students' garments looked one grey
+    tone per class where the teacher's range from light to dark)."""
+    means = x.reshape(len(x), -1).mean(1)
+    return float(np.mean([means[classes == c].std() for c in np.unique(classes) if (classes == c).sum() > 1]))
 
 
 def cached(path: Path, make) -> np.ndarray:
@@ -119,8 +129,9 @@ def main() -> None:
         xt = torch.from_numpy(x)
         feats = clf(xt)
         prec, rec = precision_recall(ref_feats, feats)
+        predicted = np.asarray(clf.predict(xt))
         return {"fd": fd_from_features(feats, ref_feats), "precision": prec, "recall": rec,
-                "label_acc": float(np.mean(clf.predict(xt) == labels[:len(x)]))}
+                "label_acc": float(np.mean(predicted == labels[:len(x)])), "tone": tone_spread(x, predicted)}
 
     teacher_row = scores(teacher_x)
     per_run = {}
@@ -137,7 +148,8 @@ def main() -> None:
              f"CPU cores {platform.machine()}, torch {torch.__version__}; {datetime.date.today().isoformat()}. "
              f"Preset `fashion-mnist` ({args.steps} steps) plus each variant's options; training seeds "
              f"{args.seeds} (mean ± std over them); {n} samples per model (sample seed 7) against {n} held-out "
-             "test images on the shipped classifier's features.", "",
+             "test images on the shipped classifier's features; `tone`: the std of the images' mean pixel within "
+             "a (predicted) class, averaged over classes (the teacher's variety of light and dark garments).", "",
              head, "|---|---|" + "--:|" * (len(METRICS) + 1),
              "| teacher (Heun, 35 NFE) | - | " + " | ".join(f"{teacher_row[k]:.4f}" for k in METRICS) + " | - |"]
     for v in variants:

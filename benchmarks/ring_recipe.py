@@ -79,6 +79,10 @@ VARIANTS: dict[str, dict] = {
     # the critic as a head on the fake score's last hidden layer (DMD2's choice on images): no network of its own
     "steps2_fshead": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2, "student_sigma_min": 0.2,
                       "critic_head": "fake_score"},
+    # the fake score trained on the generator update's noise law (DMD2 and FastGen use one law for both): EDM's
+    # lognormal rarely draws the large sigmas where the update decides the mode weights
+    "steps2_fskarras": {"regression_weight": 4.0, "lr_schedule": "cosine", "student_steps": 2,
+                        "student_sigma_min": 0.2, "critic_head": "fake_score", "fake_score_sigmas": "karras"},
 }
 
 

@@ -16,7 +16,7 @@ from dibregman.artifacts import load_generator
 from dibregman.assets import shipped
 from dibregman.lora import WithoutShared, lora_copy, merged, tensor_ids
 from dibregman.teachers import load_teacher
-from dibregman.tiny import flux_pipeline, sd3_pipeline, sd_pipeline
+from dibregman.tiny import flux_pipeline, pixart_pipeline, sd3_pipeline, sd_pipeline
 from dibregman.train.checkpoint import list_checkpoints
 from dibregman.train.config import ConfigError
 
@@ -87,9 +87,9 @@ def test_lora_is_refused_where_there_is_no_network_to_adapt(tmp_path):
         db.distill(preset="tiny", lora_rank=-1, out=str(tmp_path / "run"), progress=False)
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sd3", "pixart"])
 def test_lora_students_of_diffusers_u_nets_and_transformers(tmp_path, family):
-    folder = (sd_pipeline if family == "sd" else sd3_pipeline)(tmp_path / family)
+    folder = {"sd": sd_pipeline, "sd3": sd3_pipeline, "pixart": pixart_pipeline}[family](tmp_path / family)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\n")
     run = db.distill(preset="tiny-images", teacher=f"diffusers:{folder}", prompts=str(prompts), lora_rank=2,

@@ -225,7 +225,8 @@ def test_pixart_sigma_reads_as_a_vp_transformer_with_t5_and_its_attention_mask(t
     assert db.sample(run, 2, prompts=["a green star"]).shape == (2, *IMAGE)
 
 
-def test_a_pixart_student_exports_to_a_pixart_sigma_pipeline_that_reproduces_it(tmp_path):
+@pytest.mark.parametrize("cls", ["PixArtSigmaPipeline", "PixArtAlphaPipeline"])
+def test_a_pixart_student_exports_to_its_pixart_pipeline_that_reproduces_it(tmp_path, cls):
     import json
 
     from diffusers import DiffusionPipeline
@@ -234,12 +235,13 @@ def test_a_pixart_student_exports_to_a_pixart_sigma_pipeline_that_reproduces_it(
     from dibregman.sampling import seeded_noise
     from dibregman.tiny import pixart_pipeline
 
-    folder = pixart_pipeline(tmp_path / "pixart")
+    folder = pixart_pipeline(tmp_path / "pixart", alpha=cls == "PixArtAlphaPipeline")
     teacher = load_teacher(f"diffusers:{folder}")
     run = _distill(folder, tmp_path / "run", sigma_g=teacher.sigma_max, steps=2)
     out = export_diffusers(run, tmp_path / "exported")
-    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "PixArtSigmaPipeline"
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == cls
     length = teacher.text["length"]
+    assert length == {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}[cls]  # each pipeline's T5 budget
     assert f"max_sequence_length={length}" in (out / "README.md").read_text()
     pipe = DiffusionPipeline.from_pretrained(out, local_files_only=True)  # no custom code
     asked = ["a green star", "two dots"]
@@ -248,3 +250,35 @@ def test_a_pixart_student_exports_to_a_pixart_sigma_pipeline_that_reproduces_it(
                       use_resolution_binning=False, clean_caption=False, latents=seeded_noise(0, 2, teacher.shape),
                       output_type="pt").images
     torch.testing.assert_close(theirs * 2 - 1, db.sample(run, 2, prompts=asked), rtol=1e-5, atol=1e-5)
+
+
+def test_pixart_alpha_1024s_size_conditions_are_the_pipelines_at_the_students_size(tmp_path):
+    """PixArt-Alpha 1024 (``use_additional_conditions``) is conditioned on the image's size in pixels and its
+    aspect ratio, which ``PixArtAlphaPipeline`` computes from ``height`` and ``width``: the teacher feeds the
+    student's own size, and the students keep it in their arch."""
+    from diffusers import PixArtTransformer2DModel
+
+    from dibregman.artifacts import load_generator
+    from dibregman.tiny import pixart_pipeline
+
+    folder = pixart_pipeline(tmp_path / "alpha", alpha=True, sized=True)
+    teacher = load_teacher(f"diffusers:{folder}")
+    assert teacher.net.backbone.options == {"image_size": [16, 16]}
+    model = PixArtTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
+    cond = load_text_encoder(str(folder)).encode(["a red square", "two dots"])
+    from dibregman.teachers.dit import unpack_masked
+
+    states, mask = unpack_masked(cond)
+    x_t, k = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300.0, 300.0])
+    sizes = {"resolution": torch.tensor([[16.0, 16.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    with torch.no_grad():
+        ref = model(x_t, encoder_hidden_states=states, encoder_attention_mask=mask, timestep=k,
+                    added_cond_kwargs=sizes).sample
+        ours = teacher.net.backbone(x_t, k, cond)
+        other = model(x_t, encoder_hidden_states=states, encoder_attention_mask=mask, timestep=k,
+                      added_cond_kwargs={**sizes, "resolution": torch.tensor([[32.0, 16.0]] * 2)}).sample
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert (other - ref).abs().max() > 1e-4  # the condition is read
+    run = _distill(folder, tmp_path / "run", steps=2)
+    gen, info = load_generator(run)
+    assert info["arch"]["options"] == {"image_size": [16, 16]} and gen.denoiser.backbone.sized

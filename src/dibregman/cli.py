@@ -279,10 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-pipeline", help="write a tiny random-weight diffusers pipeline folder (a few hundred kB) "
                        "to try commands on before a real one: --teacher diffusers:<out>")
-    p.add_argument("family", choices=("sd", "sdxl", "sd3", "flux", "pixart"), help="sd: Stable Diffusion 1.x "
-                   "(CLIP, UNet, VAE); sdxl: two CLIPs and added size conditions; sd3: SD3 transformer, flow "
-                   "matching; flux: Flux transformer with a guidance embedding, CLIP and T5; pixart: PixArt-Sigma "
-                   "transformer, T5 with its attention mask")
+    p.add_argument("family", choices=("sd", "sdxl", "sd3", "flux", "pixart", "pixart-alpha"), help="sd: Stable "
+                   "Diffusion 1.x (CLIP, UNet, VAE); sdxl: two CLIPs and added size conditions; sd3: SD3 transformer, "
+                   "flow matching; flux: Flux transformer with a guidance embedding, CLIP and T5; pixart: PixArt-Sigma "
+                   "transformer, T5 with its attention mask; pixart-alpha: the same saved as PixArt-Alpha (T5 at 120 "
+                   "tokens)")
     p.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
 
     p = sub.add_parser("eval", help="metrics of a finished run against its teacher, with the teacher's row")

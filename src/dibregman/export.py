@@ -280,8 +280,13 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path) -> tupl
     call, load = "", ""  # what the README's call and its from_pretrained add
     guidance_in = 1.0  # the call's guidance_scale
     if model == "PixArtTransformer2DModel":  # T5 at the student's token budget; its own sizes, not binned ones
-        pipe = diffusers.PixArtSigmaPipeline.from_pretrained(str(teacher_folder), transformer=den.unet, **parts)
-        call = f"{_WRAP}max_sequence_length={length}, use_resolution_binning=False, clean_caption=False,"
+        from .text.pipeline_prompts import pipeline_class
+
+        cls = diffusers.PixArtAlphaPipeline if pipeline_class(teacher_folder) == "PixArtAlphaPipeline" \
+            else diffusers.PixArtSigmaPipeline
+        pipe = cls.from_pretrained(str(teacher_folder), transformer=den.unet, **parts)
+        call = (_sized_call(length, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
+                + " use_resolution_binning=False, clean_caption=False,")
     elif model == "SD3Transformer2DModel":  # a folder saved without T5 stays without it (the pipeline pads zeros)
         absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if not (teacher_folder / k).is_dir()}
         pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(teacher_folder), transformer=den.unet, **absent,

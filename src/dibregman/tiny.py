@@ -162,31 +162,41 @@ def sdxl_pipeline(folder: Path) -> Path:
     return Path(folder)
 
 
-def pixart_pipeline(folder: Path) -> Path:
+def pixart_pipeline(folder: Path, alpha: bool = False, sized: bool = False) -> Path:
     """A PixArt-Sigma-shaped folder: T5 (states and attention mask), a ``PixArtTransformer2DModel`` with learned
-    variance, a 4-channel VAE, DPM-Solver over the VP table; saved by ``PixArtSigmaPipeline``."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    variance, a 4-channel VAE, DPM-Solver over the VP table; saved by ``PixArtSigmaPipeline``. ``alpha``: saved by
+    ``PixArtAlphaPipeline`` instead; ``sized``: the transformer takes PixArt-Alpha 1024's size conditions
+    (``use_additional_conditions``, which the real pipeline feeds only at its 128-latent sample size)."""
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     t5_tok = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
-    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                           num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
-                                           caption_channels=32)
-    pipe = PixArtSigmaPipeline(tokenizer=t5_tok, text_encoder=t5, vae=tiny_vae(), transformer=transformer,
-                               scheduler=DPMSolverMultistepScheduler())
+    heads = 3 if sized else 2  # the size conditions take a third of the width each: a width divisible by 3
+    transformer = PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=8, in_channels=4,
+                                           out_channels=8, num_layers=2, cross_attention_dim=8 * heads, sample_size=8,
+                                           patch_size=2, caption_channels=32, use_additional_conditions=sized)
+    cls = diffusers.PixArtAlphaPipeline if alpha else diffusers.PixArtSigmaPipeline
+    pipe = cls(tokenizer=t5_tok, text_encoder=t5, vae=tiny_vae(), transformer=transformer,
+               scheduler=DPMSolverMultistepScheduler())
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
 
+def pixart_alpha_pipeline(folder: Path) -> Path:
+    """A PixArt-Alpha-shaped folder (``PixArtAlphaPipeline``: T5 at 120 tokens), otherwise ``pixart_pipeline``'s."""
+    return pixart_pipeline(folder, alpha=True)
+
+
 FAMILIES = {"sd": sd_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline,
-            "pixart": pixart_pipeline}
+            "pixart": pixart_pipeline, "pixart-alpha": pixart_alpha_pipeline}
 
 
 def make_tiny_pipeline(family: str, folder: str | Path) -> Path:
-    """Write a tiny random pipeline folder of ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``, ``pixart``) to
+    """Write a tiny random pipeline folder of ``family`` (a key of ``FAMILIES``) to
     ``folder``, which must not exist yet or be empty; returns it."""
     if family not in FAMILIES:
         raise ValueError(f"unknown pipeline family {family!r}; choose one of {', '.join(FAMILIES)}")

@@ -67,8 +67,9 @@ SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 MODEL_CLASSES = UNET_CLASSES + TRANSFORMER_CLASSES
 # models whose text conditions come from several encoders, read through that pipeline class's encode_prompt
-MULTI_ENCODER = {"text_time": "StableDiffusionXLPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline",
-                 "FluxTransformer2DModel": "FluxPipeline", "PixArtTransformer2DModel": "PixArtSigmaPipeline"}
+MULTI_ENCODER = {"text_time": ("StableDiffusionXLPipeline",), "SD3Transformer2DModel": ("StableDiffusion3Pipeline",),
+                 "FluxTransformer2DModel": ("FluxPipeline",),
+                 "PixArtTransformer2DModel": ("PixArtSigmaPipeline", "PixArtAlphaPipeline")}
 SCHEDULER_FILE = "scheduler_config.json"
 UNET_FILE = "config.json"
 ARCH_KIND = "diffusers"  # generator.json's arch kind for a student made from a diffusers teacher
@@ -477,10 +478,10 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float | None = None, 
     _refuse_unsupported(folder)
     family = MULTI_ENCODER.get("text_time" if unet_json.get("addition_embed_type") == "text_time" else unet_name)
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    if family is not None and index.get("_class_name") != family:  # its prompts are encoded by that class
-        raise ValueError(f"{str(folder)!r}: a {unet_name} with these conditions is read as a {family} folder, but "
-                         f"its model_index.json names {index.get('_class_name')!r}: save the whole pipeline with "
-                         f"{family}.save_pretrained")
+    if family is not None and index.get("_class_name") not in family:  # its prompts are encoded by that class
+        raise ValueError(f"{str(folder)!r}: a {unet_name} with these conditions is read as a {' or '.join(family)} "
+                         f"folder, but its model_index.json names {index.get('_class_name')!r}: save the whole "
+                         f"pipeline with {family[0]}.save_pretrained")
     codec = load_codec(folder / VAE_FOLDER) if (folder / VAE_FOLDER).is_dir() else None  # a latent pipeline
     encoder = None
     if unet_name == "UNet2DConditionModel" or unet_name in TRANSFORMER_CLASSES:
@@ -505,6 +506,12 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float | None = None, 
         if codec is None:
             raise FileNotFoundError(f"{str(folder)!r}: a Flux transformer needs the pipeline's vae/ beside it")
         options = {"latent_size": int(codec.vae.config["sample_size"]) // codec.factor}
+    if unet_name == "PixArtTransformer2DModel" and getattr(unet, "use_additional_conditions", False):
+        if codec is None:  # PixArt-Alpha 1024: conditioned on the image's size in pixels
+            raise FileNotFoundError(f"{str(folder)!r}: a PixArt transformer with size conditions needs the "
+                                    "pipeline's vae/ beside it")
+        side = int(unet.config["sample_size"])
+        options = {"image_size": list(codec.image_shape((int(unet.config["in_channels"]), side, side))[1:])}
     return DiffusersTeacher(unet, scheduler, sigma_data=sigma_data, no_grad=no_grad, source=str(folder),
                             text_encoder=encoder, codec=codec, options=options)
 

@@ -188,20 +188,36 @@ class _Stop(Exception):
 
 
 class DiffusersPixArt(_Transformer):
-    """A ``PixArtTransformer2DModel`` called as ``PixArtSigmaPipeline`` calls it: T5 states with their
-    attention mask (``cond`` = ``pack_text(states, mask)``; T5 pads and the mask says which tokens are real),
-    the VP timestep, ``added_cond_kwargs`` of ``None`` sizes. Its learned-variance half is dropped by the
-    denoiser. ``features``: the image tokens after the middle block, captured by a forward hook that ends the
-    pass there, as a map ``[B, inner_dim, H/p, W/p]``."""
+    """A ``PixArtTransformer2DModel`` called as ``PixArtSigmaPipeline`` / ``PixArtAlphaPipeline`` call it: T5
+    states with their attention mask (``cond`` = ``pack_text(states, mask)``; T5 pads and the mask says which
+    tokens are real), the VP timestep, and the size conditions: ``None`` for a model without them (Sigma, and
+    Alpha below 1024 px), else the image's ``(height, width)`` in pixels and its aspect ratio ``height / width``
+    (PixArt-Alpha 1024, ``use_additional_conditions``), fixed at the student's size (``image_size``, from the
+    loader, saved with the arch). Its learned-variance half is dropped by the denoiser. ``features``: the image
+    tokens after the middle block, captured by a forward hook that ends the pass there, as a map
+    ``[B, inner_dim, H/p, W/p]``."""
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, image_size: tuple[int, int] | list[int] | None = None):
         super().__init__(transformer, _square(transformer.config))
+        self.sized = bool(getattr(transformer, "use_additional_conditions", False))
+        if self.sized:
+            if image_size is None:
+                raise ValueError("a PixArt transformer with size conditions (use_additional_conditions) needs the "
+                                 "image size (the loader reads it from the VAE)")
+            self.options = {"image_size": [int(n) for n in image_size]}
+
+    def _sizes(self, x_t: Tensor) -> dict[str, Tensor | None]:
+        if not self.sized:
+            return {"resolution": None, "aspect_ratio": None}
+        h, w = self.options["image_size"]
+        b = x_t.shape[0]
+        return {"resolution": torch.tensor([float(h), float(w)], device=x_t.device, dtype=x_t.dtype).repeat(b, 1),
+                "aspect_ratio": torch.tensor([h / w], device=x_t.device, dtype=x_t.dtype).repeat(b, 1)}
 
     def forward(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
         states, mask = unpack_masked(cond)
         return self.unet(x_t, encoder_hidden_states=states, encoder_attention_mask=mask,
-                         timestep=timestep.expand(x_t.shape[0]), added_cond_kwargs={"resolution": None,
-                                                                                    "aspect_ratio": None},
+                         timestep=timestep.expand(x_t.shape[0]), added_cond_kwargs=self._sizes(x_t),
                          return_dict=False)[0]
 
     def features(self, x_t: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -228,7 +244,7 @@ def transformer_backbone(model: nn.Module, options: dict | None = None) -> nn.Mo
     if name == "SD3Transformer2DModel":
         return DiffusersSD3(model)
     if name == "PixArtTransformer2DModel":
-        return DiffusersPixArt(model)
+        return DiffusersPixArt(model, (options or {}).get("image_size"))
     if name == "FluxTransformer2DModel":
         options = options or {}
         if "latent_size" not in options:

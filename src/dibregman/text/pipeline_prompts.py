@@ -21,7 +21,7 @@ Tensor = torch.Tensor
 
 # pipeline class -> its T5 token budget (the pipeline's default max_sequence_length; SDXL has no T5)
 PIPELINES = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "StableDiffusionXLPipeline": None,
-             "PixArtSigmaPipeline": 300}
+             "PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
 
 
 def pipeline_class(folder: Path) -> str | None:
@@ -89,7 +89,7 @@ class PipelinePromptEncoder(nn.Module):
             chunk = list(prompts[i:i + batch])
             if self.pipeline == "FluxPipeline":
                 hidden, pooled, _ = self.pipe.encode_prompt(chunk, None, max_sequence_length=self.max_length)
-            elif self.pipeline == "PixArtSigmaPipeline":  # T5 states and the attention mask of their padding
+            elif self.pipeline.startswith("PixArt"):  # T5 states and the attention mask of their padding
                 hidden, pooled, _, _ = self.pipe.encode_prompt(chunk, do_classifier_free_guidance=False,
                                                                max_sequence_length=self.max_length)
             elif self.pipeline == "StableDiffusionXLPipeline":
