@@ -67,3 +67,24 @@ def test_one_sharded_process_is_the_plain_run_in_bf16_too_and_the_mode_cannot_ch
     with pytest.raises(ConfigError, match=r"parallel: 'ddp' -> 'fsdp'"):
         db.distill(out=str(plain), parallel="fsdp", steps=8, resume=True, **opts)
     assert list_checkpoints(plain / "checkpoints")[-1].name == "step-00000006"
+
+
+def test_each_block_of_a_network_is_a_unit_of_its_own():
+    """``blocks``: the elements of the outermost module lists that hold weights (so a forward gathers one block at
+    a time), never a module inside another unit, and nothing from a network without such lists."""
+    from torch import nn
+
+    from dibregman.nets.mlp import MLP
+    from dibregman.nets.unet import UNet
+    from dibregman.train.sharding import blocks
+
+    unet = UNet(channels=1, resolution=16, base=8, mult=(1, 2), norm_groups=4)
+    found = {id(b) for b in blocks(unet)}
+    assert all(id(b) in found for b in [*unet.unet.down_blocks, *unet.unet.up_blocks])
+    members = {id(m) for lst in unet.modules() if isinstance(lst, nn.ModuleList) for m in lst}
+    assert found <= members  # elements of module lists only
+    units = blocks(unet)
+    assert not any(a is not b and any(b is m for m in a.modules()) for a in units for b in units)  # none nested
+    mlp = MLP(2, hidden=8, depth=2)
+    assert [id(b) for b in blocks(mlp)] == [id(b) for b in mlp.blocks]
+    assert blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == []

@@ -1,8 +1,9 @@
 """``parallel = fsdp``: the trainable networks sharded across the torchrun processes with FSDP2
 (``torch.distributed.fsdp.fully_shard``). Each process keeps 1/N of the generator's, the fake score's and
-the critic's weights, gradients and Adam moments; a forward all-gathers a network's weights, the backward
-reduce-scatters its gradients (their mean over processes, as DDP's all-reduce). The teacher (frozen) and
-the generator's EMA stay whole on every process, so evaluation and sampling on process 0 need no peers.
+the critic's weights, gradients and Adam moments; a forward all-gathers one block's weights at a time (each
+block of a network is a unit of its own, ``blocks``), the backward reduce-scatters its gradients (their mean
+over processes, as DDP's all-reduce). The teacher (frozen) and the generator's EMA stay whole on every
+process, so evaluation and sampling on process 0 need no peers.
 
 Checkpoints hold full (gathered) state dicts in the usual files, keyed by parameter name: they load on any
 number of processes. Gathering is collective, so ``Components.whole_state`` is entered on every process
@@ -74,10 +75,29 @@ def shard(nets: list[nn.Module], device: torch.device) -> None:
     for net in nets:
         # no mixed-precision policy: bf16 is the run's autocast, as under DDP (a bf16 parameter dtype would also
         # cast every floating input, the noise level too, before the time embedding reads it)
+        for unit in blocks(net):  # one unit per block: a forward gathers one block's weights at a time
+            fully_shard(unit, mesh=mesh)
         fully_shard(net, mesh=mesh)
         for name in _FORWARD_METHODS:
             if callable(getattr(net, name, None)):
                 register_fsdp_forward_method(net, name)
+
+
+def blocks(net: nn.Module) -> list[nn.Module]:
+    """The blocks of ``net`` that become FSDP units of their own: the elements of its outermost ``ModuleList``s
+    (a U-Net's down and up blocks, a transformer's blocks, an MLP's layers) that hold weights. The rest (stems,
+    embeddings, heads) stays in the network's own unit."""
+    found: list[nn.Module] = []
+
+    def walk(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, nn.ModuleList):
+                found.extend(m for m in child if m is not None and any(True for _ in m.parameters()))
+            else:
+                walk(child)
+
+    walk(net)
+    return found
 
 
 def release() -> None:
