@@ -62,6 +62,9 @@ VARIANTS: dict[str, dict] = {
     "fclip_cos": {"r_clip_min": 0.05, "r_clip_max": 10.0},
     # the fake score trained on the generator update's noise law, as DMD2 and FastGen do
     "fskarras_cos": {"fake_score_sigmas": "karras"},
+    "fskarras_long": {"fake_score_sigmas": "karras", "steps": 800},
+    # between the two laws: a lognormal that draws a sigma above 2.5 a fifth of the time (EDM's: 4%)
+    "fswide_cos": {"fake_score_p_mean": -0.4, "fake_score_p_std": 1.6},
 }
 METRICS = ("fd", "precision", "recall", "label_acc", "tone")
 

@@ -405,8 +405,8 @@ def run(argv: list[str] | None = None) -> int:
             return 0
         folder = export_diffusers(args.run, args.out)
         remote = ", trust_remote_code=True" if list(Path(folder).glob("*.py")) else ""
-        print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}{remote}); see its "
-              "README.md)")
+        print(f"diffusers folder: {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}{remote}); its "
+              "README.md has the exact call)")
         return 0
     num = api.run_eval_samples(args.run) if args.num is None else args.num
     if not 2 <= num <= 10**7:  # eval: two samples per set for the pairwise metrics; bounded sums
