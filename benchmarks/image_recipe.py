@@ -65,6 +65,7 @@ VARIANTS: dict[str, dict] = {
     "fskarras_long": {"fake_score_sigmas": "karras", "steps": 800},
     # between the two laws: a lognormal that draws a sigma above 2.5 a fifth of the time (EDM's: 4%)
     "fswide_cos": {"fake_score_p_mean": -0.4, "fake_score_p_std": 1.6},
+    "fskarras_k2": {"fake_score_sigmas": "karras", "fake_score_steps": 2},
 }
 METRICS = ("fd", "precision", "recall", "label_acc", "tone")
 

@@ -88,3 +88,6 @@ def test_each_block_of_a_network_is_a_unit_of_its_own():
     mlp = MLP(2, hidden=8, depth=2)
     assert [id(b) for b in blocks(mlp)] == [id(b) for b in mlp.blocks]
     assert blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == []
+    named = nn.Module()  # an EDM network keeps its blocks by name
+    named.enc = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2), "pool": nn.Identity()})
+    assert [id(b) for b in blocks(named)] == [id(named.enc["a"]), id(named.enc["b"])]

@@ -279,6 +279,30 @@ def test_pixart_alpha_1024s_size_conditions_are_the_pipelines_at_the_students_si
                       added_cond_kwargs={**sizes, "resolution": torch.tensor([[32.0, 16.0]] * 2)}).sample
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     assert (other - ref).abs().max() > 1e-4  # the condition is read
-    run = _distill(folder, tmp_path / "run", steps=2)
+    run = _distill(folder, tmp_path / "run", steps=2, sigma_g=teacher.sigma_max)
     gen, info = load_generator(run)
     assert info["arch"]["options"] == {"image_size": [16, 16]} and gen.denoiser.backbone.sized
+    from dibregman.export import export_diffusers
+
+    with pytest.raises(ValueError, match="feeds only to a model of sample size 128"):  # its pipeline would fail
+        export_diffusers(run, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
+def test_a_pixart_config_of_the_legacy_class_name_reads_as_pixart(tmp_path):
+    """The Hub's PixArt folders name ``Transformer2DModel`` (with ``norm_type = ada_norm_single``), which diffusers
+    remaps to ``PixArtTransformer2DModel``: read the same teacher."""
+    import json
+
+    from dibregman.tiny import pixart_pipeline
+
+    folder = pixart_pipeline(tmp_path / "pixart")
+    x, sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5, 3.0])
+    cond = load_text_encoder(str(folder)).encode(["a red square", "two dots"])
+    with torch.no_grad():
+        ref = load_teacher(f"diffusers:{folder}")(x, sigma, cond)
+        config = folder / "transformer" / "config.json"
+        doc = json.loads(config.read_text())
+        assert doc["norm_type"] == "ada_norm_single"
+        config.write_text(json.dumps({**doc, "_class_name": "Transformer2DModel"}))
+        torch.testing.assert_close(load_teacher(f"diffusers:{folder}")(x, sigma, cond), ref, rtol=0, atol=0)

@@ -284,6 +284,12 @@ def _family_pipeline(gen: Any, info: dict[str, Any], folder: str | Path) -> tupl
 
         cls = diffusers.PixArtAlphaPipeline if pipeline_class(teacher_folder) == "PixArtAlphaPipeline" \
             else diffusers.PixArtSigmaPipeline
+        # PixArt-Alpha feeds the size conditions only at its 1024 model's sample size, PixArt-Sigma never
+        fed = cls is diffusers.PixArtAlphaPipeline and int(den.unet.config["sample_size"]) == 128
+        if den.backbone.sized and not fed:
+            raise ValueError(where + f"this student's transformer takes size conditions, which {cls.__name__} feeds "
+                             "only to a model of sample size 128 (PixArt-Alpha 1024): its one-step call would fail; "
+                             "use `dibregman sample`")
         pipe = cls.from_pretrained(str(teacher_folder), transformer=den.unet, **parts)
         call = (_sized_call(length, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
                 + " use_resolution_binning=False, clean_caption=False,")

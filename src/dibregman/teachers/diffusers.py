@@ -472,6 +472,8 @@ def load_diffusers_teacher(folder: str | Path, sigma_data: float | None = None, 
                          f"{', '.join(SCHEDULERS)}")
     unet_json = _read_json(unet_dir / UNET_FILE)
     unet_name = unet_json.get("_class_name")
+    if unet_name == "Transformer2DModel" and unet_json.get("norm_type") == "ada_norm_single":
+        unet_name = "PixArtTransformer2DModel"  # the Hub's PixArt configs name the legacy class; diffusers remaps it
     if unet_name not in MODEL_CLASSES:
         raise ValueError(f"{str(unet_dir / UNET_FILE)!r}: unsupported model class {unet_name!r}; supported: "
                          f"{', '.join(MODEL_CLASSES)} (Sana transformers are not read yet)")

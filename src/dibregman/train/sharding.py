@@ -84,15 +84,17 @@ def shard(nets: list[nn.Module], device: torch.device) -> None:
 
 
 def blocks(net: nn.Module) -> list[nn.Module]:
-    """The blocks of ``net`` that become FSDP units of their own: the elements of its outermost ``ModuleList``s
-    (a U-Net's down and up blocks, a transformer's blocks, an MLP's layers) that hold weights. The rest (stems,
+    """The blocks of ``net`` that become FSDP units of their own: the elements of its outermost ``ModuleList``s and
+    ``ModuleDict``s (a U-Net's down and up blocks, an EDM network's encoder and decoder blocks, a transformer's
+    blocks, an MLP's layers) that hold weights. The rest (stems,
     embeddings, heads) stays in the network's own unit."""
     found: list[nn.Module] = []
 
     def walk(module: nn.Module) -> None:
         for child in module.children():
-            if isinstance(child, nn.ModuleList):
-                found.extend(m for m in child if m is not None and any(True for _ in m.parameters()))
+            if isinstance(child, nn.ModuleList | nn.ModuleDict):
+                members = child.values() if isinstance(child, nn.ModuleDict) else child
+                found.extend(m for m in members if m is not None and any(True for _ in m.parameters()))
             else:
                 walk(child)
 
