@@ -159,6 +159,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                           # cosine decay of the generator's rate: recall 0.78 +- 0.01 against 0.72 +- 0.02, FD
                           # 1.01 +- 0.04 against 1.10 +- 0.33 (3 seeds, benchmarks.md, image_recipe)
                           "lr_schedule": "cosine",
+                          # fake_score_sigmas = karras gives the teacher's within-class tone and recall 0.82 +- 0.00
+                          # but FD 1.63 +- 0.05 (3 seeds, benchmarks.md "Where the variety goes"): kept lognormal
                           # --steps 800: FD 0.76 +- 0.07, below the teacher's 0.82, at the same recall (0.79 +- 0.01;
                           # 3 seeds, benchmarks.md, "The fake score's lag and the number of steps"), 2.7x the time
                           "out": "runs/distill-fmnist"},
