@@ -245,8 +245,8 @@ _POSITIVE_INT = ("steps", "batch_size", "fake_score_steps", "student_steps", "te
                  "base_channels", "layers_per_block", "patch_size")
 _POSITIVE = ("lr_generator", "lr_fake_score", "lr_critic", "lr", "sigma_g", "r_clip_min", "r_clip_max")
 _MAY_BE_INFINITE = ("sigma_g",)  # inf: a flow student's pure-noise start
-def _infinite(key: str) -> tuple[float, ...]:
-    return (math.inf,) if key in _MAY_BE_INFINITE else ()
+def _allowed_inf(key: str, value: float) -> bool:
+    return key in _MAY_BE_INFINITE and value == math.inf
 
 
 _UNIT = ("beta1", "beta2", "ema_decay", "label_dropout")
@@ -292,7 +292,7 @@ def coerce(cls: type, key: str, value: Any) -> Any:
     except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
         kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[want]
         raise ConfigError(f"option {key!r} must be {kind}; got {value!r}") from None
-    if isinstance(out, float) and not math.isfinite(out) and not (key in _MAY_BE_INFINITE and out == math.inf):
+    if isinstance(out, float) and not math.isfinite(out) and not _allowed_inf(key, out):
         raise ConfigError(f"option {key!r} must be finite; got {value!r}")
     return out
 
@@ -350,7 +350,7 @@ def _check(cfg: DistillConfig | TeacherConfig, d: dict[str, Any]) -> None:
         if key in _POSITIVE and not value > 0:
             raise ConfigError(f"option {key!r} must be > 0; got {value}")
         # torch fails mid-step converting a larger one to float32 (a flow student's sigma_g = inf is exact)
-        if key in _POSITIVE and value > _FLOAT32_MAX and value not in _infinite(key):
+        if key in _POSITIVE and value > _FLOAT32_MAX and not _allowed_inf(key, value):
             raise ConfigError(f"option {key!r} must be below {_FLOAT32_MAX:.3g} (float32); got {value}")
         if key in _UNIT and not 0 <= value < 1:
             raise ConfigError(f"option {key!r} must be in [0, 1); got {value}")
